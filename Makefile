@@ -1,0 +1,61 @@
+# One entry point per gate. Every install step lives here, so a fresh clone needs only python3.11 and make.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 50051
+
+.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Serving only: no torch.
+$(VENV)/.serve: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	@touch $@
+
+# Everything the tests need: serving, training (torch CPU build) and the dev tools.
+$(VENV)/.dev: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[train,dev]'
+	@touch $@ $(VENV)/.serve
+
+install-serve: $(VENV)/.serve  ## install what serving needs
+install-dev: $(VENV)/.dev  ## install serving, training and dev tools
+
+serve: $(VENV)/.serve  ## serve the shipped model on 127.0.0.1:8000 (REST) and :50051 (gRPC)
+	$(BIN)/lstm-serve serve --models models --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
+
+model: $(VENV)/.dev  ## retrain and re-export the shipped default model (models/seattle-weather/1)
+	$(BIN)/lstm-serve train --name seattle-weather --version 1 --models models
+
+proto: $(VENV)/.dev  ## regenerate the gRPC code in service/grpc/_generated from protos/
+	bash scripts/gen_proto.sh service/grpc/_generated
+
+check-proto: $(VENV)/.dev  ## fail if the generated gRPC code is out of date
+	@rm -rf build/proto-check && mkdir -p build/proto-check
+	@bash scripts/gen_proto.sh build/proto-check
+	@diff -r -x __pycache__ build/proto-check service/grpc/_generated && echo "generated code is up to date" \
+	  || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+
+lint: $(VENV)/.dev  ## ruff (lint + format check)
+	$(BIN)/ruff check service model tests
+	$(BIN)/ruff format --check service model tests
+
+typecheck: $(VENV)/.dev  ## mypy --strict on service and model
+	$(BIN)/mypy
+
+pytest: $(VENV)/.dev
+	$(BIN)/pytest
+
+test: $(VENV)/.dev lint typecheck pytest  ## everything CI runs
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

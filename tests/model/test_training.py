@@ -1,0 +1,155 @@
+"""Training smoke tests: a tiny run produces a loadable, self-describing model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from model.cli import add_train_arguments, config_from_args
+from model.export import load_checkpoint, rebuild
+from model.train import TrainingFailedError
+from service.card import CARD_KEY, ModelCard
+from service.cli import build_parser, main
+from tests.model.conftest import tiny_checkpoint
+
+
+def test_tiny_training_exports_a_model_onnxruntime_loads(tiny_repo: Path, tiny_ckpt: dict[str, Any]) -> None:
+    """The exported graph has the explicit-state contract, dynamic B and T, and a valid card inside."""
+    path = tiny_repo / "tiny" / "1" / "model.onnx"
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version >= 17
+    card = ModelCard.from_json({p.key: p.value for p in proto.metadata_props}[CARD_KEY])
+    assert card == ModelCard.from_json((path.parent / "model.json").read_text())
+    assert card.features == ["precipitation", "temp_max", "temp_min", "wind"]
+    assert card.horizon == 7
+    assert card.hidden_size == 8
+    assert card.num_layers == 2
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x", "h0", "c0"]
+    assert [o.name for o in sess.get_outputs()] == ["y", "hn", "cn"]
+    assert sess.get_inputs()[0].shape == ["B", "T", 4]
+    for b, t in [(1, 1), (3, 17)]:
+        y, hn, cn = sess.run(
+            None,
+            {
+                "x": np.full((b, t, 4), 10, np.float32),
+                "h0": np.zeros((2, b, 8), np.float32),
+                "c0": np.zeros((2, b, 8), np.float32),
+            },
+        )
+        assert y.shape == (b, t, 7)
+        assert hn.shape == cn.shape == (2, b, 8)
+        assert np.isfinite(y).all()
+
+
+def test_checkpoint_alone_rebuilds_the_model(tiny_ckpt: dict[str, Any], tmp_path: Path) -> None:
+    """A saved checkpoint reloads (weights_only) and rebuilds the same network with nothing else."""
+    torch.save(tiny_ckpt, tmp_path / "ckpt.pt")
+    loaded = load_checkpoint(tmp_path / "ckpt.pt")
+    a, b = rebuild(tiny_ckpt), rebuild(loaded)
+    x = torch.randn(2, 5, 4) * 5 + 10
+    h, c = a.zero_state(2)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, h, c)[0], b(x, h, c)[0])
+    assert loaded["config"]["hidden_size"] == 8
+    assert "scaler" in loaded
+    assert "metrics" in loaded
+
+
+def test_training_is_reproducible_with_a_seed() -> None:
+    """Two runs with the same config give identical weights and metrics."""
+    a, b = tiny_checkpoint(max_epochs=1), tiny_checkpoint(max_epochs=1)
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0)
+    assert a["metrics"]["test"] == b["metrics"]["test"]
+
+
+def test_training_fails_clearly_when_it_does_not_beat_persistence() -> None:
+    """An untrained model (one tiny epoch at a tiny learning rate) is refused with advice."""
+    with pytest.raises(TrainingFailedError, match="does not beat persistence"):
+        tiny_checkpoint(max_epochs=1, lr=1e-6, require_beats_persistence=True)
+
+
+def test_train_command_on_a_custom_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lstm-serve train --csv` trains on any CSV and writes the repository layout with a report."""
+    rng = np.random.default_rng(0)
+    t = np.arange(400)
+    load = 50 + 10 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 1, t.size)
+    temp = 15 + 5 * np.sin(2 * np.pi * (t - 3) / 24)
+    lines = ["hour,load,temp"] + [f"{i},{a:.3f},{b:.3f}" for i, a, b in zip(t, load, temp, strict=True)]
+    (tmp_path / "power.csv").write_text("\n".join(lines) + "\n")
+    rc = main(
+        [
+            "train",
+            "--csv",
+            str(tmp_path / "power.csv"),
+            "--target",
+            "load",
+            "--time-col",
+            "hour",
+            "--horizon",
+            "3",
+            "--window",
+            "24",
+            "--context",
+            "24",
+            "--hidden-size",
+            "8",
+            "--epochs",
+            "3",
+            "--no-progress",
+            "--allow-worse",
+            "--models",
+            str(tmp_path / "models"),
+            "--checkpoint",
+            str(tmp_path / "ckpt.pt"),
+        ]
+    )
+    assert rc == 0
+    out = tmp_path / "models" / "power" / "1"
+    card = json.loads((out / "model.json").read_text())
+    assert card["features"] == ["load", "temp"]
+    assert card["target"] == "load"
+    assert card["horizon"] == 3
+    assert (out / "model.onnx").stat().st_size > 0
+    assert (out / "report.png").stat().st_size > 0
+    assert main(["export", str(tmp_path / "ckpt.pt"), "--models", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "power" / "1" / "model.onnx").is_file()
+
+
+def test_train_command_reports_data_errors_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad cell makes `lstm-serve train` exit 1 with the line and column, not a traceback."""
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n3,x\n")
+    assert main(["train", "--csv", str(tmp_path / "bad.csv"), "--target", "b", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "line 3, column 'b': 'x' is not a number" in err
+    assert "Traceback" not in err
+    assert main(["train", "--csv", str(tmp_path / "bad.csv"), "--no-progress"]) == 2
+    assert "--csv needs --target" in capsys.readouterr().err
+
+
+def test_help_explains_every_train_flag() -> None:
+    """Every flag of `lstm-serve train` has help text."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    train_parser = sub.choices["train"]  # type: ignore[attr-defined]
+    for action in train_parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.option_strings
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    cfg = config_from_args(p.parse_args([]))
+    assert cfg.features == ("precipitation", "temp_max", "temp_min", "wind")
+    assert cfg.time_col == "date"
