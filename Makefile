@@ -55,7 +55,7 @@ typecheck: $(VENV)/.dev  ## mypy --strict on service and model
 pytest: $(VENV)/.dev
 	$(BIN)/pytest
 
-test: $(VENV)/.dev lint typecheck pytest  ## everything CI runs
+test: $(VENV)/.dev lint typecheck check-proto pytest  ## everything CI runs
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

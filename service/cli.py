@@ -25,7 +25,60 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p = sub.add_parser("export", help="re-export a training checkpoint to ONNX")
     add_export_arguments(p)
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository over REST, WebSocket and gRPC",
+        description="Serve every model under --models. Each flag is also an environment variable "
+        "LSTM_SERVE_<FLAG> (for example LSTM_SERVE_HTTP_PORT=8080); flags win.",
+    )
+    add_settings_arguments(p)
+    from service.client_cli import add_stream_arguments
+
+    p = sub.add_parser(
+        "stream",
+        help="pipe a CSV through a streaming session and print (or plot) the forecasts",
+        description="Open a gRPC session on a running server, send the CSV's rows as time steps (columns "
+        "named after the model's features), and print one line of forecasts per row as CSV.",
+    )
+    add_stream_arguments(p)
     return parser
+
+
+def add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, with its description as help; unset flags leave env/defaults alone."""
+    from service.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        help_text = f"{field.description} (default {default}; env LSTM_SERVE_{name.upper()})"
+        p.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), help=help_text)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.app import serve
+    from service.repository import ModelLoadError
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            print(f"error: {'--' + where.replace('_', '-') + ': ' if where else ''}{err['msg']}", file=sys.stderr)
+        return 2
+    try:
+        serve(settings)
+    except ModelLoadError as e:
+        print(f"error: cannot load models: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model.cli import run_export
 
         return run_export(args)
+    if args.command == "serve":
+        return run_serve(args)
+    if args.command == "stream":
+        from service.client_cli import run_stream
+
+        return run_stream(args)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 

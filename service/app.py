@@ -1,0 +1,143 @@
+"""Composition root: Settings -> repository -> session store -> DataPlane -> REST and gRPC servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from service.core.dataplane import DataPlane, Limits
+from service.core.sessions import MemorySessionStore
+from service.grpc.server import GRPCServer
+from service.metrics import Metrics
+from service.repository import ModelRepository
+from service.rest.app import create_app
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the Server below owns SIGTERM and drains in order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class Server:
+    """The whole service in one object; `start`/`stop` for tests, `run` for the command line."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self.repo = ModelRepository.load(settings.models, settings.ort_threads)
+        self.store = MemorySessionStore(
+            {m.key: m.signature for m in self.repo.all()},
+            ttl=settings.session_ttl_s,
+            max_sessions=settings.max_sessions,
+            cap_policy=settings.session_cap_policy,
+            on_removed=self._on_removed,
+        )
+        self.dataplane = DataPlane(
+            self.repo,
+            self.store,
+            self.metrics,
+            Limits(
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay=settings.max_queue_delay_ms / 1000,
+                max_queue=settings.max_queue,
+                max_steps_per_call=settings.max_steps_per_call,
+                session_ttl=settings.session_ttl_s,
+            ),
+        )
+        self.rest_app = create_app(self.dataplane, self.metrics, settings.max_body_bytes)
+        self.grpc = GRPCServer(
+            self.dataplane, self.metrics, settings.host, settings.grpc_port, settings.grpc_max_message_bytes
+        )
+        self._uvicorn: _Uvicorn | None = None
+        self._uvicorn_task: asyncio.Task[None] | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+
+    def _on_removed(self, model_key: str, reason: str) -> None:
+        self.metrics.sessions_removed.labels(model_key, reason).inc()
+        self.metrics.sessions_open.labels(model_key).set(self.store.count(model_key))
+
+    async def start(self) -> None:
+        """Start the core and both listeners; readiness turns true when everything is up."""
+        await self.dataplane.start()
+        self.grpc_port = await self.grpc.start()
+        config = uvicorn.Config(
+            self.rest_app,
+            host=self.settings.host,
+            port=self.settings.http_port,
+            log_level=self.settings.log_level,
+            lifespan="off",
+            ws_max_size=self.settings.max_body_bytes,
+            access_log=False,
+            timeout_graceful_shutdown=max(1, int(self.settings.drain_seconds)),
+        )
+        self._uvicorn = _Uvicorn(config)
+        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(), name="uvicorn")
+        while not self._uvicorn.started:
+            if self._uvicorn_task.done():
+                await self._uvicorn_task
+                raise OSError(
+                    f"cannot bind REST to {self.settings.host}:{self.settings.http_port}; pick another --http-port"
+                )
+            await asyncio.sleep(0.01)
+        self.http_port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+        await self.grpc.set_serving(True)
+        log.info(
+            "serving %s on http://%s:%d (REST, WebSocket, /metrics) and %s:%d (gRPC)",
+            ", ".join(m.key for m in self.repo.all()), self.settings.host, self.http_port, self.settings.host,
+            self.grpc_port,
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Drain: readiness false first, in-flight steps finish (up to drain_seconds), then close."""
+        self.dataplane.begin_drain()
+        await self.grpc.set_serving(False)
+        try:
+            await asyncio.wait_for(self.dataplane.wait_idle(), timeout=self.settings.drain_seconds)
+        except TimeoutError:
+            log.warning("drain timeout after %.1f s: stopping with work still queued", self.settings.drain_seconds)
+        await self.grpc.stop(grace=min(1.0, self.settings.drain_seconds))
+        if self._uvicorn is not None and self._uvicorn_task is not None:
+            self._uvicorn.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._uvicorn_task
+        await self.dataplane.stop()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain and return."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("shutting down: draining in-flight work (up to %.1f s)", self.settings.drain_seconds)
+        await self.stop()
+        log.info("stopped")
+
+
+def serve(settings: Settings) -> None:
+    """Run the service in this process (the `lstm-serve serve` command)."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        # NOTE: built inside the running loop: grpc.aio binds its server to the loop that creates it
+        await Server(settings).run()
+
+    asyncio.run(main())
+
+
+__all__: list[Any] = ["Server", "serve"]

@@ -1,0 +1,1 @@
+"""The protocol-neutral core: sessions, batching and the data plane. Imports no transport code."""

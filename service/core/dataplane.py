@@ -1,0 +1,340 @@
+"""The protocol-neutral core used by every transport: models, predictions, sessions, steps and streams.
+
+Transports decode their wire format into NumPy arrays and plain values, call one method here, and
+encode the result; every rule (validation, limits, seq, session lifecycle) lives in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.core.batcher import Batcher, StepOutcome
+from service.core.sessions import SessionInfo, SessionStore, Snapshot, check_session_id
+from service.errors import InvalidInputError, ServeError, SessionNotFoundError, UnavailableError
+from service.metrics import Metrics
+from service.repository import ModelRepository, ModelVersion
+from service.runtime import F32
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The knobs of the core (a subset of the settings)."""
+
+    max_batch_size: int = 64
+    max_queue_delay: float = 0.001
+    max_queue: int = 4096
+    max_steps_per_call: int = 4096
+    session_ttl: float = 600.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The answer to a step call."""
+
+    session_id: str
+    outputs: F32  # [T, O]
+    steps: int
+    seq: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class StreamOpen:
+    """The first message of a stream: open a new session (model) or resume one (resume_session_id)."""
+
+    model: str | None = None
+    version: str | None = None
+    session_id: str | None = None  # with model: a client-chosen id for the new session
+    resume_session_id: str | None = None
+    keep: bool = False
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """One message on a stream: optional open (first message only) and steps to apply."""
+
+    inputs: F32 | None  # [T, F], or None for no steps
+    seq: int | None = None
+    open: StreamOpen | None = None
+    error: ServeError | None = None  # the transport could not decode this message: reply with this error
+
+
+@dataclass(frozen=True)
+class StreamReply:
+    """One reply per message, in order; `error` set means the message failed and the session is unchanged."""
+
+    session_id: str
+    result: StepResult | None = None
+    error: ServeError | None = None
+    session: SessionInfo | None = None
+
+
+class DataPlane:
+    """One instance per server, shared by REST, gRPC and WebSocket."""
+
+    def __init__(
+        self,
+        repo: ModelRepository,
+        store: SessionStore,
+        metrics: Metrics,
+        limits: Limits,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.repo, self.store, self.metrics, self.limits, self.clock = repo, store, metrics, limits, clock
+        self._executor = ThreadPoolExecutor(max_workers=max(1, len(repo.all())), thread_name_prefix="ort")
+        self._batchers = {
+            m.key: Batcher(
+                m,
+                store,
+                metrics,
+                self._executor,
+                limits.max_batch_size,
+                limits.max_queue_delay,
+                limits.max_queue,
+                clock,
+            )
+            for m in repo.all()
+        }
+        self._expiry_task: asyncio.Task[None] | None = None
+        self.draining = False
+        self.started = False
+        for m in repo.all():
+            self.metrics.model_info.labels(m.name, m.version, ",".join(m.card.features), str(m.card.horizon)).set(1)
+            self.metrics.sessions_open.labels(m.key).set(0)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for b in self._batchers.values():
+            b.start()
+        self._expiry_task = asyncio.create_task(self._expire_loop(), name="session-expiry")
+        self.started = True
+        self.metrics.ready.set(1)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on; work already queued still runs."""
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    async def wait_idle(self) -> None:
+        await asyncio.gather(*(b.wait_idle() for b in self._batchers.values()))
+
+    async def stop(self) -> None:
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+        for b in self._batchers.values():
+            await b.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.started = False
+        self.metrics.ready.set(0)
+
+    async def _expire_loop(self) -> None:
+        period = min(5.0, max(0.05, self.limits.session_ttl / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.store.expire(self.clock())
+            except Exception:  # pragma: no cover - keep sweeping whatever one sweep hit
+                log.exception("session expiry sweep failed")
+
+    def _accepting(self) -> None:
+        if self.draining:
+            raise UnavailableError("the server is shutting down; retry on another replica or after restart")
+
+    # --- models ------------------------------------------------------------------------------------
+    def list_models(self) -> list[ModelVersion]:
+        """The default (newest) version of every model."""
+        return [self.repo.get(name) for name in self.repo.names()]
+
+    def get_model(self, name: str, version: str | None = None) -> ModelVersion:
+        return self.repo.get(name, version or None)
+
+    def versions(self, name: str) -> list[str]:
+        return [m.version for m in self.repo.versions(name)]
+
+    def validate_inputs(self, model: ModelVersion, x: np.ndarray) -> F32:
+        """Check a [T, F] array of raw inputs against the model and the limits; return it as float32."""
+        sig = model.signature
+        if x.ndim != 2:
+            raise InvalidInputError(
+                f"inputs must be a list of steps, each a list of {sig.features} numbers ([T, F]); "
+                f"got {x.ndim} dimension(s)"
+            )
+        t, f = x.shape
+        if t == 0:
+            raise InvalidInputError("inputs hold no steps; send at least one step of feature values")
+        if t > self.limits.max_steps_per_call:
+            raise InvalidInputError(
+                f"inputs hold {t} steps; the limit per call is {self.limits.max_steps_per_call}: split them"
+            )
+        if f != sig.features:
+            raise InvalidInputError(
+                f"each step must have {sig.features} feature values ({', '.join(model.card.features)}) for "
+                f"{model.describe()}; got {f}"
+            )
+        if not np.issubdtype(x.dtype, np.number):
+            raise InvalidInputError("inputs must be numbers")
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+        bad = ~np.isfinite(x32)
+        if bad.any():
+            step, feat = (int(v) for v in np.argwhere(bad)[0])
+            raise InvalidInputError(
+                f"inputs must be finite numbers; step {step}, feature {model.card.features[feat]!r} is "
+                f"{'NaN' if np.isnan(x32[step, feat]) else 'infinite or out of float32 range'}"
+            )
+        return x32
+
+    # --- stateless ---------------------------------------------------------------------------------
+    async def predict(self, name: str, version: str | None, inputs: np.ndarray) -> tuple[ModelVersion, F32]:
+        """Run a whole sequence from a zero state; return the model used and outputs [T, O]."""
+        self._accepting()
+        model = self.get_model(name, version)
+        x = self.validate_inputs(model, inputs)
+        out = await self._batchers[model.key].submit(None, x, None)
+        return model, out.outputs
+
+    # --- sessions ----------------------------------------------------------------------------------
+    async def create_session(self, name: str, version: str | None, session_id: str | None) -> SessionInfo:
+        self._accepting()
+        model = self.get_model(name, version)
+        info = await self.store.create(model.key, session_id or None, self.clock())
+        self.metrics.sessions_created.labels(model.key).inc()
+        self._update_open()
+        return info
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        return await self.store.info(check_session_id(session_id), self.clock())
+
+    async def delete_session(self, session_id: str) -> None:
+        await self.store.delete(check_session_id(session_id))
+        self._update_open()
+
+    async def reset_session(self, session_id: str) -> SessionInfo:
+        return await self.store.reset(check_session_id(session_id), self.clock())
+
+    async def export_session(self, session_id: str) -> Snapshot:
+        return await self.store.export(check_session_id(session_id), self.clock())
+
+    async def import_session(self, session_id: str, snapshot: Snapshot) -> SessionInfo:
+        """Restore a snapshot into a session, creating it if needed; shapes are checked against the model."""
+        self._accepting()
+        model = self.get_model(snapshot.model, snapshot.version)
+        sig = model.signature
+        for name, arr in (("h", snapshot.h), ("c", snapshot.c)):
+            if arr.shape != (sig.layers, sig.hidden):
+                raise InvalidInputError(
+                    f"snapshot {name} must be [{sig.layers}, {sig.hidden}] (layers, hidden) for "
+                    f"{model.describe()}; got {list(arr.shape)}"
+                )
+            if not np.isfinite(arr).all():
+                raise InvalidInputError(f"snapshot {name} holds non-finite values")
+        if snapshot.steps < 0 or snapshot.seq < 0:
+            raise InvalidInputError("snapshot steps and seq must be >= 0")
+        known = self.store.count()
+        info = await self.store.restore(check_session_id(session_id), model.key, snapshot, self.clock())
+        if self.store.count() > known:
+            self.metrics.sessions_created.labels(model.key).inc()
+        self._update_open()
+        return info
+
+    def _update_open(self) -> None:
+        for key in self._batchers:
+            self.metrics.sessions_open.labels(key).set(self.store.count(key))
+
+    # --- steps -------------------------------------------------------------------------------------
+    async def step(self, session_id: str, inputs: np.ndarray, seq: int | None = None) -> StepResult:
+        """Apply 1..N steps to a session in arrival order; the answer holds the outputs of every step."""
+        self._accepting()
+        check_session_id(session_id)
+        if seq is not None and seq < 1:
+            raise InvalidInputError(f"seq must be >= 1 (the first step call of a session is seq 1); got {seq}")
+        key = await self.store.model_of(session_id, self.clock())
+        batcher = self._batchers[key]
+        x = self.validate_inputs(batcher.model, inputs)
+        out: StepOutcome = await batcher.submit(session_id, x, seq)
+        return StepResult(session_id, out.outputs, out.steps, out.seq, out.replayed)
+
+    async def step_batch(self, items: Sequence[tuple[str, np.ndarray, int | None]]) -> list[StepResult | ServeError]:
+        """Steps for many sessions at once; they join the same batches. Each item succeeds or fails alone."""
+        self._accepting()
+        ids = [sid for sid, _, _ in items]
+        if len(set(ids)) != len(ids):
+            raise InvalidInputError("a step batch may hold at most one item per session")
+        if len(items) > self.limits.max_batch_size * 16:
+            raise InvalidInputError(f"a step batch may hold at most {self.limits.max_batch_size * 16} items")
+
+        async def one(sid: str, x: np.ndarray, seq: int | None) -> StepResult | ServeError:
+            try:
+                return await self.step(sid, x, seq)
+            except ServeError as e:
+                return e
+
+        return list(await asyncio.gather(*(one(*item) for item in items)))
+
+    # --- streams -----------------------------------------------------------------------------------
+    async def stream(self, messages: AsyncIterator[StreamMessage]) -> AsyncIterator[StreamReply]:
+        """One session per stream: the first message opens or resumes it; one reply per message, in order.
+
+        A failure to open the session raises (the stream ends with that error); later per-message
+        errors come back in the reply and the stream goes on. The session is deleted when the stream
+        ends unless the first message asked to keep it.
+        """
+        first = await anext(messages, None)
+        if first is None:
+            return
+        if first.error is not None:
+            raise first.error
+        opened = first.open
+        if opened is None:
+            raise InvalidInputError("the first stream message must open a session (model) or resume one (session id)")
+        if opened.resume_session_id:
+            info = await self.get_session(opened.resume_session_id)
+        elif opened.model:
+            info = await self.create_session(opened.model, opened.version, opened.session_id)
+        else:
+            raise InvalidInputError("the first stream message must name a model to open, or a session id to resume")
+        sid = info.session_id
+        try:
+            yield await self._stream_step(sid, first, info)
+            async for msg in messages:
+                if self.draining:
+                    raise UnavailableError(
+                        f"the server is shutting down; session {sid!r} "
+                        + ("is kept: resume it on another replica" if opened.keep else "is closed")
+                    )
+                if msg.error is not None:
+                    yield StreamReply(sid, error=msg.error)
+                    continue
+                if msg.open is not None:
+                    yield StreamReply(sid, error=InvalidInputError("only the first stream message may open a session"))
+                    continue
+                yield await self._stream_step(sid, msg, None)
+        finally:
+            if not opened.keep:
+                with contextlib.suppress(SessionNotFoundError):
+                    await self.delete_session(sid)
+
+    async def _stream_step(self, sid: str, msg: StreamMessage, info: SessionInfo | None) -> StreamReply:
+        if msg.open is not None and (msg.inputs is None or msg.inputs.size == 0):
+            return StreamReply(sid, session=info)  # NOTE: an open without steps just reports the session
+        inputs = msg.inputs if msg.inputs is not None else np.zeros((0, 0), np.float32)
+        try:
+            result = await self.step(sid, inputs, msg.seq)
+        except ServeError as e:
+            return StreamReply(sid, error=e, session=info)
+        return StreamReply(sid, result=result, session=info)

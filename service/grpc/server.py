@@ -1,0 +1,56 @@
+"""The gRPC server: Predictor, the standard health service and reflection, on one port."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # NOTE: untyped submodule
+from grpc_reflection.v1alpha import reflection
+
+from service.core.dataplane import DataPlane
+from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
+from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+from service.grpc.servicer import PredictorServicer
+from service.metrics import Metrics
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Predictor"].full_name  # "lstm.v1.Predictor"
+
+
+class GRPCServer:
+    """grpc.aio server bound to host:port (port 0 picks a free port; `port` tells which)."""
+
+    def __init__(self, dataplane: DataPlane, metrics: Metrics, host: str, port: int, max_message_bytes: int) -> None:
+        self.host, self.requested_port = host, port
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_PredictorServicer_to_server(PredictorServicer(dataplane, metrics), self.server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {self.host}:{self.requested_port} (in use?); pick another --grpc-port")
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

@@ -1,0 +1,151 @@
+"""`lstm.v1.Predictor`: decode, call the DataPlane, encode. Errors map through the one error table."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from service.core.dataplane import DataPlane, StreamMessage
+from service.errors import ERROR_TABLE, ServeError, as_serve_error
+from service.grpc import converters as cv
+from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
+from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+ERROR_CODE_KEY = "lstm-error-code"
+R = TypeVar("R")
+
+
+def grpc_status(e: ServeError) -> grpc.StatusCode:
+    return grpc.StatusCode[ERROR_TABLE[e.code].grpc_status]
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], e: ServeError) -> None:
+    context.set_trailing_metadata(((ERROR_CODE_KEY, e.code.value),))
+    await context.abort(grpc_status(e), e.message)
+
+
+def unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
+    """Wrap a unary handler: count it, time it, and turn any exception into a status from the error table."""
+
+    def wrap(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+        @functools.wraps(fn)
+        async def handler(self: PredictorServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                return await fn(self, request, context)
+            except Exception as exc:
+                if not isinstance(exc, ServeError):
+                    log.exception("unexpected error in gRPC %s", method)
+                e = as_serve_error(exc)
+                code = grpc_status(e).name
+                await abort(context, e)
+                raise  # pragma: no cover - abort raises
+            finally:
+                self.metrics.requests.labels("grpc", method, code).inc()
+                self.metrics.request_latency.labels("grpc", method).observe(time.perf_counter() - t0)
+
+        return handler
+
+    return wrap
+
+
+class PredictorServicer(pb_grpc.PredictorServicer):
+    """Thin adapter: every method is decode -> one DataPlane call -> encode."""
+
+    def __init__(self, dataplane: DataPlane, metrics: Metrics) -> None:
+        self.dp, self.metrics = dataplane, metrics
+
+    @unary("Predict")
+    async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        model, out = await self.dp.predict(request.model, request.version or None, cv.to_array(request.inputs))
+        return pb.PredictResponse(model=model.name, version=model.version, outputs=cv.from_array(out))
+
+    @unary("CreateSession")
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.SessionInfo:
+        info = await self.dp.create_session(request.model, request.version or None, request.session_id or None)
+        return cv.session_info(info)
+
+    @unary("GetSession")
+    async def GetSession(self, request: pb.SessionRef, context: Any) -> pb.SessionInfo:
+        return cv.session_info(await self.dp.get_session(request.session_id))
+
+    @unary("Step")
+    async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
+        seq = request.seq if request.HasField("seq") else None
+        return cv.step_response(await self.dp.step(request.session_id, cv.to_array(request.inputs), seq))
+
+    @unary("ResetSession")
+    async def ResetSession(self, request: pb.SessionRef, context: Any) -> pb.SessionInfo:
+        return cv.session_info(await self.dp.reset_session(request.session_id))
+
+    @unary("DeleteSession")
+    async def DeleteSession(self, request: pb.SessionRef, context: Any) -> pb.DeleteSessionResponse:
+        await self.dp.delete_session(request.session_id)
+        return pb.DeleteSessionResponse(session_id=request.session_id)
+
+    @unary("ExportSession")
+    async def ExportSession(self, request: pb.SessionRef, context: Any) -> pb.SessionSnapshot:
+        return cv.snapshot_to_pb(await self.dp.export_session(request.session_id))
+
+    @unary("ImportSession")
+    async def ImportSession(self, request: pb.ImportSessionRequest, context: Any) -> pb.SessionInfo:
+        snap = cv.snapshot_from_pb(request.snapshot)
+        return cv.session_info(await self.dp.import_session(request.session_id, snap))
+
+    @unary("StepBatch")
+    async def StepBatch(self, request: pb.StepBatchRequest, context: Any) -> pb.StepBatchResponse:
+        items = [(s.session_id, cv.to_array(s.inputs), s.seq if s.HasField("seq") else None) for s in request.steps]
+        results = await self.dp.step_batch(items)
+        return pb.StepBatchResponse(
+            results=[
+                pb.StepBatchResult(error=cv.error(r))
+                if isinstance(r, ServeError)
+                else pb.StepBatchResult(response=cv.step_response(r))
+                for r in results
+            ]
+        )
+
+    @unary("ListModels")
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[cv.model_info(m, self.dp.versions(m.name)) for m in self.dp.list_models()])
+
+    @unary("GetModel")
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
+        m = self.dp.get_model(request.name, request.version or None)
+        return cv.model_info(m, self.dp.versions(m.name))
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.StreamResponse]:
+        """Bidirectional session stream; per-message errors in-band, fatal ones as the stream's status."""
+        t0 = time.perf_counter()
+        code = "OK"
+
+        async def messages() -> AsyncIterator[StreamMessage]:
+            async for req in request_iterator:
+                try:
+                    yield cv.stream_message(req)
+                except ServeError as e:  # NOTE: a message that cannot be decoded still gets its in-band error
+                    yield StreamMessage(inputs=None, error=e)
+
+        try:
+            async for reply in self.dp.stream(messages()):
+                self.metrics.stream_messages.labels("grpc", reply.error.code.value if reply.error else "ok").inc()
+                yield cv.stream_response(reply)
+        except Exception as exc:
+            if not isinstance(exc, ServeError):
+                log.exception("unexpected error in gRPC Stream")
+            e = as_serve_error(exc)
+            code = grpc_status(e).name
+            await abort(context, e)
+        finally:
+            self.metrics.requests.labels("grpc", "Stream", code).inc()
+            self.metrics.request_latency.labels("grpc", "Stream").observe(time.perf_counter() - t0)

@@ -1,0 +1,48 @@
+"""Prometheus metrics, built on an injected registry (never the global one), without session ids as labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    """Every metric the service exports. Transports record requests; the core records the rest."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "lstm_requests", "Requests by protocol, method and result code", ["protocol", "method", "code"], registry=r
+        )
+        self.request_latency = Histogram(
+            "lstm_request_latency_seconds", "Request latency by protocol and method", ["protocol", "method"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stream_messages = Counter(
+            "lstm_stream_messages", "Messages received on streams, by protocol and result code",
+            ["protocol", "code"], registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "lstm_queue_wait_seconds", "Time a step call waits for its batch", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference = Histogram(
+            "lstm_inference_seconds", "ONNX Runtime time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "lstm_batch_size", "Step calls per ONNX Runtime batch", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.steps = Counter("lstm_steps", "Time steps computed (sessions and predictions)", ["model"], registry=r)
+        self.sessions_open = Gauge("lstm_sessions_open", "Open sessions", ["model"], registry=r)
+        self.sessions_created = Counter("lstm_sessions_created", "Sessions created", ["model"], registry=r)
+        self.sessions_removed = Counter(
+            "lstm_sessions_removed", "Sessions removed, by reason (deleted, expired, evicted)", ["model", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "lstm_model_info", "Loaded models (value 1)", ["model", "version", "features", "horizon"], registry=r
+        )
+        self.ready = Gauge("lstm_ready", "1 when the server accepts new work, 0 while starting or draining", registry=r)

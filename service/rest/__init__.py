@@ -1,0 +1,1 @@
+"""The REST and WebSocket transport: a thin FastAPI adapter over the DataPlane."""

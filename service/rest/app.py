@@ -1,0 +1,362 @@
+"""`create_app(dataplane, metrics, settings)`: the FastAPI app (REST + WebSocket), with no import-time state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.core.dataplane import DataPlane, StreamMessage, StreamOpen, StreamReply
+from service.errors import (
+    ERROR_TABLE,
+    INTERNAL_MESSAGE,
+    ErrorCode,
+    InvalidInputError,
+    MalformedRequestError,
+    PayloadTooLargeError,
+    ServeError,
+    as_serve_error,
+)
+from service.metrics import Metrics
+from service.rest import schemas as s
+
+log = logging.getLogger(__name__)
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def error_response(e: ServeError) -> JSONResponse:
+    spec = ERROR_TABLE[e.code]
+    headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after else None
+    return JSONResponse({"error": e.message, "code": e.code.value}, status_code=spec.http_status, headers=headers)
+
+
+def _responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI: the error responses a route can give, from the error table."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in (*codes, ErrorCode.MALFORMED_REQUEST, ErrorCode.PAYLOAD_TOO_LARGE, ErrorCode.INTERNAL):
+        status = ERROR_TABLE[code].http_status
+        entry = out.setdefault(status, {"model": s.ErrorBody, "description": ""})
+        entry["description"] = ", ".join(filter(None, [entry["description"], code.value]))
+    return out
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413 before reading them whole (Content-Length or streamed count)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._reject(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise PayloadTooLargeError(self._message())
+            return msg
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"request body is larger than the {self.limit} byte limit; send fewer steps per call"
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(PayloadTooLargeError(self._message()))(scope, receive, send)
+
+
+def _dataplane(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.dataplane
+    return plane
+
+
+DataPlaneDep = Annotated[DataPlane, Depends(_dataplane)]
+
+
+def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> FastAPI:
+    """Build the REST app over one DataPlane."""
+    app = FastAPI(
+        title="lstm-serve",
+        version="1",
+        description="Stateful LSTM forecasting sessions. Values are raw units; errors are "
+        '`{"error": message, "code": machine_code}`.',
+    )
+    app.state.dataplane = dataplane
+    dp = dataplane
+
+    # --- errors ------------------------------------------------------------------------------------
+    @app.exception_handler(ServeError)
+    async def serve_error(_: Request, e: ServeError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") == "json_invalid":
+            return error_response(MalformedRequestError("request body is not valid JSON"))
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(InvalidInputError(f"{where or 'body'}: {first.get('msg', 'invalid')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return JSONResponse({"error": str(e.detail), "code": code}, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error in REST handler")
+        return error_response(as_serve_error(e))
+
+    # --- metrics for every request ----------------------------------------------------------------
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t0 = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except PayloadTooLargeError as e:  # NOTE: raised while the body streams in
+            response = error_response(e)
+        route = request.scope.get("route")
+        method = f"{request.method} {getattr(route, 'path', 'unmatched')}"
+        metrics.requests.labels("rest", method, str(response.status_code)).inc()
+        metrics.request_latency.labels("rest", method).observe(time.perf_counter() - t0)
+        return response
+
+    # --- health and metrics ------------------------------------------------------------------------
+    ops = APIRouter(tags=["operations"])
+
+    @ops.get("/healthz", summary="Liveness: the process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "live"}
+
+    @ops.get(
+        "/readyz", summary="Readiness: models loaded and not draining", responses=_responses(ErrorCode.UNAVAILABLE)
+    )
+    async def readyz(d: DataPlaneDep) -> JSONResponse:
+        if d.ready:
+            return JSONResponse({"status": "ready", "models": [m.key for m in d.repo.all()]})
+        reason = "draining" if d.draining else "starting"
+        return JSONResponse({"status": "not ready", "error": reason, "code": "unavailable"}, status_code=503)
+
+    @ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # --- models ------------------------------------------------------------------------------------
+    models = APIRouter(prefix="/v1/models", tags=["models"])
+
+    @models.get("", summary="List models (newest version of each)")
+    async def list_models(d: DataPlaneDep) -> s.ModelsReply:
+        return s.ModelsReply(models=[s.ModelReply.of(m, d.versions(m.name)) for m in d.list_models()])
+
+    @models.get("/{name}", summary="Describe a model", responses=_responses(ErrorCode.MODEL_NOT_FOUND))
+    async def get_model(name: str, d: DataPlaneDep, version: str | None = None) -> s.ModelReply:
+        m = d.get_model(name, version)
+        return s.ModelReply.of(m, d.versions(m.name))
+
+    @models.post(
+        "/{name}/predict",
+        summary="Stateless: run a whole sequence from a zero state",
+        responses=_responses(
+            ErrorCode.INVALID_INPUT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.OVERLOADED, ErrorCode.MODEL_ERROR
+        ),
+    )
+    async def predict(name: str, body: s.PredictBody, d: DataPlaneDep) -> s.PredictReply:
+        m, out = await d.predict(name, body.version, s.matrix(body.inputs))
+        return s.PredictReply(model=m.name, version=m.version, outputs=out.tolist())
+
+    # --- sessions ----------------------------------------------------------------------------------
+    sessions = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+    not_found = _responses(ErrorCode.INVALID_INPUT, ErrorCode.SESSION_NOT_FOUND)
+
+    @sessions.post(
+        "",
+        status_code=201,
+        summary="Open a session on a model",
+        responses=_responses(
+            ErrorCode.INVALID_INPUT,
+            ErrorCode.MODEL_NOT_FOUND,
+            ErrorCode.SESSION_EXISTS,
+            ErrorCode.SESSION_LIMIT,
+            ErrorCode.UNAVAILABLE,
+        ),
+    )
+    async def create_session(body: s.CreateSessionBody, d: DataPlaneDep) -> s.SessionReply:
+        return s.SessionReply.of(await d.create_session(body.model, body.version, body.session_id))
+
+    @sessions.get("/{session_id}", summary="Describe a session", responses=not_found)
+    async def get_session(session_id: str, d: DataPlaneDep) -> s.SessionReply:
+        return s.SessionReply.of(await d.get_session(session_id))
+
+    @sessions.delete("/{session_id}", summary="Delete a session", responses=not_found)
+    async def delete_session(session_id: str, d: DataPlaneDep) -> s.DeleteReply:
+        await d.delete_session(session_id)
+        return s.DeleteReply(session_id=session_id)
+
+    @sessions.post(
+        "/{session_id}/steps",
+        summary="Apply 1..N time steps; the answer holds the outputs of every step",
+        responses=_responses(
+            ErrorCode.INVALID_INPUT,
+            ErrorCode.SESSION_NOT_FOUND,
+            ErrorCode.SEQ_CONFLICT,
+            ErrorCode.OVERLOADED,
+            ErrorCode.MODEL_ERROR,
+        ),
+    )
+    async def step(session_id: str, body: s.StepBody, d: DataPlaneDep) -> s.StepReply:
+        return s.StepReply.of(await d.step(session_id, s.matrix(body.inputs), body.seq))
+
+    @sessions.post("/{session_id}/reset", summary="Reset a session's state to zero", responses=not_found)
+    async def reset(session_id: str, d: DataPlaneDep) -> s.SessionReply:
+        return s.SessionReply.of(await d.reset_session(session_id))
+
+    @sessions.get("/{session_id}/state", summary="Export a portable snapshot", responses=not_found)
+    async def export_state(session_id: str, d: DataPlaneDep) -> s.SnapshotBody:
+        return s.SnapshotBody.of(await d.export_session(session_id))
+
+    @sessions.post(
+        "/{session_id}/state",
+        summary="Import a snapshot (creates the session if needed)",
+        responses=_responses(ErrorCode.INVALID_INPUT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.SESSION_LIMIT),
+    )
+    async def import_state(session_id: str, body: s.SnapshotBody, d: DataPlaneDep) -> s.SessionReply:
+        return s.SessionReply.of(await d.import_session(session_id, body.to_snapshot()))
+
+    steps = APIRouter(prefix="/v1/steps", tags=["sessions"])
+
+    @steps.post(
+        "",
+        summary="Steps for many sessions in one request (batched together; each item succeeds or fails alone)",
+        responses=_responses(ErrorCode.INVALID_INPUT),
+    )
+    async def step_batch(body: s.StepBatchBody, d: DataPlaneDep) -> s.StepBatchReply:
+        items = [(it.session_id, s.matrix(it.inputs), it.seq) for it in body.steps]
+        results = await d.step_batch(items)
+        return s.StepBatchReply(
+            results=[
+                s.BatchResult(error=s.ErrorBody(error=r.message, code=r.code.value))
+                if isinstance(r, ServeError)
+                else s.BatchResult(result=s.StepReply.of(r))
+                for r in results
+            ]
+        )
+
+    # --- WebSocket stream --------------------------------------------------------------------------
+    @app.websocket("/v1/sessions/stream")
+    async def stream(ws: WebSocket) -> None:
+        """Same semantics as the gRPC Stream: JSON messages, one reply per message, errors in-band."""
+        await ws.accept()
+        t0 = time.perf_counter()
+        code = "ok"
+
+        async def messages() -> AsyncIterator[StreamMessage]:
+            first = True
+            while True:
+                try:
+                    text = await ws.receive_text()
+                except WebSocketDisconnect:
+                    return
+                yield ws_message(text, first, max_body_bytes)
+                first = False
+
+        try:
+            async for reply in dp.stream(messages()):
+                metrics.stream_messages.labels("websocket", reply.error.code.value if reply.error else "ok").inc()
+                await ws.send_text(json.dumps(ws_reply(reply)))
+        except WebSocketDisconnect:
+            pass
+        except Exception as exc:
+            if not isinstance(exc, ServeError):
+                log.exception("unexpected error in WebSocket stream")
+            e = as_serve_error(exc)
+            code = e.code.value
+            await ws.send_text(json.dumps({"error": e.message, "code": e.code.value}))
+            # NOTE: 1013 "try again later" for retryable errors, 1008 for client errors, 1011 for ours
+            close = (
+                1013 if ERROR_TABLE[e.code].retry_after else 1011 if ERROR_TABLE[e.code].http_status >= 500 else 1008
+            )
+            await ws.close(code=close, reason=e.code.value)
+        else:
+            await ws.close()
+        finally:
+            metrics.requests.labels("websocket", "stream", code).inc()
+            metrics.request_latency.labels("websocket", "stream").observe(time.perf_counter() - t0)
+
+    for router in (ops, models, sessions, steps):
+        app.include_router(router)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app
+
+
+def ws_message(text: str, first: bool, limit: int) -> StreamMessage:
+    """Decode one WebSocket JSON message; a bad one becomes an in-band error."""
+    try:
+        if len(text) > limit:
+            raise PayloadTooLargeError(f"message is larger than the {limit} byte limit; send fewer steps per message")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            raise MalformedRequestError("message is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise InvalidInputError("a stream message must be a JSON object")
+        opened = None
+        if "model" in body or "resume" in body:
+            if not first:
+                raise InvalidInputError("only the first stream message may open a session")
+            opened = StreamOpen(
+                model=body.get("model"),
+                version=body.get("version"),
+                session_id=body.get("session_id"),
+                resume_session_id=body.get("resume"),
+                keep=bool(body.get("keep", False)),
+            )
+        unknown = set(body) - {"model", "version", "session_id", "resume", "keep", "inputs", "seq"}
+        if unknown:
+            raise InvalidInputError(f"unknown field(s) {sorted(unknown)}")
+        inputs = s.StepBody.model_validate({"inputs": body.get("inputs", []), "seq": body.get("seq")})
+        return StreamMessage(inputs=s.matrix(inputs.inputs), seq=inputs.seq, open=opened)
+    except ServeError as e:
+        return StreamMessage(inputs=None, error=e)
+    except ValidationError as e:
+        errs = e.errors()
+        msg = f"{'.'.join(str(p) for p in errs[0]['loc'])}: {errs[0]['msg']}" if errs else "invalid message"
+        return StreamMessage(inputs=None, error=InvalidInputError(msg))
+
+
+def ws_reply(r: StreamReply) -> dict[str, Any]:
+    out: dict[str, Any] = {"session_id": r.session_id}
+    if r.result is not None:
+        out.update(
+            outputs=r.result.outputs.tolist(), steps=r.result.steps, seq=r.result.seq, replayed=r.result.replayed
+        )
+    if r.error is not None:
+        out.update(error=r.error.message, code=r.error.code.value)
+    if r.session is not None:
+        out["session"] = s.SessionReply.of(r.session).model_dump()
+    return out
+
+
+__all__ = ["INTERNAL_MESSAGE", "create_app"]

@@ -1,0 +1,45 @@
+"""Service settings: environment variables with the LSTM_SERVE_ prefix, or the same names as CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; each field is also a `lstm-serve serve --flag`."""
+
+    model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="forbid")
+
+    models: Path = Field(Path("models"), description="model repository: <name>/<version>/model.onnx")
+    host: str = Field("127.0.0.1", description="address to bind (REST and gRPC); 0.0.0.0 exposes the server")
+    http_port: int = Field(8000, ge=0, le=65535, description="REST/WebSocket port (0: any free port)")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
+    ort_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads per model")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="most session steps coalesced into one ONNX call")
+    max_queue_delay_ms: float = Field(
+        1.0, ge=0, le=1000, description="longest a step waits for others to batch with (never when idle)"
+    )
+    max_queue: int = Field(4096, ge=1, description="queued step calls per model before new ones get 503")
+    session_ttl_s: float = Field(600.0, gt=0, description="an idle session expires after this many seconds")
+    max_sessions: int = Field(100_000, ge=1, description="cap on open sessions across all models")
+    session_cap_policy: Literal["reject", "evict_lru"] = Field(
+        "reject", description="at the cap: reject new sessions (429) or evict the least recently used one"
+    )
+    max_steps_per_call: int = Field(4096, ge=1, description="most time steps in one step call or prediction")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest REST body or WebSocket message")
+    grpc_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest gRPC message")
+    drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight work may take to finish")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.models.is_dir():
+            raise ValueError(
+                f"model repository {str(self.models)!r} is not a directory; pass --models DIR "
+                "(a folder of <name>/<version>/model.onnx, such as the shipped 'models')"
+            )
+        return self
