@@ -34,10 +34,12 @@ class _Uvicorn(uvicorn.Server):
 class Server:
     """The whole service in one object; `start`/`stop` for tests, `run` for the command line."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, registry: CollectorRegistry | None = None, repo: ModelRepository | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
-        self.repo = ModelRepository.load(settings.models, settings.ort_threads)
+        self.repo = repo or ModelRepository.load(settings.models, settings.ort_threads)
         self.store = MemorySessionStore(
             {m.key: m.signature for m in self.repo.all()},
             ttl=settings.session_ttl_s,

@@ -207,9 +207,7 @@ class MemorySessionStore:
         slab = self._slabs[key]
         if now - slab.last_used[slot] > self.ttl:
             self._remove(session_id, "expired")
-            raise SessionNotFoundError(
-                f"session {session_id!r} was expired after {self.ttl:g} s idle; create a new one"
-            )
+            raise SessionNotFoundError(f"session {session_id!r} was {self._gone[session_id]}; create a new one")
         return key, slab, slot
 
     def _info(self, session_id: str, key: str, slab: _Slab, slot: int) -> SessionInfo:
@@ -231,7 +229,9 @@ class MemorySessionStore:
         self._slabs[key].release(slot)
         self._replays.pop(session_id, None)
         if reason != "deleted":
-            self._gone[session_id] = reason
+            self._gone[session_id] = (
+                f"expired after {self.ttl:g} s idle" if reason == "expired" else "evicted to stay under the session cap"
+            )
             while len(self._gone) > 10_000:
                 self._gone.popitem(last=False)
         self._on_removed(key, reason)

@@ -1,0 +1,62 @@
+"""Real servers on port 0 (uvicorn and grpc.aio) serving the shipped ONNX model, and clients for them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from model.data import default_csv_path, load_csv
+from service.app import Server
+from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+from service.settings import Settings
+from tests.conftest import SHIPPED_REPO
+
+ServerFactory = Callable[..., Any]
+
+
+@pytest.fixture(scope="session")
+def weather() -> np.ndarray:
+    """The real Seattle weather rows in the shipped model's feature order: [1461, 4]."""
+    s = load_csv(default_csv_path(), "temp_max", ("precipitation", "temp_max", "temp_min", "wind"), "date")
+    return s.values
+
+
+@pytest.fixture
+async def make_server() -> AsyncIterator[ServerFactory]:
+    """Start servers with settings overrides; every one is drained and stopped at the end of the test."""
+    started: list[Server] = []
+
+    async def make(**overrides: Any) -> Server:
+        settings = Settings(models=SHIPPED_REPO, http_port=0, grpc_port=0, log_level="warning", **overrides)
+        srv = Server(settings, CollectorRegistry())
+        await srv.start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        await srv.stop()
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> Server:
+    srv: Server = await make_server()
+    return srv
+
+
+@pytest.fixture
+async def rest(server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+async def stub(server: Server) -> AsyncIterator[pb_grpc.PredictorStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield pb_grpc.PredictorStub(channel)

@@ -1,0 +1,178 @@
+"""Streaming correctness on the shipped model: every transport gives the offline ONNX Runtime outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import numpy as np
+import websockets
+
+from service.app import Server
+from service.client import AsyncClient, Client
+from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
+from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+from tests.fixtures import reference_run
+
+ATOL = 1e-5
+MODEL = "seattle-weather"
+
+
+def matrix(a: np.ndarray) -> pb.Matrix:
+    a = np.atleast_2d(a)
+    return pb.Matrix(rows=a.shape[0], cols=a.shape[1], data=a.reshape(-1).tolist())
+
+
+def array(m: pb.Matrix) -> np.ndarray:
+    return np.asarray(m.data, np.float32).reshape(m.rows, m.cols)
+
+
+async def test_grpc_stream_step_by_step_matches_one_offline_run(stub: pb_grpc.PredictorStub, weather: np.ndarray) -> None:
+    """90 days sent one per message over a bidirectional stream give the offline whole-sequence outputs."""
+    x = weather[:90]
+
+    async def requests() -> AsyncIterator[pb.StreamRequest]:
+        yield pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL))
+        for row in x:
+            yield pb.StreamRequest(inputs=matrix(row))
+
+    replies = [r async for r in stub.Stream(requests())]
+    assert replies[0].session.model == MODEL
+    got = np.concatenate([array(r.outputs) for r in replies[1:]])
+    np.testing.assert_allclose(got, reference_run(x), atol=ATOL)
+    assert [r.steps for r in replies[1:]] == list(range(1, 91))
+
+
+async def test_rest_steps_in_chunks_match_one_offline_run(rest: httpx.AsyncClient, weather: np.ndarray) -> None:
+    """The same sequence over REST, in uneven chunks of 1 to 7 steps, gives the same outputs."""
+    x = weather[100:190]
+    sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+    outs, i = [], 0
+    for size in [1, 7, 3, 1, 5, 2] * 10:
+        if i >= len(x):
+            break
+        r = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": x[i : i + size].tolist()})
+        assert r.status_code == 200, r.text
+        outs.append(np.asarray(r.json()["outputs"], np.float32))
+        i += size
+    np.testing.assert_allclose(np.concatenate(outs), reference_run(x), atol=ATOL)
+
+
+async def test_websocket_stream_matches_one_offline_run(server: Server, weather: np.ndarray) -> None:
+    """A browser-style WebSocket stream (JSON messages) gives the offline outputs and in-band errors."""
+    x = weather[200:260]
+    async with websockets.connect(f"ws://127.0.0.1:{server.http_port}/v1/sessions/stream") as ws:
+        await ws.send(json.dumps({"model": MODEL, "session_id": "browser-1"}))
+        first = json.loads(await ws.recv())
+        assert first["session"]["session_id"] == "browser-1"
+        outs = []
+        for k, row in enumerate(x):
+            await ws.send(json.dumps({"inputs": [row.tolist()]}))
+            outs.append(json.loads(await ws.recv())["outputs"][0])
+            if k == 10:
+                await ws.send(json.dumps({"inputs": [[1, 2]]}))
+                bad = json.loads(await ws.recv())
+                assert bad["code"] == "invalid_input"
+                assert "4 feature values" in bad["error"]
+    np.testing.assert_allclose(np.asarray(outs, np.float32), reference_run(x), atol=ATOL)
+    await asyncio.sleep(0.05)
+    assert server.store.count() == 0  # the session closed with the socket
+
+
+async def test_step_batch_over_grpc_and_rest_matches_offline_runs(
+    stub: pb_grpc.PredictorStub, rest: httpx.AsyncClient, weather: np.ndarray
+) -> None:
+    """StepBatch carries one step for each of 6 sessions per request; each session gets its own outputs."""
+    starts = [0, 50, 300, 600, 900, 1200]
+    sids = [(await stub.CreateSession(pb.CreateSessionRequest(model=MODEL))).session_id for _ in starts]
+    outs: list[list[np.ndarray]] = [[] for _ in starts]
+    for t in range(30):
+        if t % 2 == 0:
+            reply = await stub.StepBatch(
+                pb.StepBatchRequest(
+                    steps=[pb.StepRequest(session_id=s, inputs=matrix(weather[o + t])) for s, o in zip(sids, starts)]
+                )
+            )
+            for k, res in enumerate(reply.results):
+                outs[k].append(array(res.response.outputs))
+        else:
+            body = {"steps": [{"session_id": s, "inputs": [weather[o + t].tolist()]} for s, o in zip(sids, starts)]}
+            r = await rest.post("/v1/steps", json=body)
+            for k, res in enumerate(r.json()["results"]):
+                outs[k].append(np.asarray(res["result"]["outputs"], np.float32))
+    for k, o in enumerate(starts):
+        np.testing.assert_allclose(np.concatenate(outs[k]), reference_run(weather[o : o + 30]), atol=ATOL)
+
+
+async def test_one_session_alternating_rest_and_grpc_matches_offline_run(
+    stub: pb_grpc.PredictorStub, rest: httpx.AsyncClient, weather: np.ndarray
+) -> None:
+    """Steps of one session alternate between REST and gRPC; the state carries across transports."""
+    x = weather[400:440]
+    sid = (await rest.post("/v1/sessions", json={"model": MODEL, "session_id": "both-ways"})).json()["session_id"]
+    outs = []
+    for t, row in enumerate(x):
+        if t % 2:
+            reply = await stub.Step(pb.StepRequest(session_id=sid, inputs=matrix(row)))
+            outs.append(array(reply.outputs))
+        else:
+            r = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [row.tolist()]})
+            outs.append(np.asarray(r.json()["outputs"], np.float32))
+    np.testing.assert_allclose(np.concatenate(outs), reference_run(x), atol=ATOL)
+
+
+async def test_many_concurrent_sessions_are_batched_and_each_gets_its_own_outputs(
+    server: Server, stub: pb_grpc.PredictorStub, weather: np.ndarray
+) -> None:
+    """32 sessions with different sequences step concurrently over gRPC; batches form, outputs stay separate."""
+    n, steps = 32, 20
+    starts = [37 * k for k in range(n)]
+    sids = [(await stub.CreateSession(pb.CreateSessionRequest(model=MODEL))).session_id for _ in starts]
+
+    async def drive(sid: str, start: int) -> np.ndarray:
+        outs = []
+        for t in range(steps):
+            reply = await stub.Step(pb.StepRequest(session_id=sid, inputs=matrix(weather[start + t])))
+            outs.append(array(reply.outputs))
+        return np.concatenate(outs)
+
+    results = await asyncio.gather(*(drive(s, o) for s, o in zip(sids, starts)))
+    for got, start in zip(results, starts):
+        np.testing.assert_allclose(got, reference_run(weather[start : start + steps]), atol=ATOL)
+    reg, labels = server.metrics.registry, {"model": "seattle-weather/1"}
+    assert reg.get_sample_value("lstm_batch_size_sum", labels) == n * steps
+    assert reg.get_sample_value("lstm_batch_size_count", labels) < n * steps / 2  # steps were coalesced
+
+
+async def test_predict_is_stateless_and_matches_offline_run(rest: httpx.AsyncClient, stub: pb_grpc.PredictorStub,
+                                                            weather: np.ndarray) -> None:
+    """Predict over REST and gRPC returns every step's outputs of a whole sequence from a zero state."""
+    x = weather[700:730]
+    r = await rest.post(f"/v1/models/{MODEL}/predict", json={"inputs": x.tolist()})
+    np.testing.assert_allclose(np.asarray(r.json()["outputs"], np.float32), reference_run(x), atol=ATOL)
+    reply = await stub.Predict(pb.PredictRequest(model=MODEL, inputs=matrix(x)))
+    np.testing.assert_allclose(array(reply.outputs), reference_run(x), atol=ATOL)
+    assert (reply.model, reply.version) == (MODEL, "1")
+
+
+async def test_python_clients_stream_observations_as_numpy(server: Server, weather: np.ndarray) -> None:
+    """The sync and asyncio clients stream an iterable of rows and yield one [O] forecast per row."""
+    x = weather[800:850]
+    target = f"127.0.0.1:{server.grpc_port}"
+
+    def sync_run() -> np.ndarray:
+        with Client(target) as c:
+            assert [m.name for m in c.list_models()] == [MODEL]
+            return np.stack(list(c.stream(MODEL, x)))
+
+    got = await asyncio.to_thread(sync_run)
+    assert got.shape == (50, 7)
+    np.testing.assert_allclose(got, reference_run(x), atol=ATOL)
+    async with AsyncClient(target) as ac:
+        agot = np.stack([f async for f in ac.stream(MODEL, x)])
+        sid = (await ac.create_session(MODEL)).session_id
+        first = await ac.step(sid, x[:10])
+    np.testing.assert_allclose(agot, reference_run(x), atol=ATOL)
+    np.testing.assert_allclose(first, reference_run(x[:10]), atol=ATOL)
