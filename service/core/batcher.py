@@ -250,6 +250,6 @@ class Batcher:
                 )
             return StepOutcome(lease.replay.outputs, lease.steps, lease.seq, replayed=True)
         return SeqConflictError(
-            f"seq {w.seq} does not follow session {lease.session_id!r}'s last applied seq {lease.seq}; "
+            f"seq {w.seq} does not follow the last applied seq {lease.seq} of session {lease.session_id!r}; "
             f"expected seq {lease.seq + 1}"
         )

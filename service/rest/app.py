@@ -67,18 +67,24 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._reject(scope, receive, send)
             return
+        # NOTE: read the body here, bounded, so that an oversize chunked body is a 413 before any parsing
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise PayloadTooLargeError(self._message())
-            return msg
-
-        await self.app(scope, limited, send)
+            if msg["type"] != "http.request":
+                await self.app(scope, _replay([msg]), send)
+                return
+            chunk = msg.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
 
     def _message(self) -> str:
         return f"request body is larger than the {self.limit} byte limit; send fewer steps per call"
@@ -93,6 +99,20 @@ def _dataplane(request: Request) -> DataPlane:
 
 
 DataPlaneDep = Annotated[DataPlane, Depends(_dataplane)]
+
+
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    """An ASGI receive that returns the given messages first, then defers to `then` (e.g. for disconnects)."""
+    queue = list(messages)
+
+    async def receive() -> Message:
+        if queue:
+            return queue.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
 
 
 def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> FastAPI:
@@ -130,14 +150,14 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
         log.exception("unexpected error in REST handler")
         return error_response(as_serve_error(e))
 
+    # NOTE: added before the metrics middleware, so that the latter (outermost) also counts 413s
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
     # --- metrics for every request ----------------------------------------------------------------
     @app.middleware("http")
     async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         t0 = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except PayloadTooLargeError as e:  # NOTE: raised while the body streams in
-            response = error_response(e)
+        response = await call_next(request)
         route = request.scope.get("route")
         method = f"{request.method} {getattr(route, 'path', 'unmatched')}"
         metrics.requests.labels("rest", method, str(response.status_code)).inc()
@@ -307,7 +327,6 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
 
     for router in (ops, models, sessions, steps):
         app.include_router(router)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app
 
 

@@ -29,7 +29,9 @@ def array(m: pb.Matrix) -> np.ndarray:
     return np.asarray(m.data, np.float32).reshape(m.rows, m.cols)
 
 
-async def test_grpc_stream_step_by_step_matches_one_offline_run(stub: pb_grpc.PredictorStub, weather: np.ndarray) -> None:
+async def test_grpc_stream_step_by_step_matches_one_offline_run(
+    stub: pb_grpc.PredictorStub, weather: np.ndarray
+) -> None:
     """90 days sent one per message over a bidirectional stream give the offline whole-sequence outputs."""
     x = weather[:90]
 
@@ -92,13 +94,20 @@ async def test_step_batch_over_grpc_and_rest_matches_offline_runs(
         if t % 2 == 0:
             reply = await stub.StepBatch(
                 pb.StepBatchRequest(
-                    steps=[pb.StepRequest(session_id=s, inputs=matrix(weather[o + t])) for s, o in zip(sids, starts)]
+                    steps=[
+                        pb.StepRequest(session_id=s, inputs=matrix(weather[o + t]))
+                        for s, o in zip(sids, starts, strict=True)
+                    ]
                 )
             )
             for k, res in enumerate(reply.results):
                 outs[k].append(array(res.response.outputs))
         else:
-            body = {"steps": [{"session_id": s, "inputs": [weather[o + t].tolist()]} for s, o in zip(sids, starts)]}
+            body = {
+                "steps": [
+                    {"session_id": s, "inputs": [weather[o + t].tolist()]} for s, o in zip(sids, starts, strict=True)
+                ]
+            }
             r = await rest.post("/v1/steps", json=body)
             for k, res in enumerate(r.json()["results"]):
                 outs[k].append(np.asarray(res["result"]["outputs"], np.float32))
@@ -138,16 +147,17 @@ async def test_many_concurrent_sessions_are_batched_and_each_gets_its_own_output
             outs.append(array(reply.outputs))
         return np.concatenate(outs)
 
-    results = await asyncio.gather(*(drive(s, o) for s, o in zip(sids, starts)))
-    for got, start in zip(results, starts):
+    results = await asyncio.gather(*(drive(s, o) for s, o in zip(sids, starts, strict=True)))
+    for got, start in zip(results, starts, strict=True):
         np.testing.assert_allclose(got, reference_run(weather[start : start + steps]), atol=ATOL)
     reg, labels = server.metrics.registry, {"model": "seattle-weather/1"}
     assert reg.get_sample_value("lstm_batch_size_sum", labels) == n * steps
     assert reg.get_sample_value("lstm_batch_size_count", labels) < n * steps / 2  # steps were coalesced
 
 
-async def test_predict_is_stateless_and_matches_offline_run(rest: httpx.AsyncClient, stub: pb_grpc.PredictorStub,
-                                                            weather: np.ndarray) -> None:
+async def test_predict_is_stateless_and_matches_offline_run(
+    rest: httpx.AsyncClient, stub: pb_grpc.PredictorStub, weather: np.ndarray
+) -> None:
     """Predict over REST and gRPC returns every step's outputs of a whole sequence from a zero state."""
     x = weather[700:730]
     r = await rest.post(f"/v1/models/{MODEL}/predict", json={"inputs": x.tolist()})

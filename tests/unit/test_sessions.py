@@ -88,7 +88,7 @@ async def test_gather_scatter_moves_state_and_counters() -> None:
     s, _ = store()
     for sid in ("a", "b"):
         await s.create("m/1", sid, 0.0)
-    leases, h, c = await s.gather("m/1", ["b", "a"], 1.0)
+    leases, h, _ = await s.gather("m/1", ["b", "a"], 1.0)
     assert h.shape == (2, 2, 8)
     assert not h.any()
     hn = np.arange(32, dtype=np.float32).reshape(2, 2, 8)

@@ -1,0 +1,253 @@
+"""Every row of the error table on REST and gRPC: the status from one table and the same message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from service.app import Server
+from service.errors import ERROR_TABLE, INTERNAL_MESSAGE, ErrorCode
+from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
+from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+from service.settings import Settings
+from tests.conftest import SHIPPED_REPO
+from tests.fixtures import FakeRuntime, NonFiniteRuntime, fake_repo
+from tests.integration.conftest import ServerFactory
+
+MODEL = "seattle-weather"
+LIMITS = {"max_steps_per_call": 50, "max_sessions": 4, "max_body_bytes": 64 * 1024, "grpc_max_message_bytes": 64 * 1024}
+
+
+def m(rows: list[list[float]], cols: int | None = None) -> pb.Matrix:
+    flat = [v for r in rows for v in r]
+    return pb.Matrix(rows=len(rows), cols=cols if cols is not None else (len(rows[0]) if rows else 0), data=flat)
+
+
+async def grpc_error(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    e = info.value
+    trailers = dict(e.trailing_metadata() or ())
+    return e.code(), str(trailers.get("lstm-error-code", "")), e.details() or ""
+
+
+def check(code: ErrorCode, r: httpx.Response, g: tuple[grpc.StatusCode, str, str], same_message: bool = True) -> str:
+    """REST and gRPC agree with the table and with each other; return the message."""
+    spec = ERROR_TABLE[code]
+    body = r.json()
+    assert r.status_code == spec.http_status, body
+    assert body["code"] == code.value
+    assert g[0] == grpc.StatusCode[spec.grpc_status], g
+    if same_message:
+        assert g[1] == code.value
+        assert g[2] == body["error"]
+    if spec.retry_after:
+        assert r.headers["Retry-After"] == str(spec.retry_after)
+    for leak in ("Traceback", "/work/", ".py", "site-packages"):
+        assert leak not in body["error"]
+        assert leak not in g[2]
+    return str(body["error"])
+
+
+@pytest.fixture
+async def limited(make_server: ServerFactory) -> tuple[httpx.AsyncClient, pb_grpc.PredictorStub, Server]:
+    srv: Server = await make_server(**LIMITS)
+    rest = httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}")
+    yield rest, pb_grpc.PredictorStub(channel), srv  # type: ignore[misc]
+    await rest.aclose()
+    await channel.close()
+
+
+Row = tuple[str, ErrorCode, Callable[[httpx.AsyncClient, str], Awaitable[httpx.Response]],
+            Callable[[pb_grpc.PredictorStub, str], Awaitable[Any]], str]  # fmt: skip
+
+ROWS: list[Row] = [
+    ("wrong feature count", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.post(f"/v1/sessions/{s}/steps", json={"inputs": [[1, 2, 3]]}),
+     lambda g, s: g.Step(pb.StepRequest(session_id=s, inputs=m([[1, 2, 3]]))), "must have 4 feature values"),
+    ("NaN input", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.post(f"/v1/sessions/{s}/steps", content=b'{"inputs": [[0, NaN, 1, 2]]}',
+                         headers={"content-type": "application/json"}),
+     lambda g, s: g.Step(pb.StepRequest(session_id=s, inputs=m([[0, float("nan"), 1, 2]]))), "'temp_max' is NaN"),
+    ("Infinity input", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.post(f"/v1/sessions/{s}/steps", content=b'{"inputs": [[0, 1, 1e999, 2]]}',
+                         headers={"content-type": "application/json"}),
+     lambda g, s: g.Step(pb.StepRequest(session_id=s, inputs=m([[0, 1, float("inf"), 2]]))), "is infinite"),
+    ("no steps", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.post(f"/v1/sessions/{s}/steps", json={"inputs": []}),
+     lambda g, s: g.Step(pb.StepRequest(session_id=s, inputs=m([], cols=4))), "no steps"),
+    ("too many steps", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.post(f"/v1/sessions/{s}/steps", json={"inputs": [[0, 1, 2, 3]] * 51}),
+     lambda g, s: g.Step(pb.StepRequest(session_id=s, inputs=m([[0, 1, 2, 3]] * 51))), "limit per call is 50"),
+    ("bad session id", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.get("/v1/sessions/bad%20id"),
+     lambda g, s: g.GetSession(pb.SessionRef(session_id="bad id")), "invalid session id"),
+    ("unknown model", ErrorCode.MODEL_NOT_FOUND,
+     lambda r, s: r.post("/v1/sessions", json={"model": "nope"}),
+     lambda g, s: g.CreateSession(pb.CreateSessionRequest(model="nope")), "no model named 'nope'"),
+    ("unknown version", ErrorCode.MODEL_NOT_FOUND,
+     lambda r, s: r.get(f"/v1/models/{MODEL}", params={"version": "9"}),
+     lambda g, s: g.GetModel(pb.GetModelRequest(name=MODEL, version="9")), "has no version '9'"),
+    ("unknown session", ErrorCode.SESSION_NOT_FOUND,
+     lambda r, s: r.post("/v1/sessions/ghost/steps", json={"inputs": [[0, 1, 2, 3]]}),
+     lambda g, s: g.Step(pb.StepRequest(session_id="ghost", inputs=m([[0, 1, 2, 3]]))), "no session 'ghost'"),
+    ("duplicate session", ErrorCode.SESSION_EXISTS,
+     lambda r, s: r.post("/v1/sessions", json={"model": MODEL, "session_id": s}),
+     lambda g, s: g.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id=s)), "already exists"),
+    ("seq gap", ErrorCode.SEQ_CONFLICT,
+     lambda r, s: r.post(f"/v1/sessions/{s}/steps", json={"inputs": [[0, 1, 2, 3]], "seq": 5}),
+     lambda g, s: g.Step(pb.StepRequest(session_id=s, inputs=m([[0, 1, 2, 3]]), seq=5)), "expected seq 2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+async def test_error_row_is_the_same_on_rest_and_grpc_and_leaves_state_untouched(
+    row: Row, limited: tuple[httpx.AsyncClient, pb_grpc.PredictorStub, Server]
+) -> None:
+    """Each client error maps through the one table to HTTP and gRPC with one message; the session is unchanged."""
+    _, code, rest_call, grpc_call, fragment = row
+    rest, stub, _ = limited
+    sid = (await rest.post("/v1/sessions", json={"model": MODEL, "session_id": "victim"})).json()["session_id"]
+    ok = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0, 12.8, 5.0, 4.7]]})
+    before = ok.json()
+    message = check(code, await rest_call(rest, sid), await grpc_error(grpc_call(stub, sid)))
+    assert fragment in message
+    after = (await rest.get(f"/v1/sessions/{sid}")).json()
+    assert (after["steps"], after["seq"]) == (before["steps"], before["seq"])
+    state = (await rest.get(f"/v1/sessions/{sid}/state")).json()
+    nxt = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0, 10.6, 2.8, 4.5]]})
+    assert nxt.status_code == 200
+    assert nxt.json()["steps"] == state["steps"] + 1
+
+
+async def test_session_cap_is_429_and_resource_exhausted_with_retry_after(
+    limited: tuple[httpx.AsyncClient, pb_grpc.PredictorStub, Server],
+) -> None:
+    """At max_sessions a new session is refused on both transports; deleting one makes room."""
+    rest, stub, _ = limited
+    for k in range(4):
+        assert (await rest.post("/v1/sessions", json={"model": MODEL, "session_id": f"s{k}"})).status_code == 201
+    r = await rest.post("/v1/sessions", json={"model": MODEL})
+    g = await grpc_error(stub.CreateSession(pb.CreateSessionRequest(model=MODEL)))
+    assert "maximum of 4 sessions" in check(ErrorCode.SESSION_LIMIT, r, g)
+    await stub.DeleteSession(pb.SessionRef(session_id="s0"))
+    assert (await rest.post("/v1/sessions", json={"model": MODEL})).status_code == 201
+
+
+async def test_oversized_payloads_are_413_and_resource_exhausted(
+    limited: tuple[httpx.AsyncClient, pb_grpc.PredictorStub, Server],
+) -> None:
+    """A body over the REST limit (declared or streamed) is 413; a message over the gRPC limit is RESOURCE_EXHAUSTED."""
+    rest, stub, _ = limited
+    sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+    big = {"inputs": [[0.0, 1.0, 2.0, 3.0]] * 5000}
+    r = await rest.post(f"/v1/sessions/{sid}/steps", json=big)
+    assert r.status_code == 413
+    assert r.json()["code"] == "payload_too_large"
+
+    async def chunks() -> Any:
+        for _ in range(100):
+            yield b" " * 1024
+
+    r2 = await rest.post(f"/v1/sessions/{sid}/steps", content=chunks(), headers={"content-type": "application/json"})
+    assert r2.status_code == 413
+    code, _, _ = await grpc_error(stub.Step(pb.StepRequest(session_id=sid, inputs=m([[0.0, 1, 2, 3]] * 5000))))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0, 1, 2, 3]]})).json()["steps"] == 1
+
+
+async def test_malformed_json_is_400_not_422(rest: httpx.AsyncClient) -> None:
+    """A body that is not JSON, or JSON of the wrong shape, is a 400 with our error body."""
+    r = await rest.post("/v1/sessions", content=b"{not json", headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["code"]) == (400, "malformed_request")
+    r = await rest.post("/v1/sessions", json={"modle": MODEL})
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_input")
+    assert "model" in r.json()["error"]
+    r = await rest.post("/v1/sessions/x/steps", json={"inputs": [["a", 1, 2, 3]]})
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_input")
+    r = await rest.post("/v1/sessions/x/steps", json={"inputs": [[1, 2, 3, 4], [1, 2]]})
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_input")
+    assert "rectangular" in r.json()["error"]
+
+
+async def test_draining_server_refuses_new_work_with_503_and_unavailable(
+    server: Server, rest: httpx.AsyncClient, stub: pb_grpc.PredictorStub
+) -> None:
+    """Once draining, readiness is 503 and new sessions get 503 / UNAVAILABLE with the same message."""
+    server.dataplane.begin_drain()
+    assert (await rest.get("/readyz")).status_code == 503
+    assert (await rest.get("/healthz")).status_code == 200
+    r = await rest.post("/v1/sessions", json={"model": MODEL})
+    g = await grpc_error(stub.CreateSession(pb.CreateSessionRequest(model=MODEL)))
+    assert "shutting down" in check(ErrorCode.UNAVAILABLE, r, g)
+
+
+@pytest.fixture
+async def fake_server(request: pytest.FixtureRequest) -> Any:
+    """A server over a fake runtime (to force model errors and overload); the transports are real."""
+    runtime, overrides = request.param
+    settings = Settings(models=SHIPPED_REPO, http_port=0, grpc_port=0, log_level="warning", **overrides)
+    from prometheus_client import CollectorRegistry
+
+    srv = Server(settings, CollectorRegistry(), repo=fake_repo(runtime))
+    await srv.start()
+    rest = httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}")
+    yield rest, pb_grpc.PredictorStub(channel), srv
+    await rest.aclose()
+    await channel.close()
+    await srv.stop()
+
+
+@pytest.mark.parametrize("fake_server", [(NonFiniteRuntime(), {})], indirect=True)
+async def test_non_finite_model_output_is_500_and_internal_with_state_kept(fake_server: Any) -> None:
+    """A model that emits Inf gives a model error on both transports and does not commit state."""
+    rest, stub, _ = fake_server
+    sid = (await rest.post("/v1/sessions", json={"model": "fake"})).json()["session_id"]
+    r = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[5000, 0, 0]]})
+    g = await grpc_error(stub.Step(pb.StepRequest(session_id=sid, inputs=m([[5000, 0, 0]]))))
+    assert "non-finite" in check(ErrorCode.MODEL_ERROR, r, g)
+    assert (await rest.get(f"/v1/sessions/{sid}")).json()["steps"] == 0
+
+
+@pytest.mark.parametrize(
+    "fake_server", [(FakeRuntime(delay=0.3), {"max_queue": 1, "max_batch_size": 1})], indirect=True
+)
+async def test_a_full_queue_is_503_and_unavailable(fake_server: Any) -> None:
+    """Concurrent steps beyond the queue limit are rejected at once with a retryable error on both transports."""
+    rest, stub, _ = fake_server
+    sids = [(await rest.post("/v1/sessions", json={"model": "fake"})).json()["session_id"] for _ in range(8)]
+    body = {"inputs": [[0.1, 0.2, 0.3]]}
+    rest_calls = [rest.post(f"/v1/sessions/{s}/steps", json=body) for s in sids[:4]]
+    grpc_calls = [stub.Step(pb.StepRequest(session_id=s, inputs=m([[0.1, 0.2, 0.3]]))) for s in sids[4:]]
+    results = await asyncio.gather(*rest_calls, *grpc_calls, return_exceptions=True)
+    rest_503 = [r for r in results[:4] if isinstance(r, httpx.Response) and r.status_code == 503]
+    grpc_unavailable = [
+        r for r in results[4:] if isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE
+    ]
+    assert len(rest_503) + len(grpc_unavailable) >= 4
+    for r in rest_503:
+        assert r.json()["code"] == "overloaded"
+        assert r.headers["Retry-After"] == "1"
+    for e in grpc_unavailable:
+        assert "step calls queued" in (e.details() or "")
+
+
+async def test_unexpected_errors_are_generic_on_both_transports(
+    server: Server, rest: httpx.AsyncClient, stub: pb_grpc.PredictorStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug inside the server gives 500 / INTERNAL with a generic message: no traceback, path or detail leaks."""
+
+    async def broken(_: str) -> Any:
+        raise RuntimeError("secret detail at /work/main/service/core/dataplane.py line 1")
+
+    monkeypatch.setattr(server.dataplane, "get_session", broken)
+    r = await rest.get("/v1/sessions/anything")
+    g = await grpc_error(stub.GetSession(pb.SessionRef(session_id="anything")))
+    assert check(ErrorCode.INTERNAL, r, g) == INTERNAL_MESSAGE
