@@ -47,7 +47,8 @@ def run_stream(a: argparse.Namespace) -> int:
                 forecasts.append(f)
                 out.writerow([series.times[i], *(f"{v:.3f}" for v in f)])
     except ClientError as e:
-        print(f"error: {e.message or e.code}", file=sys.stderr)
+        hint = f"; is `lstm-serve serve` running at {a.server}?" if e.code == "unavailable" else ""
+        print(f"error: {e.message or e.code}{hint}", file=sys.stderr)
         return 1
     except Exception as e:  # grpc connection problems
         print(f"error: cannot stream to {a.server}: {e}; is `lstm-serve serve` running?", file=sys.stderr)

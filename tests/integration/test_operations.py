@@ -1,0 +1,200 @@
+"""Operations: metrics after known traffic, health and reflection, OpenAPI, the CLI and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.data import default_csv_path
+from service.app import Server
+from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
+from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+from tests.conftest import ROOT
+from tests.fixtures import reference_run
+
+MODEL = "seattle-weather"
+KEY = "seattle-weather/1"
+
+
+def scrape(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_count_exactly_the_traffic_sent(
+    server: Server, rest: httpx.AsyncClient, stub: pb_grpc.PredictorStub, weather: np.ndarray
+) -> None:
+    """After known traffic, request counters, step and session counts and histogram counts equal what was sent."""
+    rest_ids = [(await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"] for _ in range(3)]
+    grpc_ids = [(await stub.CreateSession(pb.CreateSessionRequest(model=MODEL))).session_id for _ in range(2)]
+    for k in range(10):
+        await rest.post(f"/v1/sessions/{rest_ids[k % 3]}/steps", json={"inputs": [weather[k].tolist()]})
+    for k in range(5):
+        rows = weather[k : k + 2]
+        m = pb.Matrix(rows=2, cols=4, data=rows.reshape(-1).tolist())
+        await stub.Step(pb.StepRequest(session_id=grpc_ids[k % 2], inputs=m))
+    assert (await rest.get("/v1/sessions/nobody")).status_code == 404
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GetSession(pb.SessionRef(session_id="nobody"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    await rest.delete(f"/v1/sessions/{rest_ids[0]}")
+    text = (await rest.get("/metrics")).text
+    s = scrape(text)
+    req = "lstm_requests_total"
+    assert value(s, req, protocol="rest", method="POST /v1/sessions", code="201") == 3
+    assert value(s, req, protocol="grpc", method="CreateSession", code="OK") == 2
+    assert value(s, req, protocol="rest", method="POST /v1/sessions/{session_id}/steps", code="200") == 10
+    assert value(s, req, protocol="grpc", method="Step", code="OK") == 5
+    assert value(s, req, protocol="rest", method="GET /v1/sessions/{session_id}", code="404") == 1
+    assert value(s, req, protocol="grpc", method="GetSession", code="NOT_FOUND") == 1
+    assert value(s, req, protocol="rest", method="DELETE /v1/sessions/{session_id}", code="200") == 1
+    lat = "lstm_request_latency_seconds_count"
+    assert value(s, lat, protocol="rest", method="POST /v1/sessions/{session_id}/steps") == 10
+    assert value(s, lat, protocol="grpc", method="Step") == 5
+    assert value(s, "lstm_steps_total", model=KEY) == 10 + 5 * 2
+    assert value(s, "lstm_batch_size_sum", model=KEY) == 15
+    batches = value(s, "lstm_batch_size_count", model=KEY)
+    assert 1 <= batches <= 15
+    assert value(s, "lstm_inference_seconds_count", model=KEY) == batches
+    assert value(s, "lstm_queue_wait_seconds_count", model=KEY) == 15
+    assert value(s, "lstm_sessions_created_total", model=KEY) == 5
+    assert value(s, "lstm_sessions_removed_total", model=KEY, reason="deleted") == 1
+    assert value(s, "lstm_sessions_open", model=KEY) == 4
+    assert value(s, "lstm_model_info", model=MODEL, version="1", features="precipitation,temp_max,temp_min,wind",
+                 horizon="7") == 1  # fmt: skip
+    assert value(s, "lstm_ready") == 1
+    for sid in rest_ids + grpc_ids:
+        assert sid not in text  # no session ids as label values
+
+
+async def test_grpc_health_and_reflection_describe_the_server(server: Server) -> None:
+    """grpc.health.v1 reports SERVING for '' and lstm.v1.Predictor; reflection lists the services (grpcurl works)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "lstm.v1.Predictor"):
+            r = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await health.Check(health_pb2.HealthCheckRequest(service="nope"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+        async def ask():  # type: ignore[no-untyped-def]
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            yield reflection_pb2.ServerReflectionRequest(file_containing_symbol="lstm.v1.Predictor")
+
+        replies = [r async for r in refl.ServerReflectionInfo(ask())]
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert {"lstm.v1.Predictor", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        assert replies[1].file_descriptor_response.file_descriptor_proto
+        await server.grpc.set_serving(False)
+        r = await health.Check(health_pb2.HealthCheckRequest(service="lstm.v1.Predictor"))
+        assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_openapi_lists_every_operation_with_its_errors(rest: httpx.AsyncClient) -> None:
+    """The OpenAPI document lists each REST operation and the error responses it can give, with the error body."""
+    spec = (await rest.get("/openapi.json")).json()
+    paths = spec["paths"]
+    expected = {
+        ("/v1/models", "get"), ("/v1/models/{name}", "get"), ("/v1/models/{name}/predict", "post"),
+        ("/v1/sessions", "post"), ("/v1/sessions/{session_id}", "get"), ("/v1/sessions/{session_id}", "delete"),
+        ("/v1/sessions/{session_id}/steps", "post"), ("/v1/sessions/{session_id}/reset", "post"),
+        ("/v1/sessions/{session_id}/state", "get"), ("/v1/sessions/{session_id}/state", "post"),
+        ("/v1/steps", "post"), ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),
+    }  # fmt: skip
+    assert expected <= {(p, m) for p, ops in paths.items() for m in ops}
+    steps = paths["/v1/sessions/{session_id}/steps"]["post"]["responses"]
+    assert {"200", "400", "404", "409", "413", "500", "503"} <= set(steps)
+    assert "session_not_found" in steps["404"]["description"]
+    assert steps["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert "429" in paths["/v1/sessions"]["post"]["responses"]
+    assert (await rest.get("/docs")).status_code == 200
+
+
+async def test_stream_command_pipes_a_csv_through_a_session(server: Server, tmp_path: Path) -> None:
+    """`lstm-serve stream --csv` prints one line of forecasts per row, equal to the offline run, and plots."""
+    lines = default_csv_path().read_text().splitlines()[:41]
+    (tmp_path / "week.csv").write_text("\n".join(lines) + "\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "stream", "--csv", str(tmp_path / "week.csv"),
+        "--server", f"127.0.0.1:{server.grpc_port}", "--time-col", "date", "--plot", str(tmp_path / "out.png"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    table = list(csv.reader(io.StringIO(out.decode())))
+    assert table[0][:2] == ["date", "temp_max[t+1]"]
+    assert table[1][0] == "2012/01/01"
+    got = np.asarray([[float(v) for v in row[1:]] for row in table[1:]], np.float32)
+    x = np.asarray([[float(v) for v in line.split(",")[1:5]] for line in lines[1:]], np.float32)
+    np.testing.assert_allclose(got, reference_run(x), atol=1e-3)
+    assert (tmp_path / "out.png").stat().st_size > 10_000
+    assert server.store.count() == 0
+
+
+async def test_stream_command_explains_a_missing_server(tmp_path: Path) -> None:
+    """Without a server, `lstm-serve stream` exits 1 with advice, not a traceback."""
+    (tmp_path / "a.csv").write_text("precipitation,temp_max,temp_min,wind\n0,1,2,3\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "stream", "--csv", str(tmp_path / "a.csv"), "--server", "127.0.0.1:1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert "is `lstm-serve serve` running at 127.0.0.1:1?" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+async def test_serve_command_drains_on_sigterm_and_exits_zero(weather: np.ndarray) -> None:
+    """The real entry point serves on port 0, turns unready on SIGTERM, finishes in-flight work and exits 0."""
+    env = {**os.environ, "LSTM_SERVE_DRAIN_SECONDS": "5"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve", "--models", str(ROOT / "models"), "--http-port", "0",
+        "--grpc-port", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    log = b""
+    while b"(gRPC)" not in log:
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line, log.decode()
+        log += line
+    http_port, grpc_port = (int(p) for p in re.findall(rb":(\d+) \(", log)[:2])
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as rest:
+        assert (await rest.get("/readyz")).status_code == 200
+        sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+        inflight = [
+            asyncio.create_task(rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": weather[:4000].tolist()})),
+            asyncio.create_task(rest.post(f"/v1/models/{MODEL}/predict", json={"inputs": weather[:4000].tolist()})),
+        ]
+        await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*inflight)
+        assert [r.status_code for r in results] == [200, 200]
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    rest_log = (log + await proc.stderr.read()).decode()
+    assert "shutting down" in rest_log
+    assert "stopped" in rest_log
+    assert "Traceback" not in rest_log
+    assert grpc_port > 0
