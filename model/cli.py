@@ -81,6 +81,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--epochs", type=int, default=D.max_epochs, help="at most this many epochs (default %(default)s)")
     g.add_argument(
+        "--min-epochs",
+        type=int,
+        default=D.min_epochs,
+        help="keep no checkpoint before this epoch; early weights can fit validation by luck (default %(default)s)",
+    )
+    g.add_argument(
         "--patience",
         type=int,
         default=D.patience,
@@ -135,6 +141,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         residual=a.residual,
         loss=a.loss,
         max_epochs=a.epochs,
+        min_epochs=a.min_epochs,
         patience=a.patience,
         batch_size=a.batch_size,
         lr=a.lr,

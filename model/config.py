@@ -39,6 +39,7 @@ class TrainConfig:
     lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
     max_epochs: int = 80  # upper bound on passes over the training windows
+    min_epochs: int = 5  # keep no checkpoint before this epoch (epoch-1 weights can fit validation by luck)
     patience: int = 25  # stop after this many epochs without a better validation loss
     grad_clip: float = 1.0  # clip the global gradient norm to this value
     seed: int = 1337  # seeds python, numpy and torch: the same config gives the same model

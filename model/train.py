@@ -152,6 +152,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = print) -> dict[str
     )
     best_val, best_state, best_epoch, bad = math.inf, copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
+    min_epochs = min(cfg.min_epochs, cfg.max_epochs)
     bar = tqdm(range(1, cfg.max_epochs + 1), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
@@ -171,11 +172,11 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = print) -> dict[str
         sched.step(val)
         bar.set_postfix(train_loss=f"{running / batches:.4f}", val_loss=f"{val:.4f}", refresh=False)
         history.append({"epoch": epoch, "train_loss": running / batches, "val_loss": val})
-        if val < best_val - 1e-6:
+        if epoch >= min_epochs and val < best_val - 1e-6:
             best_val, best_state, best_epoch, bad = val, copy.deepcopy(model.state_dict()), epoch, 0
         else:
             bad += 1
-            if bad >= cfg.patience:
+            if epoch >= min_epochs and bad >= cfg.patience:
                 bar.close()
                 log(f"early stop at epoch {epoch}: no better validation loss for {cfg.patience} epochs")
                 break

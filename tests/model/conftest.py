@@ -18,6 +18,7 @@ TINY = {
     "context": 16,
     "warmup": 2,
     "max_epochs": 2,
+    "min_epochs": 1,
     "patience": 2,
     "require_beats_persistence": False,
     "threads": 1,

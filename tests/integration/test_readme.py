@@ -1,0 +1,95 @@
+"""The README's examples work exactly as written (only the ports are swapped for the test server's)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.app import Server
+from service.errors import ERROR_TABLE
+from service.settings import Settings
+from tests.conftest import ROOT, SHIPPED_REPO
+
+README = (ROOT / "README.md").read_text()
+BIN = Path(sys.executable).parent
+
+
+def blocks(lang: str, after: str) -> list[str]:
+    """The code blocks of a language in the README section whose heading starts with `after`."""
+    start = README.index(after)
+    section = README[start : README.find("\n## ", start + 1)]
+    section = section[: section.find("\n### ", 5)] if "\n### " in section[5:] else section
+    return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
+
+
+def commands(block: str) -> list[str]:
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
+
+
+def localize(text: str, srv: Server) -> str:
+    text = text.replace("localhost:8000", f"127.0.0.1:{srv.http_port}")
+    text = text.replace("localhost:50051", f"127.0.0.1:{srv.grpc_port}")
+    text = re.sub(r"(^|\s)\.venv/", rf"\1{ROOT}/.venv/", text)
+    return re.sub(r"(^|\s)grpcurl ", rf"\1{BIN}/grpcurl ", text)
+
+
+async def run(cmd: list[str], cwd: Path) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_curl_and_grpcurl_examples_run_in_order(server: Server, tmp_path: Path) -> None:
+    """Every curl and grpcurl line of the README succeeds against a server, in the order written."""
+    lines = [c for b in blocks("bash", "### curl") + blocks("bash", "### grpcurl") for c in commands(b)]
+    assert len(lines) >= 12
+    for line in lines:
+        rc, out, err = await run(["bash", "-c", localize(line, server)], tmp_path)
+        assert rc == 0, (line, out, err)
+        assert '"error"' not in out, (line, out)
+        assert "ERROR" not in err, (line, err)
+    assert server.store.count() == 0  # the last line deleted the demo session
+
+
+async def test_python_and_websocket_examples_run(server: Server, tmp_path: Path) -> None:
+    """The Python client and WebSocket examples run as written and print forecasts."""
+    code = blocks("python", "### Python") + blocks("python", "### WebSocket")
+    assert len(code) == 2
+    rc, out, err = await run([sys.executable, "-c", localize(code[0], server)], ROOT)
+    assert rc == 0, err
+    assert "2012/01/01 [" in out
+    assert "(3, 7)" in out
+    rc, out, err = await run([sys.executable, "-c", localize(code[1], server)], ROOT)
+    assert rc == 0, err
+    assert len(out.splitlines()) == 2
+
+
+async def test_stream_command_example_writes_csv_and_plot(server: Server, tmp_path: Path) -> None:
+    """The `lstm-serve stream` example writes forecasts.csv and forecasts.png."""
+    (block,) = [b for b in blocks("bash", "### Python") if "lstm-serve stream" in b]
+    rc, _, err = await run(["bash", "-c", localize(commands(block)[0], server)], tmp_path)
+    assert rc == 0, err
+    assert len((tmp_path / "forecasts.csv").read_text().splitlines()) == 121
+    assert (tmp_path / "forecasts.png").stat().st_size > 10_000
+
+
+def test_readme_error_table_matches_the_code() -> None:
+    """The README's error table is the one in service/errors.py."""
+    rows = re.findall(r"^\| (\w+) \| (\d+) \| (\w+) \|", README, re.M)
+    documented = {code: (int(http), grpc) for code, http, grpc in rows if code != "code"}
+    actual = {c.value: (s.http_status, s.grpc_status) for c, s in ERROR_TABLE.items()}
+    assert documented == actual
+
+
+def test_defaults_are_the_ones_the_readme_promises() -> None:
+    """`make serve` binds 127.0.0.1 on 8000 (REST) and 50051 (gRPC) by default."""
+    s = Settings(models=SHIPPED_REPO)
+    assert (s.host, s.http_port, s.grpc_port) == ("127.0.0.1", 8000, 50051)
+    with pytest.raises(ValueError, match="is not a directory"):
+        Settings(models=ROOT / "no-such-dir")
