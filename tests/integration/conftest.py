@@ -33,7 +33,8 @@ async def make_server() -> AsyncIterator[ServerFactory]:
     started: list[Server] = []
 
     async def make(**overrides: Any) -> Server:
-        settings = Settings(models=SHIPPED_REPO, http_port=0, grpc_port=0, log_level="warning", **overrides)
+        overrides.setdefault("models", SHIPPED_REPO)
+        settings = Settings(http_port=0, grpc_port=0, log_level="warning", **overrides)
         srv = Server(settings, CollectorRegistry())
         await srv.start()
         started.append(srv)

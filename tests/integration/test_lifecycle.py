@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+from pathlib import Path
 
 import grpc
 import httpx
@@ -12,6 +14,7 @@ import pytest
 from service.app import Server
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+from tests.conftest import SHIPPED_MODEL
 from tests.fixtures import reference_run
 from tests.integration.conftest import ServerFactory
 
@@ -174,3 +177,21 @@ async def test_stream_keep_and_resume_across_streams(stub: pb_grpc.PredictorStub
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await run(pb.StreamRequest(resume_session_id="kept"), x[:1])
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_sessions_are_pinned_to_the_version_they_opened_on(make_server: ServerFactory, tmp_path: Path) -> None:
+    """With versions 1 and 2 loaded, the default is 2, and a session opened on 1 stays on 1."""
+    for v in ("1", "2"):
+        shutil.copytree(SHIPPED_MODEL, tmp_path / "weather" / v)
+    srv: Server = await make_server(models=tmp_path)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}") as rest:
+        info = (await rest.get("/v1/models/weather")).json()
+        assert (info["version"], info["versions"]) == ("2", ["1", "2"])
+        assert (await rest.get("/v1/models/weather", params={"version": "1"})).json()["version"] == "1"
+        old = (await rest.post("/v1/sessions", json={"model": "weather", "version": "1"})).json()
+        new = (await rest.post("/v1/sessions", json={"model": "weather"})).json()
+        assert (old["version"], new["version"]) == ("1", "2")
+        await step(rest, old["session_id"], np.array([0, 10, 5, 3.0]))
+        assert (await rest.get(f"/v1/sessions/{old['session_id']}")).json()["version"] == "1"
+        labels = {"model": "weather/1"}
+        assert srv.metrics.registry.get_sample_value("lstm_steps_total", labels) == 1

@@ -1,0 +1,91 @@
+"""The model repository and the settings: versions, load failures, env and flags."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from service.repository import ModelLoadError, ModelRepository
+from service.settings import Settings
+from tests.conftest import ROOT, SHIPPED_MODEL
+
+
+def repo_with_versions(tmp_path: Path, *versions: str) -> Path:
+    for v in versions:
+        shutil.copytree(SHIPPED_MODEL, tmp_path / "weather" / v)
+    return tmp_path
+
+
+def test_every_version_loads_and_the_newest_is_the_default(tmp_path: Path) -> None:
+    """Versions 1, 2 and 10 load; the default is 10 (numeric order), and each is reachable by name."""
+    repo = ModelRepository.load(repo_with_versions(tmp_path, "1", "2", "10"))
+    assert repo.names() == ["weather"]
+    assert [m.version for m in repo.versions("weather")] == ["1", "2", "10"]
+    assert repo.get("weather").version == "10"
+    assert repo.get("weather", "2").key == "weather/2"
+    assert repo.get("weather").signature.features == 4
+
+
+def test_a_model_without_a_card_is_refused_with_its_name(tmp_path: Path) -> None:
+    """An ONNX file with no model card in its metadata is a load error that names the model."""
+    repo_with_versions(tmp_path, "1")
+    path = tmp_path / "weather" / "1" / "model.onnx"
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelLoadError, match="weather/1: model.onnx has no model card"):
+        ModelRepository.load(tmp_path)
+
+
+def test_a_truncated_model_file_is_refused(tmp_path: Path) -> None:
+    """A truncated file is a load error that says which model could not be loaded."""
+    repo_with_versions(tmp_path, "3")
+    path = tmp_path / "weather" / "3" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="weather/3: cannot load model.onnx"):
+        ModelRepository.load(tmp_path)
+
+
+def test_an_empty_repository_or_bad_version_directory_is_refused(tmp_path: Path) -> None:
+    """No models, or a version directory that is not a positive integer, is a clear error."""
+    with pytest.raises(ModelLoadError, match="no models found"):
+        ModelRepository.load(tmp_path)
+    repo_with_versions(tmp_path, "latest")
+    with pytest.raises(ModelLoadError, match="positive integers"):
+        ModelRepository.load(tmp_path)
+
+
+def test_settings_come_from_env_with_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LSTM_SERVE_* environment variables set the matching settings; unsafe values are refused."""
+    monkeypatch.setenv("LSTM_SERVE_HTTP_PORT", "8123")
+    monkeypatch.setenv("LSTM_SERVE_MAX_BATCH_SIZE", "7")
+    s = Settings(models=ROOT / "models")
+    assert (s.http_port, s.max_batch_size, s.host) == (8123, 7, "127.0.0.1")
+    with pytest.raises(ValueError, match="less than or equal to 65535"):
+        Settings(models=ROOT / "models", grpc_port=70000)
+
+
+def test_serve_command_reports_bad_settings_and_bad_models(tmp_path: Path) -> None:
+    """`lstm-serve serve` exits 2 on a bad flag value and 1 on a broken repository, with the reason."""
+    r = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--http-port", "abc"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 2
+    assert "--http-port" in r.stderr
+    assert "Traceback" not in r.stderr
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "model.onnx").write_bytes(b"not onnx")
+    r = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--models", str(tmp_path)], capture_output=True, text=True
+    )
+    assert r.returncode == 1
+    assert "cannot load models: m/1" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--help"], capture_output=True, text=True)
+    for flag in ("--models", "--http-port", "--grpc-port", "--max-batch-size", "--session-ttl-s", "--drain-seconds"):
+        assert flag in r.stdout
