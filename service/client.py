@@ -49,6 +49,28 @@ def _matrix(a: ArrayLike) -> tuple[pb.Matrix, bool]:
     return pb.Matrix(rows=arr.shape[0], cols=arr.shape[1], data=arr.reshape(-1).tolist()), single
 
 
+def _step_request(session_id: str, inputs: ArrayLike, seq: int | None) -> pb.StepRequest:
+    m, _ = _matrix(inputs)
+    req = pb.StepRequest(session_id=session_id, inputs=m)
+    if seq is not None:
+        req.seq = seq
+    return req
+
+
+def _stream_request(obs: ArrayLike, singles: collections.deque[bool]) -> pb.StreamRequest:
+    m, single = _matrix(obs)
+    singles.append(single)
+    return pb.StreamRequest(inputs=m)
+
+
+def _stream_outputs(r: pb.StreamResponse, singles: collections.deque[bool]) -> F32:
+    """A stream reply's forecasts: [O] for a single observation, [T, O] for a chunk; in-band errors raise."""
+    if r.HasField("error"):
+        raise ClientError(r.error.code, r.error.message)
+    out = to_numpy(r.outputs)
+    return out[0] if singles.popleft() else out
+
+
 def to_numpy(m: pb.Matrix) -> F32:
     return np.asarray(m.data, dtype=np.float32).reshape(m.rows, m.cols)
 
@@ -115,11 +137,7 @@ class Client:
         return to_numpy(self.step_full(session_id, inputs, seq).outputs)
 
     def step_full(self, session_id: str, inputs: ArrayLike, seq: int | None = None) -> pb.StepResponse:
-        m, _ = _matrix(inputs)
-        req = pb.StepRequest(session_id=session_id, inputs=m)
-        if seq is not None:
-            req.seq = seq
-        return self._call("Step", req)  # type: ignore[no-any-return]
+        return self._call("Step", _step_request(session_id, inputs, seq))  # type: ignore[no-any-return]
 
     def reset_session(self, session_id: str) -> pb.SessionInfo:
         return self._call("ResetSession", pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
@@ -154,19 +172,14 @@ class Client:
         def requests() -> Iterator[pb.StreamRequest]:
             yield _open(model, version, session_id, resume, keep)
             for obs in observations:
-                m, single = _matrix(obs)
-                singles.append(single)
-                yield pb.StreamRequest(inputs=m)
+                yield _stream_request(obs, singles)
 
         responses = self.stub.Stream(requests())
         try:
             first = next(responses)
             self.session_id = first.session_id
             for r in responses:
-                if r.HasField("error"):
-                    raise ClientError(r.error.code, r.error.message)
-                out = to_numpy(r.outputs)
-                yield out[0] if singles.popleft() else out
+                yield _stream_outputs(r, singles)
         except grpc.RpcError as e:
             raise _from_rpc(e) from None
         finally:
@@ -212,11 +225,7 @@ class AsyncClient:
         return await self._call("CreateSession", req)  # type: ignore[no-any-return]
 
     async def step(self, session_id: str, inputs: ArrayLike, seq: int | None = None) -> F32:
-        m, _ = _matrix(inputs)
-        req = pb.StepRequest(session_id=session_id, inputs=m)
-        if seq is not None:
-            req.seq = seq
-        return to_numpy((await self._call("Step", req)).outputs)
+        return to_numpy((await self._call("Step", _step_request(session_id, inputs, seq))).outputs)
 
     async def delete_session(self, session_id: str) -> None:
         await self._call("DeleteSession", pb.SessionRef(session_id=session_id))
@@ -238,14 +247,10 @@ class AsyncClient:
             yield _open(model, version, session_id, resume, keep)
             if isinstance(observations, AsyncIterable):
                 async for obs in observations:
-                    m, single = _matrix(obs)
-                    singles.append(single)
-                    yield pb.StreamRequest(inputs=m)
+                    yield _stream_request(obs, singles)
             else:
                 for obs in observations:
-                    m, single = _matrix(obs)
-                    singles.append(single)
-                    yield pb.StreamRequest(inputs=m)
+                    yield _stream_request(obs, singles)
 
         call = self.stub.Stream(requests())
         try:
@@ -254,10 +259,7 @@ class AsyncClient:
                 if first:
                     self.session_id, first = r.session_id, False
                     continue
-                if r.HasField("error"):
-                    raise ClientError(r.error.code, r.error.message)
-                out = to_numpy(r.outputs)
-                yield out[0] if singles.popleft() else out
+                yield _stream_outputs(r, singles)
         except grpc.RpcError as e:
             raise _from_rpc(e) from None
         finally:

@@ -38,7 +38,7 @@ def test_a_model_without_a_card_is_refused_with_its_name(tmp_path: Path) -> None
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     onnx.save(proto, str(path))
-    with pytest.raises(ModelLoadError, match="weather/1: model.onnx has no model card"):
+    with pytest.raises(ModelLoadError, match=r"weather/1: model\.onnx has no model card"):
         ModelRepository.load(tmp_path)
 
 
@@ -47,7 +47,7 @@ def test_a_truncated_model_file_is_refused(tmp_path: Path) -> None:
     repo_with_versions(tmp_path, "3")
     path = tmp_path / "weather" / "3" / "model.onnx"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ModelLoadError, match="weather/3: cannot load model.onnx"):
+    with pytest.raises(ModelLoadError, match=r"weather/3: cannot load model\.onnx"):
         ModelRepository.load(tmp_path)
 
 
