@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -137,9 +138,11 @@ class PredictorServicer(pb_grpc.PredictorServicer):
                     yield StreamMessage(inputs=None, error=e)
 
         try:
-            async for reply in self.dp.stream(messages()):
-                self.metrics.stream_messages.labels("grpc", reply.error.code.value if reply.error else "ok").inc()
-                yield cv.stream_response(reply)
+            # NOTE: aclosing: when the client goes away, the session is closed now, not at garbage collection
+            async with contextlib.aclosing(self.dp.stream(messages())) as replies:
+                async for reply in replies:
+                    self.metrics.stream_messages.labels("grpc", reply.error.code.value if reply.error else "ok").inc()
+                    yield cv.stream_response(reply)
         except Exception as exc:
             if not isinstance(exc, ServeError):
                 log.exception("unexpected error in gRPC Stream")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -303,9 +304,10 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
                 first = False
 
         try:
-            async for reply in dp.stream(messages()):
-                metrics.stream_messages.labels("websocket", reply.error.code.value if reply.error else "ok").inc()
-                await ws.send_text(json.dumps(ws_reply(reply)))
+            async with contextlib.aclosing(dp.stream(messages())) as replies:
+                async for reply in replies:
+                    metrics.stream_messages.labels("websocket", reply.error.code.value if reply.error else "ok").inc()
+                    await ws.send_text(json.dumps(ws_reply(reply)))
         except WebSocketDisconnect:
             pass
         except Exception as exc:

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import grpc
 import httpx
 import numpy as np
 import websockets
@@ -186,3 +187,27 @@ async def test_python_clients_stream_observations_as_numpy(server: Server, weath
         first = await ac.step(sid, x[:10])
     np.testing.assert_allclose(agot, reference_run(x), atol=ATOL)
     np.testing.assert_allclose(first, reference_run(x[:10]), atol=ATOL)
+
+
+async def test_a_stream_the_client_abandons_closes_its_session(server: Server, weather: np.ndarray) -> None:
+    """Cancelling a gRPC stream mid-way (client gone) deletes its session promptly; kept sessions stay."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = pb_grpc.PredictorStub(channel)
+        for keep in (False, True):
+            gate = asyncio.Event()
+
+            async def requests(keep: bool = keep, gate: asyncio.Event = gate) -> AsyncIterator[pb.StreamRequest]:
+                yield pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL), keep=keep)
+                yield pb.StreamRequest(inputs=matrix(weather[0]))
+                await gate.wait()  # NOTE: never set: the client hangs until it cancels
+
+            call = stub.Stream(requests())
+            await call.read()
+            await call.read()
+            assert server.store.count() == 1
+            call.cancel()
+            for _ in range(100):
+                if server.store.count() == (0 if not keep else 1):
+                    break
+                await asyncio.sleep(0.01)
+            assert server.store.count() == (0 if not keep else 1)
