@@ -1,0 +1,1 @@
+"""Offline training: data, the LSTM, baselines, the NumPy reference and the ONNX exporter."""

@@ -1,0 +1,1 @@
+"""lstm-serve: serve stateful LSTM forecasters over gRPC, REST and WebSocket."""
