@@ -73,9 +73,9 @@ class Batcher:
         self.max_batch_size, self.max_queue_delay, self.max_queue = max_batch_size, max_queue_delay, max_queue
         self.clock = clock
         self._pending: deque[_Work] = deque()
+        self._running: list[_Work] = []  # the batch being executed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._busy = False
         self._recent_size = 1.0  # moving average of batch sizes: > 1 means concurrent callers
         self._idle = asyncio.Event()
         self._idle.set()
@@ -90,10 +90,11 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for w in self._pending:
+        for w in [*self._running, *self._pending]:
             if not w.future.done():
-                w.future.set_exception(UnavailableError("the server stopped before this step ran; retry"))
+                w.future.set_exception(UnavailableError("the server stopped before this step completed; retry"))
         self._pending.clear()
+        self._running = []
 
     async def wait_idle(self) -> None:
         """Return when nothing is queued or running."""
@@ -154,6 +155,7 @@ class Batcher:
             if not batch:
                 continue
             self._recent_size = 0.8 * self._recent_size + 0.2 * len(batch)
+            self._running = batch
             try:
                 await self._execute(batch)
             except Exception as e:  # pragma: no cover - _execute resolves its own errors

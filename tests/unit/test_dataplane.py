@@ -235,3 +235,17 @@ async def test_stream_opens_steps_reports_errors_in_band_and_closes_the_session(
     with pytest.raises(InvalidInputError, match="first stream message"):
         _ = [r async for r in dp.stream(msgs(StreamMessage(inputs=xs[0])))]
     await dp.stop()
+
+
+async def test_stopping_fails_running_and_queued_steps_instead_of_hanging() -> None:
+    """A stop that cuts a drain short answers every waiting caller with a retryable error."""
+    dp, _ = await make_dp(FakeRuntime(delay=0.3), max_batch_size=1)
+    a = (await dp.create_session("fake", None, None)).session_id
+    b = (await dp.create_session("fake", None, None)).session_id
+    running = asyncio.create_task(dp.step(a, rows(11, 1)[0]))
+    queued = asyncio.create_task(dp.step(b, rows(12, 1)[0]))
+    await asyncio.sleep(0.05)
+    await dp.stop()
+    for task in (running, queued):
+        with pytest.raises(UnavailableError, match="stopped before this step completed"):
+            await asyncio.wait_for(task, 1)
