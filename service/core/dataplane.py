@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -287,7 +287,7 @@ class DataPlane:
         return list(await asyncio.gather(*(one(*item) for item in items)))
 
     # --- streams -----------------------------------------------------------------------------------
-    async def stream(self, messages: AsyncIterator[StreamMessage]) -> AsyncIterator[StreamReply]:
+    async def stream(self, messages: AsyncIterator[StreamMessage]) -> AsyncGenerator[StreamReply, None]:
         """One session per stream: the first message opens or resumes it; one reply per message, in order.
 
         A failure to open the session raises (the stream ends with that error); later per-message
