@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -82,7 +83,8 @@ class Server:
             port=self.settings.http_port,
             log_level=self.settings.log_level,
             lifespan="off",
-            ws_max_size=self.settings.max_body_bytes,
+            # NOTE: twice the limit, so that a message just over it gets our in-band 413, not a bare 1009 close
+            ws_max_size=2 * self.settings.max_body_bytes,
             access_log=False,
             timeout_graceful_shutdown=max(1, int(self.settings.drain_seconds)),
         )
@@ -105,13 +107,15 @@ class Server:
 
     async def stop(self) -> None:
         """Drain: readiness false first, in-flight steps finish (up to drain_seconds), then close."""
+        deadline = time.monotonic() + self.settings.drain_seconds
         self.dataplane.begin_drain()
         await self.grpc.set_serving(False)
         try:
             await asyncio.wait_for(self.dataplane.wait_idle(), timeout=self.settings.drain_seconds)
         except TimeoutError:
             log.warning("drain timeout after %.1f s: stopping with work still queued", self.settings.drain_seconds)
-        await self.grpc.stop(grace=min(1.0, self.settings.drain_seconds))
+        # NOTE: streams were told to end by begin_drain; calls still open get what is left of the drain time
+        await self.grpc.stop(grace=max(0.1, deadline - time.monotonic()))
         if self._uvicorn is not None and self._uvicorn_task is not None:
             self._uvicorn.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):

@@ -75,6 +75,22 @@ def to_numpy(m: pb.Matrix) -> F32:
     return np.asarray(m.data, dtype=np.float32).reshape(m.rows, m.cols)
 
 
+def _batch_request(items: Iterable[tuple[str, ArrayLike] | tuple[str, ArrayLike, int | None]]) -> pb.StepBatchRequest:
+    steps = []
+    for item in items:
+        seq = item[2] if len(item) > 2 else None  # NOTE: (id, inputs) or (id, inputs, seq)
+        steps.append(_step_request(item[0], item[1], seq))
+    return pb.StepBatchRequest(steps=steps)
+
+
+def _batch_outputs(reply: pb.StepBatchResponse) -> list[F32 | ClientError]:
+    """Per item: outputs [T, O], or the ClientError of that item (items fail alone)."""
+    return [
+        ClientError(r.error.code, r.error.message) if r.HasField("error") else to_numpy(r.response.outputs)
+        for r in reply.results
+    ]
+
+
 def _open(
     model: str | None, version: str | None, session_id: str | None, resume: str | None, keep: bool
 ) -> pb.StreamRequest:
@@ -89,7 +105,7 @@ def _open(
 
 
 class Client:
-    """Blocking client over one gRPC channel."""
+    """Blocking client over one gRPC channel. Every method of the API, with numpy in and out."""
 
     def __init__(
         self, target: str = "127.0.0.1:50051", timeout: float = 30.0, channel: grpc.Channel | None = None
@@ -137,7 +153,14 @@ class Client:
         return to_numpy(self.step_full(session_id, inputs, seq).outputs)
 
     def step_full(self, session_id: str, inputs: ArrayLike, seq: int | None = None) -> pb.StepResponse:
+        """`step` with the whole answer: outputs, steps, seq and whether it was a replay."""
         return self._call("Step", _step_request(session_id, inputs, seq))  # type: ignore[no-any-return]
+
+    def step_batch(
+        self, items: Iterable[tuple[str, ArrayLike] | tuple[str, ArrayLike, int | None]]
+    ) -> list[F32 | ClientError]:
+        """Steps for many sessions in one call: (session_id, inputs[, seq]) each; per item outputs or its error."""
+        return _batch_outputs(self._call("StepBatch", _batch_request(items)))
 
     def reset_session(self, session_id: str) -> pb.SessionInfo:
         return self._call("ResetSession", pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
@@ -187,7 +210,7 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client over one grpc.aio channel (use inside a running event loop)."""
+    """asyncio client over one grpc.aio channel: the methods of `Client`, awaited."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 30.0) -> None:
         self.channel = grpc.aio.insecure_channel(target)
@@ -213,6 +236,9 @@ class AsyncClient:
     async def list_models(self) -> list[pb.ModelInfo]:
         return list((await self._call("ListModels", pb.ListModelsRequest())).models)
 
+    async def get_model(self, name: str, version: str | None = None) -> pb.ModelInfo:
+        return await self._call("GetModel", pb.GetModelRequest(name=name, version=version or ""))  # type: ignore[no-any-return]
+
     async def predict(self, model: str, inputs: ArrayLike, version: str | None = None) -> F32:
         m, _ = _matrix(inputs)
         reply = await self._call("Predict", pb.PredictRequest(model=model, version=version or "", inputs=m))
@@ -224,11 +250,32 @@ class AsyncClient:
         req = pb.CreateSessionRequest(model=model, version=version or "", session_id=session_id or "")
         return await self._call("CreateSession", req)  # type: ignore[no-any-return]
 
+    async def get_session(self, session_id: str) -> pb.SessionInfo:
+        return await self._call("GetSession", pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+
     async def step(self, session_id: str, inputs: ArrayLike, seq: int | None = None) -> F32:
-        return to_numpy((await self._call("Step", _step_request(session_id, inputs, seq))).outputs)
+        return to_numpy((await self.step_full(session_id, inputs, seq)).outputs)
+
+    async def step_full(self, session_id: str, inputs: ArrayLike, seq: int | None = None) -> pb.StepResponse:
+        return await self._call("Step", _step_request(session_id, inputs, seq))  # type: ignore[no-any-return]
+
+    async def step_batch(
+        self, items: Iterable[tuple[str, ArrayLike] | tuple[str, ArrayLike, int | None]]
+    ) -> list[F32 | ClientError]:
+        return _batch_outputs(await self._call("StepBatch", _batch_request(items)))
+
+    async def reset_session(self, session_id: str) -> pb.SessionInfo:
+        return await self._call("ResetSession", pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
 
     async def delete_session(self, session_id: str) -> None:
         await self._call("DeleteSession", pb.SessionRef(session_id=session_id))
+
+    async def export_session(self, session_id: str) -> pb.SessionSnapshot:
+        return await self._call("ExportSession", pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
+
+    async def import_session(self, session_id: str, snapshot: pb.SessionSnapshot) -> pb.SessionInfo:
+        req = pb.ImportSessionRequest(session_id=session_id, snapshot=snapshot)
+        return await self._call("ImportSession", req)  # type: ignore[no-any-return]
 
     async def stream(
         self,

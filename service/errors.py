@@ -25,6 +25,8 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "unavailable"
     MODEL_ERROR = "model_error"
     INTERNAL = "internal"
+    ROUTE_NOT_FOUND = "route_not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ ERROR_TABLE: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.UNAVAILABLE: ErrorSpec(503, "UNAVAILABLE", retry_after=1),
     ErrorCode.MODEL_ERROR: ErrorSpec(500, "INTERNAL"),
     ErrorCode.INTERNAL: ErrorSpec(500, "INTERNAL"),
+    # NOTE: routing errors; gRPC answers an unknown method with UNIMPLEMENTED itself
+    ErrorCode.ROUTE_NOT_FOUND: ErrorSpec(404, "UNIMPLEMENTED"),
+    ErrorCode.METHOD_NOT_ALLOWED: ErrorSpec(405, "UNIMPLEMENTED"),
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
@@ -78,6 +83,11 @@ class MalformedRequestError(ServeError):
 
 class PayloadTooLargeError(ServeError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
+
+    @classmethod
+    def over(cls, limit: int) -> PayloadTooLargeError:
+        """The one message for an oversize request, whatever the transport."""
+        return cls(f"request is larger than the {limit} byte limit; send fewer steps per call")
 
 
 class ModelNotFoundError(ServeError):
@@ -114,6 +124,14 @@ class ModelError(ServeError):
 
 class InternalError(ServeError):
     code = ErrorCode.INTERNAL
+
+
+class RouteNotFoundError(ServeError):
+    code = ErrorCode.ROUTE_NOT_FOUND
+
+
+class MethodNotAllowedError(ServeError):
+    code = ErrorCode.METHOD_NOT_ALLOWED
 
 
 def as_serve_error(exc: BaseException) -> ServeError:

@@ -50,6 +50,15 @@ class _Work:
     future: asyncio.Future[StepOutcome]
     enqueued: float = field(default_factory=time.perf_counter)
 
+    def resolve(self, outcome: StepOutcome | ServeError) -> None:
+        """Answer the caller, unless it has gone (cancelled) or was answered already."""
+        if self.future.done():
+            return
+        if isinstance(outcome, ServeError):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
     @property
     def digest(self) -> bytes:
         return hashlib.blake2b(self.x.tobytes(), digest_size=16).digest()
@@ -91,8 +100,7 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for w in [*self._running, *self._pending]:
-            if not w.future.done():
-                w.future.set_exception(UnavailableError("the server stopped before this step completed; retry"))
+            w.resolve(UnavailableError("the server stopped before this step completed; retry"))
         self._pending.clear()
         self._running = []
 
@@ -109,7 +117,7 @@ class Batcher:
         """Queue a validated [T, F] call and wait for its outcome."""
         if len(self._pending) >= self.max_queue:
             raise OverloadedError(
-                f"{self.model.describe()} has {len(self._pending)} step calls queued (the limit); retry shortly"
+                f"{self.model.describe()} has its maximum of {self.max_queue} step calls queued; retry shortly"
             )
         fut: asyncio.Future[StepOutcome] = asyncio.get_running_loop().create_future()
         self._pending.append(_Work(session_id, x, seq, fut))
@@ -161,8 +169,7 @@ class Batcher:
             except Exception as e:  # pragma: no cover - _execute resolves its own errors
                 log.exception("batch failed")
                 for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(e if isinstance(e, ServeError) else ModelError("inference failed"))
+                    w.resolve(e if isinstance(e, ServeError) else ModelError("inference failed"))
 
     async def _execute(self, batch: list[_Work]) -> None:
         now = self.clock()
@@ -176,14 +183,12 @@ class Batcher:
         row = 0
         for w, got in zip(sessions, leases, strict=True):
             if isinstance(got, ServeError):
-                w.future.set_exception(got)
+                w.resolve(got)
                 continue
             r, row = row, row + 1
             verdict = self._check_seq(w, got)
-            if isinstance(verdict, StepOutcome):
-                w.future.set_result(verdict)
-            elif isinstance(verdict, ServeError):
-                w.future.set_exception(verdict)
+            if verdict is not None:
+                w.resolve(verdict)
             else:
                 run.append((w, got, r))
         run.extend((w, None, -1) for w in batch if w.session_id is None)
@@ -202,8 +207,7 @@ class Batcher:
         except Exception:
             log.exception("ONNX Runtime failed on %s", self.model.key)
             for w, _, _ in run:
-                if not w.future.done():
-                    w.future.set_exception(ModelError(f"{self.model.describe()} failed to run this batch"))
+                w.resolve(ModelError(f"{self.model.describe()} failed to run this batch"))
             return
         self.metrics.inference.labels(**self._labels).observe(time.perf_counter() - t0)
         self.metrics.batch_size.labels(**self._labels).observe(len(run))
@@ -219,7 +223,8 @@ class Batcher:
                 hn[:, idx, :],
                 cn[:, idx, :],
                 [w.x.shape[0] for _, w, _ in commit],
-                [Replay(w.seq, w.digest, y[i]) if w.seq is not None else None for i, w, _ in commit],
+                # NOTE: copies, so that a replay keeps its own outputs and not the whole batch's array
+                [Replay(w.seq, w.digest, y[i].copy()) if w.seq is not None else None for i, w, _ in commit],
                 self.clock(),
             )
             # NOTE: a slot that a reset/delete/import changed meanwhile is not written: that operation
@@ -229,15 +234,15 @@ class Batcher:
             if w.future.done():
                 continue
             if not finite[i]:
-                w.future.set_exception(
+                w.resolve(
                     ModelError(f"{self.model.describe()} produced non-finite outputs for these inputs; state unchanged")
                 )
                 continue
             steps += w.x.shape[0]
             if held is None:
-                w.future.set_result(StepOutcome(y[i], 0, 0))
+                w.resolve(StepOutcome(y[i], 0, 0))
             else:
-                w.future.set_result(StepOutcome(y[i], held.steps + w.x.shape[0], held.seq + 1))
+                w.resolve(StepOutcome(y[i], held.steps + w.x.shape[0], held.seq + 1))
         self.metrics.steps.labels(**self._labels).inc(steps)
 
     def _check_seq(self, w: _Work, lease: Lease) -> StepOutcome | ServeError | None:

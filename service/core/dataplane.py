@@ -24,6 +24,7 @@ from service.repository import ModelRepository, ModelVersion
 from service.runtime import F32
 
 log = logging.getLogger(__name__)
+DRAINING_STREAM = "the server is shutting down; this stream ends here: reconnect to another server"
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class DataPlane:
         }
         self._expiry_task: asyncio.Task[None] | None = None
         self.draining = False
+        self._drain_event = asyncio.Event()
         self.started = False
         for m in repo.all():
             self.metrics.model_info.labels(m.name, m.version, ",".join(m.card.features), str(m.card.horizon)).set(1)
@@ -125,8 +127,9 @@ class DataPlane:
         return self.started and not self.draining
 
     def begin_drain(self) -> None:
-        """Refuse new work from now on; work already queued still runs."""
+        """Refuse new work from now on; work already queued still runs; open streams end."""
         self.draining = True
+        self._drain_event.set()
         self.metrics.ready.set(0)
 
     async def wait_idle(self) -> None:
@@ -243,11 +246,8 @@ class DataPlane:
                 )
             if not np.isfinite(arr).all():
                 raise InvalidInputError(f"snapshot {name} holds non-finite values")
-        if snapshot.steps < 0 or snapshot.seq < 0:
-            raise InvalidInputError("snapshot steps and seq must be >= 0")
-        known = self.store.count()
-        info = await self.store.restore(check_session_id(session_id), model.key, snapshot, self.clock())
-        if self.store.count() > known:
+        info, created = await self.store.restore(check_session_id(session_id), model.key, snapshot, self.clock())
+        if created:
             self.metrics.sessions_created.labels(model.key).inc()
         self._update_open()
         return info
@@ -269,16 +269,28 @@ class DataPlane:
         out: StepOutcome = await batcher.submit(session_id, x, seq)
         return StepResult(session_id, out.outputs, out.steps, out.seq, out.replayed)
 
-    async def step_batch(self, items: Sequence[tuple[str, np.ndarray, int | None]]) -> list[StepResult | ServeError]:
-        """Steps for many sessions at once; they join the same batches. Each item succeeds or fails alone."""
+    async def step_batch(
+        self, items: Sequence[tuple[str, np.ndarray | ServeError, int | None]]
+    ) -> list[StepResult | ServeError]:
+        """Steps for many sessions at once; they join the same batches. Each item succeeds or fails alone.
+
+        An item whose inputs the transport could not decode arrives as its error. The steps of all
+        items together count against max_steps_per_call, which bounds the size of the answer.
+        """
         self._accepting()
         ids = [sid for sid, _, _ in items]
         if len(set(ids)) != len(ids):
             raise InvalidInputError("a step batch may hold at most one item per session")
-        if len(items) > self.limits.max_batch_size * 16:
-            raise InvalidInputError(f"a step batch may hold at most {self.limits.max_batch_size * 16} items")
+        total = sum(x.shape[0] for _, x, _ in items if isinstance(x, np.ndarray) and x.ndim >= 1)
+        if total > self.limits.max_steps_per_call:
+            raise InvalidInputError(
+                f"the step batch holds {total} steps in all; the limit per call is "
+                f"{self.limits.max_steps_per_call}: split it"
+            )
 
-        async def one(sid: str, x: np.ndarray, seq: int | None) -> StepResult | ServeError:
+        async def one(sid: str, x: np.ndarray | ServeError, seq: int | None) -> StepResult | ServeError:
+            if isinstance(x, ServeError):
+                return x
             try:
                 return await self.step(sid, x, seq)
             except ServeError as e:
@@ -311,12 +323,10 @@ class DataPlane:
         sid = info.session_id
         try:
             yield await self._stream_step(sid, first, info)
-            async for msg in messages:
-                if self.draining:
-                    raise UnavailableError(
-                        f"the server is shutting down; session {sid!r} "
-                        + ("is kept: resume it on another replica" if opened.keep else "is closed")
-                    )
+            while True:
+                msg = await self._next_unless_draining(messages)
+                if msg is None:
+                    return
                 if msg.error is not None:
                     yield StreamReply(sid, error=msg.error)
                     continue
@@ -328,6 +338,21 @@ class DataPlane:
             if not opened.keep:
                 with contextlib.suppress(SessionNotFoundError):
                     await self.delete_session(sid)
+
+    async def _next_unless_draining(self, messages: AsyncIterator[StreamMessage]) -> StreamMessage | None:
+        """The next message, None at the end of the stream; a drain ends the wait with 'unavailable'."""
+        if self.draining:
+            raise UnavailableError(DRAINING_STREAM)
+        nxt = asyncio.ensure_future(anext(messages, None))
+        drain = asyncio.ensure_future(self._drain_event.wait())
+        try:
+            await asyncio.wait((nxt, drain), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drain.cancel()
+        if not nxt.done():
+            nxt.cancel()
+            raise UnavailableError(DRAINING_STREAM)
+        return nxt.result()
 
     async def _stream_step(self, sid: str, msg: StreamMessage, info: SessionInfo | None) -> StreamReply:
         if msg.open is not None and (msg.inputs is None or msg.inputs.size == 0):

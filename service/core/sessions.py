@@ -25,12 +25,13 @@ import numpy as np
 from service.errors import InvalidInputError, ServeError, SessionExistsError, SessionLimitError, SessionNotFoundError
 from service.runtime import F32, Signature
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MAX_COUNTER = 2**62  # steps and seq stay far below int64 and uint64 overflow
 
 
 def check_session_id(session_id: str) -> str:
     """A client-chosen id: 1-128 characters of letters, digits and . _ : - (starting with a letter or digit)."""
-    if not SESSION_ID.match(session_id):
+    if not SESSION_ID.fullmatch(session_id):
         shown = session_id if len(session_id) <= 40 else session_id[:40] + "..."
         raise InvalidInputError(
             f"invalid session id {shown!r}: use 1-128 characters of letters, digits and . _ : - "
@@ -98,7 +99,9 @@ class SessionStore(Protocol):
     async def delete(self, session_id: str) -> None: ...
     async def reset(self, session_id: str, now: float) -> SessionInfo: ...
     async def export(self, session_id: str, now: float) -> Snapshot: ...
-    async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> SessionInfo: ...
+    async def restore(
+        self, session_id: str, model_key: str, snap: Snapshot, now: float
+    ) -> tuple[SessionInfo, bool]: ...
     async def gather(
         self, model_key: str, session_ids: list[str], now: float
     ) -> tuple[list[Lease | ServeError], F32, F32]: ...
@@ -189,7 +192,9 @@ class MemorySessionStore:
         on_removed: RemovalListener | None = None,
     ) -> None:
         self._slabs = {key: _Slab(sig) for key, sig in signatures.items()}
-        self._index: dict[str, tuple[str, int]] = {}  # session id -> (model key, slot)
+        self._keys = list(self._slabs)  # model index -> model key
+        # NOTE: one int per session, (model index << 32) | slot, keeps the index to a dict entry and the id
+        self._index: dict[str, int] = {}
         self._replays: dict[str, Replay] = {}  # only for sessions that send seq
         self._gone: OrderedDict[str, str] = OrderedDict()  # recently expired/evicted ids -> reason
         self.ttl, self.max_sessions, self.cap_policy = ttl, max_sessions, cap_policy
@@ -203,7 +208,7 @@ class MemorySessionStore:
             if reason:
                 raise SessionNotFoundError(f"session {session_id!r} was {reason}; create a new one")
             raise SessionNotFoundError(f"no session {session_id!r}; create one first (it may have been deleted)")
-        key, slot = where
+        key, slot = self._keys[where >> 32], where & 0xFFFFFFFF
         slab = self._slabs[key]
         if now - slab.last_used[slot] > self.ttl:
             self._remove(session_id, "expired")
@@ -225,7 +230,8 @@ class MemorySessionStore:
         )
 
     def _remove(self, session_id: str, reason: str) -> None:
-        key, slot = self._index.pop(session_id)
+        where = self._index.pop(session_id)
+        key, slot = self._keys[where >> 32], where & 0xFFFFFFFF
         self._slabs[key].release(slot)
         self._replays.pop(session_id, None)
         if reason != "deleted":
@@ -275,7 +281,7 @@ class MemorySessionStore:
         self._gone.pop(session_id, None)
         slab = self._slabs[model_key]
         slot = slab.alloc(session_id, now)
-        self._index[session_id] = (model_key, slot)
+        self._index[session_id] = (self._keys.index(model_key) << 32) | slot
         return self._info(session_id, model_key, slab, slot)
 
     async def info(self, session_id: str, now: float) -> SessionInfo:
@@ -304,13 +310,18 @@ class MemorySessionStore:
             slab.h[:, slot, :].copy(), slab.c[:, slot, :].copy(),
         )  # fmt: skip
 
-    async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> SessionInfo:
+    async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> tuple[SessionInfo, bool]:
+        """Write a snapshot into a session, creating it if needed; returns the session and whether it is new."""
         check_session_id(session_id)
+        if not (0 <= snap.steps < MAX_COUNTER and 0 <= snap.seq < MAX_COUNTER):
+            raise InvalidInputError(f"snapshot steps and seq must be between 0 and {MAX_COUNTER - 1}")
+        created = False
         try:
             key, slab, slot = self._locate(session_id, now)
         except SessionNotFoundError:
             await self.create(model_key, session_id, now)
             key, slab, slot = self._locate(session_id, now)
+            created = True
         if key != model_key:
             raise InvalidInputError(
                 f"session {session_id!r} runs {key}; the snapshot is of {model_key}: delete the session first"
@@ -320,7 +331,7 @@ class MemorySessionStore:
         slab.c[:, slot, :] = snap.c
         slab.steps[slot], slab.seq[slot], slab.last_used[slot] = snap.steps, snap.seq, now
         self._replays.pop(session_id, None)
-        return self._info(session_id, key, slab, slot)
+        return self._info(session_id, key, slab, slot), created
 
     async def gather(
         self, model_key: str, session_ids: list[str], now: float

@@ -24,6 +24,14 @@ def to_array(m: pb.Matrix, what: str = "inputs") -> np.ndarray:
     return np.asarray(m.data, dtype=np.float32).reshape(m.rows, m.cols)
 
 
+def to_array_or_error(m: pb.Matrix) -> np.ndarray | ServeError:
+    """`to_array`, with a decoding error returned rather than raised (for items that fail alone)."""
+    try:
+        return to_array(m)
+    except ServeError as e:
+        return e
+
+
 def from_array(a: np.ndarray) -> pb.Matrix:
     rows, cols = a.shape
     return pb.Matrix(rows=rows, cols=cols, data=a.reshape(-1).tolist())

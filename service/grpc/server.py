@@ -21,14 +21,16 @@ class GRPCServer:
 
     def __init__(self, dataplane: DataPlane, metrics: Metrics, host: str, port: int, max_message_bytes: int) -> None:
         self.host, self.requested_port = host, port
+        # NOTE: grpc core refuses messages over twice the limit with its own RESOURCE_EXHAUSTED; between the
+        # limit and twice it, the servicer answers with our error (code trailer, advice) and streams go on
         self.server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", 2 * max_message_bytes),
+                ("grpc.max_send_message_length", 2 * max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_PredictorServicer_to_server(PredictorServicer(dataplane, metrics), self.server)
+        pb_grpc.add_PredictorServicer_to_server(PredictorServicer(dataplane, metrics, max_message_bytes), self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

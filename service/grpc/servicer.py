@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from service.core.dataplane import DataPlane, StreamMessage
-from service.errors import ERROR_TABLE, ServeError, as_serve_error
+from service.errors import ERROR_TABLE, PayloadTooLargeError, ServeError, as_serve_error
 from service.grpc import converters as cv
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
@@ -41,6 +41,7 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., 
             t0 = time.perf_counter()
             code = "OK"
             try:
+                self.check_size(request)
                 return await fn(self, request, context)
             except Exception as exc:
                 if not isinstance(exc, ServeError):
@@ -61,8 +62,12 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., 
 class PredictorServicer(pb_grpc.PredictorServicer):
     """Thin adapter: every method is decode -> one DataPlane call -> encode."""
 
-    def __init__(self, dataplane: DataPlane, metrics: Metrics) -> None:
-        self.dp, self.metrics = dataplane, metrics
+    def __init__(self, dataplane: DataPlane, metrics: Metrics, max_message_bytes: int = 4 * 1024 * 1024) -> None:
+        self.dp, self.metrics, self.max_message_bytes = dataplane, metrics, max_message_bytes
+
+    def check_size(self, request: Any) -> None:
+        if request.ByteSize() > self.max_message_bytes:
+            raise PayloadTooLargeError.over(self.max_message_bytes)
 
     @unary("Predict")
     async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
@@ -103,7 +108,9 @@ class PredictorServicer(pb_grpc.PredictorServicer):
 
     @unary("StepBatch")
     async def StepBatch(self, request: pb.StepBatchRequest, context: Any) -> pb.StepBatchResponse:
-        items = [(s.session_id, cv.to_array(s.inputs), s.seq if s.HasField("seq") else None) for s in request.steps]
+        items = [
+            (s.session_id, cv.to_array_or_error(s.inputs), s.seq if s.HasField("seq") else None) for s in request.steps
+        ]
         results = await self.dp.step_batch(items)
         return pb.StepBatchResponse(
             results=[
@@ -133,6 +140,7 @@ class PredictorServicer(pb_grpc.PredictorServicer):
         async def messages() -> AsyncIterator[StreamMessage]:
             async for req in request_iterator:
                 try:
+                    self.check_size(req)
                     yield cv.stream_message(req)
                 except ServeError as e:  # NOTE: a message that cannot be decoded still gets its in-band error
                     yield StreamMessage(inputs=None, error=e)

@@ -23,7 +23,9 @@ from service.errors import (
     ErrorCode,
     InvalidInputError,
     MalformedRequestError,
+    MethodNotAllowedError,
     PayloadTooLargeError,
+    RouteNotFoundError,
     ServeError,
     as_serve_error,
 )
@@ -31,6 +33,7 @@ from service.metrics import Metrics
 from service.rest import schemas as s
 
 log = logging.getLogger(__name__)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -87,11 +90,8 @@ class BodyLimit:
         body = b"".join(chunks)
         await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
 
-    def _message(self) -> str:
-        return f"request body is larger than the {self.limit} byte limit; send fewer steps per call"
-
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(PayloadTooLargeError(self._message()))(scope, receive, send)
+        await error_response(PayloadTooLargeError.over(self.limit))(scope, receive, send)
 
 
 def _dataplane(request: Request) -> DataPlane:
@@ -134,17 +134,19 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        errs = e.errors()
-        first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
-        if first.get("type") == "json_invalid":
-            return error_response(MalformedRequestError("request body is not valid JSON"))
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(InvalidInputError(f"{where or 'body'}: {first.get('msg', 'invalid')}"))
+        return error_response(s.validation_error(e))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return JSONResponse({"error": str(e.detail), "code": code}, status_code=e.status_code)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # NOTE: Starlette's own errors, mapped into the table: routing, and bodies it cannot parse
+        if e.status_code == 404:
+            return error_response(RouteNotFoundError(f"no route {request.url.path!r}; the API is listed at /docs"))
+        if e.status_code == 405:
+            return error_response(MethodNotAllowedError(f"{request.url.path!r} does not take {request.method}"))
+        if e.status_code == 400:
+            return error_response(MalformedRequestError("request body could not be parsed as JSON"))
+        log.warning("unmapped HTTP error %d: %s", e.status_code, e.detail)
+        return error_response(as_serve_error(e))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -160,7 +162,8 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
         t0 = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")
-        method = f"{request.method} {getattr(route, 'path', 'unmatched')}"
+        verb = request.method if request.method in HTTP_METHODS else "OTHER"  # NOTE: bounded label values
+        method = f"{verb} {getattr(route, 'path', 'unmatched')}"
         metrics.requests.labels("rest", method, str(response.status_code)).inc()
         metrics.request_latency.labels("rest", method).observe(time.perf_counter() - t0)
         return response
@@ -274,7 +277,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
         responses=_responses(ErrorCode.INVALID_INPUT),
     )
     async def step_batch(body: s.StepBatchBody, d: DataPlaneDep) -> s.StepBatchReply:
-        items = [(it.session_id, s.matrix(it.inputs), it.seq) for it in body.steps]
+        items = [(it.session_id, s.matrix_or_error(it.inputs), it.seq) for it in body.steps]
         results = await d.step_batch(items)
         return s.StepBatchReply(
             results=[
@@ -296,11 +299,14 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
         async def messages() -> AsyncIterator[StreamMessage]:
             first = True
             while True:
-                try:
-                    text = await ws.receive_text()
-                except WebSocketDisconnect:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
                     return
-                yield ws_message(text, first, max_body_bytes)
+                text = msg.get("text")
+                if text is None:
+                    yield StreamMessage(inputs=None, error=MalformedRequestError("send JSON text messages, not binary"))
+                else:
+                    yield ws_message(text, first, max_body_bytes)
                 first = False
 
         try:
@@ -315,14 +321,15 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
                 log.exception("unexpected error in WebSocket stream")
             e = as_serve_error(exc)
             code = e.code.value
-            await ws.send_text(json.dumps({"error": e.message, "code": e.code.value}))
             # NOTE: 1013 "try again later" for retryable errors, 1008 for client errors, 1011 for ours
-            close = (
-                1013 if ERROR_TABLE[e.code].retry_after else 1011 if ERROR_TABLE[e.code].http_status >= 500 else 1008
-            )
-            await ws.close(code=close, reason=e.code.value)
+            spec = ERROR_TABLE[e.code]
+            close = 1013 if spec.retry_after else 1011 if spec.http_status >= 500 else 1008
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # the peer may be gone already
+                await ws.send_text(json.dumps({"error": e.message, "code": e.code.value}))
+                await ws.close(code=close, reason=e.code.value)
         else:
-            await ws.close()
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await ws.close()
         finally:
             metrics.requests.labels("websocket", "stream", code).inc()
             metrics.request_latency.labels("websocket", "stream").observe(time.perf_counter() - t0)
@@ -336,35 +343,21 @@ def ws_message(text: str, first: bool, limit: int) -> StreamMessage:
     """Decode one WebSocket JSON message; a bad one becomes an in-band error."""
     try:
         if len(text) > limit:
-            raise PayloadTooLargeError(f"message is larger than the {limit} byte limit; send fewer steps per message")
-        try:
-            body = json.loads(text)
-        except ValueError:
-            raise MalformedRequestError("message is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise InvalidInputError("a stream message must be a JSON object")
+            raise PayloadTooLargeError.over(limit)
+        msg = s.StreamBody.model_validate_json(text)
         opened = None
-        if "model" in body or "resume" in body:
+        if msg.model is not None or msg.resume is not None:
             if not first:
                 raise InvalidInputError("only the first stream message may open a session")
             opened = StreamOpen(
-                model=body.get("model"),
-                version=body.get("version"),
-                session_id=body.get("session_id"),
-                resume_session_id=body.get("resume"),
-                keep=bool(body.get("keep", False)),
-            )
-        unknown = set(body) - {"model", "version", "session_id", "resume", "keep", "inputs", "seq"}
-        if unknown:
-            raise InvalidInputError(f"unknown field(s) {sorted(unknown)}")
-        inputs = s.StepBody.model_validate({"inputs": body.get("inputs", []), "seq": body.get("seq")})
-        return StreamMessage(inputs=s.matrix(inputs.inputs), seq=inputs.seq, open=opened)
+                model=msg.model, version=msg.version, session_id=msg.session_id,
+                resume_session_id=msg.resume, keep=msg.keep,
+            )  # fmt: skip
+        return StreamMessage(inputs=s.matrix(msg.inputs), seq=msg.seq, open=opened)
     except ServeError as e:
         return StreamMessage(inputs=None, error=e)
     except ValidationError as e:
-        errs = e.errors()
-        msg = f"{'.'.join(str(p) for p in errs[0]['loc'])}: {errs[0]['msg']}" if errs else "invalid message"
-        return StreamMessage(inputs=None, error=InvalidInputError(msg))
+        return StreamMessage(inputs=None, error=s.validation_error(e))
 
 
 def ws_reply(r: StreamReply) -> dict[str, Any]:

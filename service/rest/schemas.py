@@ -9,14 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.dataplane import StepResult
 from service.core.sessions import SessionInfo, Snapshot
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, MalformedRequestError, ServeError
 from service.repository import ModelVersion
 
 Steps = list[list[float]]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields are errors, and no type coercion (true is not 1, "2" is not 2)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorBody(BaseModel):
@@ -78,6 +80,18 @@ class StepReply(BaseModel):
     @classmethod
     def of(cls, r: StepResult) -> StepReply:
         return cls(session_id=r.session_id, outputs=r.outputs.tolist(), steps=r.steps, seq=r.seq, replayed=r.replayed)
+
+
+class StreamBody(Strict):
+    """One WebSocket stream message: the first may open (model) or resume a session; any may carry steps."""
+
+    model: str | None = None
+    version: str | None = None
+    session_id: str | None = None
+    resume: str | None = None
+    keep: bool = False
+    inputs: Steps = Field(default_factory=list)
+    seq: int | None = None
 
 
 class BatchItem(Strict):
@@ -145,6 +159,24 @@ class ModelReply(BaseModel):
 
 class ModelsReply(BaseModel):
     models: list[ModelReply]
+
+
+def validation_error(e: Any) -> ServeError:
+    """A pydantic/FastAPI validation error as our error: malformed JSON, or the first invalid field."""
+    errs = e.errors()
+    first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return MalformedRequestError("request body is not valid JSON")
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return InvalidInputError(f"{where or 'body'}: {first.get('msg', 'invalid')}")
+
+
+def matrix_or_error(rows: Steps) -> np.ndarray | ServeError:
+    """`matrix`, with a decoding error returned rather than raised (for items that fail alone)."""
+    try:
+        return matrix(rows)
+    except ServeError as e:
+        return e
 
 
 def matrix(rows: Steps, what: str = "inputs") -> np.ndarray:

@@ -88,6 +88,20 @@ ROWS: list[Row] = [
     ("bad session id", ErrorCode.INVALID_INPUT,
      lambda r, s: r.get("/v1/sessions/bad%20id"),
      lambda g, s: g.GetSession(pb.SessionRef(session_id="bad id")), "invalid session id"),
+    ("session id with a trailing newline", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.post("/v1/sessions", json={"model": MODEL, "session_id": "abc\n"}),
+     lambda g, s: g.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="abc\n")), "invalid session id"),
+    ("snapshot counters beyond range", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.post("/v1/sessions/imported/state", json={"model": MODEL, "version": "1", "steps": 2**63,
+                                                                "seq": 0, "h": [[0.0] * 48], "c": [[0.0] * 48]}),
+     lambda g, s: g.ImportSession(pb.ImportSessionRequest(session_id="imported", snapshot=pb.SessionSnapshot(
+         model=MODEL, version="1", steps=2**63, h=m([[0.0] * 48]), c=m([[0.0] * 48])))), "between 0 and"),
+    ("step batch over the step limit", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.post("/v1/steps", json={"steps": [{"session_id": s, "inputs": [[0, 1, 2, 3]] * 30},
+                                                       {"session_id": "other", "inputs": [[0, 1, 2, 3]] * 30}]}),
+     lambda g, s: g.StepBatch(pb.StepBatchRequest(steps=[
+         pb.StepRequest(session_id=s, inputs=m([[0, 1, 2, 3]] * 30)),
+         pb.StepRequest(session_id="other", inputs=m([[0, 1, 2, 3]] * 30))])), "60 steps in all"),
     ("unknown model", ErrorCode.MODEL_NOT_FOUND,
      lambda r, s: r.post("/v1/sessions", json={"model": "nope"}),
      lambda g, s: g.CreateSession(pb.CreateSessionRequest(model="nope")), "no model named 'nope'"),
@@ -114,16 +128,15 @@ async def test_error_row_is_the_same_on_rest_and_grpc_and_leaves_state_untouched
     _, code, rest_call, grpc_call, fragment = row
     rest, stub, _ = limited
     sid = (await rest.post("/v1/sessions", json={"model": MODEL, "session_id": "victim"})).json()["session_id"]
-    ok = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0, 12.8, 5.0, 4.7]]})
-    before = ok.json()
+    await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0, 12.8, 5.0, 4.7]]})
+    before = (await rest.get(f"/v1/sessions/{sid}/state")).json()
     message = check(code, await rest_call(rest, sid), await grpc_error(grpc_call(stub, sid)))
     assert fragment in message
-    after = (await rest.get(f"/v1/sessions/{sid}")).json()
-    assert (after["steps"], after["seq"]) == (before["steps"], before["seq"])
-    state = (await rest.get(f"/v1/sessions/{sid}/state")).json()
+    after = (await rest.get(f"/v1/sessions/{sid}/state")).json()
+    assert after == before  # h, c, steps and seq, exactly
     nxt = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0.0, 10.6, 2.8, 4.5]]})
     assert nxt.status_code == 200
-    assert nxt.json()["steps"] == state["steps"] + 1
+    assert nxt.json()["steps"] == before["steps"] + 1
 
 
 async def test_session_cap_is_429_and_resource_exhausted_with_retry_after(
@@ -157,9 +170,20 @@ async def test_oversized_payloads_are_413_and_resource_exhausted(
 
     r2 = await rest.post(f"/v1/sessions/{sid}/steps", content=chunks(), headers={"content-type": "application/json"})
     assert r2.status_code == 413
-    code, _, _ = await grpc_error(stub.Step(pb.StepRequest(session_id=sid, inputs=m([[0.0, 1, 2, 3]] * 5000))))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert (await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0, 1, 2, 3]]})).json()["steps"] == 1
+    big_msg = m([[0.0, 1, 2, 3]] * 5000)  # 80 kB: over the 64 kB limit, under grpc core's own 128 kB cut-off
+    g = await grpc_error(stub.Step(pb.StepRequest(session_id=sid, inputs=big_msg)))
+    message = check(ErrorCode.PAYLOAD_TOO_LARGE, r, g)
+    assert message == "request is larger than the 65536 byte limit; send fewer steps per call"
+
+    async def stream() -> Any:
+        yield pb.StreamRequest(resume_session_id=sid, keep=True)
+        yield pb.StreamRequest(inputs=big_msg)
+        yield pb.StreamRequest(inputs=m([[0, 1, 2, 3]]))
+
+    replies = [x async for x in stub.Stream(stream())]
+    assert replies[1].error.code == "payload_too_large"  # in-band: the stream and its session go on
+    assert replies[2].steps == 1
+    assert (await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[0, 1, 2, 3]]})).json()["steps"] == 2
 
 
 async def test_malformed_json_is_400_not_422(rest: httpx.AsyncClient) -> None:
@@ -174,6 +198,28 @@ async def test_malformed_json_is_400_not_422(rest: httpx.AsyncClient) -> None:
     r = await rest.post("/v1/sessions/x/steps", json={"inputs": [[1, 2, 3, 4], [1, 2]]})
     assert (r.status_code, r.json()["code"]) == (400, "invalid_input")
     assert "rectangular" in r.json()["error"]
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = await rest.post("/v1/sessions/x/steps", content=deep, headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()["code"]) == (400, "malformed_request")
+    for body in ({"inputs": [[True, False, True, 4]]}, {"inputs": [[1, 2, 3, 4]], "seq": True},
+                 {"inputs": [[1, 2, 3, 4]], "seq": "2"}, {"inputs": [[1, 2, 3, 4]], "seq": 3.0}):  # fmt: skip
+        r = await rest.post("/v1/sessions/x/steps", json=body)
+        assert (r.status_code, r.json()["code"]) == (400, "invalid_input"), body
+
+
+async def test_routing_errors_come_from_the_table_and_method_labels_stay_bounded(
+    server: Server, rest: httpx.AsyncClient
+) -> None:
+    """Unknown paths and methods get table codes; made-up HTTP methods do not create new metric series."""
+    r = await rest.get("/v2/nothing")
+    assert (r.status_code, r.json()["code"]) == (404, "route_not_found")
+    r = await rest.put("/v1/models")
+    assert (r.status_code, r.json()["code"]) == (405, "method_not_allowed")
+    for verb in ("XMETHOD1", "XMETHOD2"):
+        await rest.request(verb, "/v1/models")
+    text = (await rest.get("/metrics")).text
+    assert "XMETHOD" not in text
+    assert 'method="OTHER /v1/models"' in text
 
 
 async def test_draining_server_refuses_new_work_with_503_and_unavailable(
@@ -232,11 +278,13 @@ async def test_a_full_queue_is_503_and_unavailable(fake_server: Any) -> None:
         r for r in results[4:] if isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE
     ]
     assert len(rest_503) + len(grpc_unavailable) >= 4
+    expected = "model 'fake' version 1 has its maximum of 1 step calls queued; retry shortly"
     for r in rest_503:
-        assert r.json()["code"] == "overloaded"
+        assert r.json() == {"error": expected, "code": "overloaded"}
         assert r.headers["Retry-After"] == "1"
     for e in grpc_unavailable:
-        assert "step calls queued" in (e.details() or "")
+        assert e.details() == expected
+        assert dict(e.trailing_metadata() or ())["lstm-error-code"] == "overloaded"
 
 
 async def test_unexpected_errors_are_generic_on_both_transports(
@@ -251,3 +299,22 @@ async def test_unexpected_errors_are_generic_on_both_transports(
     r = await rest.get("/v1/sessions/anything")
     g = await grpc_error(stub.GetSession(pb.SessionRef(session_id="anything")))
     assert check(ErrorCode.INTERNAL, r, g) == INTERNAL_MESSAGE
+
+
+async def test_step_batch_items_with_bad_shapes_fail_alone(
+    rest: httpx.AsyncClient, stub: pb_grpc.PredictorStub
+) -> None:
+    """In a step batch, an item that cannot be decoded fails by itself; the other items are applied."""
+    a = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+    b = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+    r = await rest.post("/v1/steps", json={"steps": [{"session_id": a, "inputs": [[0, 1, 2, 3], [1, 2]]},
+                                                    {"session_id": b, "inputs": [[0, 1, 2, 3]]}]})  # fmt: skip
+    results = r.json()["results"]
+    assert results[0]["error"]["code"] == "invalid_input"
+    assert results[1]["result"]["steps"] == 1
+    g = await stub.StepBatch(pb.StepBatchRequest(steps=[
+        pb.StepRequest(session_id=a, inputs=pb.Matrix(rows=2, cols=4, data=[0.0, 1, 2])),
+        pb.StepRequest(session_id=b, inputs=m([[0, 1, 2, 3]]))]))  # fmt: skip
+    assert g.results[0].error.code == "invalid_input"
+    assert g.results[1].response.steps == 2
+    assert (await rest.get(f"/v1/sessions/{a}")).json()["steps"] == 0

@@ -180,7 +180,11 @@ async def test_serve_command_drains_on_sigterm_and_exits_zero(weather: np.ndarra
         line = await asyncio.wait_for(proc.stderr.readline(), 30)
         assert line, log.decode()
         log += line
-    http_port, grpc_port = (int(p) for p in re.findall(rb":(\d+) \(", log)[:2])
+    http_port = int(re.findall(rb"http://127\.0\.0\.1:(\d+) \(REST", log)[0])
+    grpc_port = int(re.findall(rb"127\.0\.0\.1:(\d+) \(gRPC\)", log)[0])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as rest:
         assert (await rest.get("/readyz")).status_code == 200
         sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
@@ -197,4 +201,3 @@ async def test_serve_command_drains_on_sigterm_and_exits_zero(weather: np.ndarra
     assert "shutting down" in rest_log
     assert "stopped" in rest_log
     assert "Traceback" not in rest_log
-    assert grpc_port > 0

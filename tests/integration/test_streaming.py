@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import httpx
 import numpy as np
+import pytest
 import websockets
 
 from service.app import Server
-from service.client import AsyncClient, Client
+from service.client import AsyncClient, Client, ClientError
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from tests.fixtures import reference_run
@@ -211,3 +213,107 @@ async def test_a_stream_the_client_abandons_closes_its_session(server: Server, w
                     break
                 await asyncio.sleep(0.01)
             assert server.store.count() == (0 if not keep else 1)
+
+
+async def test_websocket_misuse_gets_in_band_errors_and_keeps_the_session(
+    make_server: Any, weather: np.ndarray
+) -> None:
+    """Wrong types, binary frames, deep nesting and oversize messages are answered in-band; the stream goes on."""
+    srv: Server = await make_server(max_body_bytes=64 * 1024)
+    async with websockets.connect(f"ws://127.0.0.1:{srv.http_port}/v1/sessions/stream") as ws:
+        await ws.send(json.dumps({"model": MODEL, "session_id": "ws-misuse", "keep": True}))
+        assert json.loads(await ws.recv())["session"]["session_id"] == "ws-misuse"
+        bad: list[str | bytes] = [
+            json.dumps({"model": ["x"]}),
+            json.dumps({"inputs": [[0, 1, 2, 3]], "seq": "1"}),
+            json.dumps({"inputs": [[True, 1, 2, 3]]}),
+            json.dumps({"inputs": [[0, 1, 2, 3]], "extra": 1}),
+            b"\x00\x01binary",
+            '{"inputs": ' + "[" * 10_000 + "]" * 10_000 + "}",  # deep but under the size limit
+            json.dumps({"inputs": [[0.0, 1.0, 2.0, 3.0]] * 4000}),  # ~96 kB: over the 64 kB limit
+            "not json",
+        ]
+        codes = []
+        for message in bad:
+            await ws.send(message)
+            codes.append(json.loads(await ws.recv())["code"])
+        assert codes == ["invalid_input", "invalid_input", "invalid_input", "invalid_input", "malformed_request",
+                         "malformed_request", "payload_too_large", "malformed_request"]  # fmt: skip
+        await ws.send(json.dumps({"inputs": [weather[0].tolist()]}))
+        reply = json.loads(await ws.recv())
+    np.testing.assert_allclose(np.asarray(reply["outputs"], np.float32), reference_run(weather[:1]), atol=ATOL)
+    assert reply["steps"] == 1
+    assert srv.store.count() == 1  # kept (keep was a real boolean)
+    async with websockets.connect(f"ws://127.0.0.1:{srv.http_port}/v1/sessions/stream") as ws:
+        await ws.send(json.dumps({"model": MODEL, "keep": "false"}))
+        first = json.loads(await ws.recv())
+        assert first["code"] == "invalid_input"
+        assert "keep" in first["error"]
+
+
+async def test_drain_ends_open_streams_with_unavailable(server: Server, weather: np.ndarray) -> None:
+    """On drain, idle gRPC and WebSocket streams end at once with 'unavailable' instead of holding shutdown."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = pb_grpc.PredictorStub(channel)
+        gate = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.StreamRequest]:
+            yield pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL))
+            await gate.wait()  # NOTE: an idle client
+
+        call = stub.Stream(requests())
+        await call.read()
+        async with websockets.connect(f"ws://127.0.0.1:{server.http_port}/v1/sessions/stream") as ws:
+            await ws.send(json.dumps({"model": MODEL}))
+            await ws.recv()
+            server.dataplane.begin_drain()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await asyncio.wait_for(call.read(), 2)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (e.value.details() or "")
+            last = json.loads(await asyncio.wait_for(ws.recv(), 2))
+            assert last["code"] == "unavailable"
+        gate.set()
+
+
+async def test_sync_and_async_clients_offer_every_operation(server: Server, weather: np.ndarray) -> None:
+    """Both clients create, step (with seq), batch, reset, export, import and delete, and raise coded errors."""
+    target = f"127.0.0.1:{server.grpc_port}"
+    x = weather[300:306]
+
+    def sync_run() -> None:
+        with Client(target) as c:
+            assert c.get_model(MODEL).horizon == 7
+            sid = c.create_session(MODEL, session_id="sync-1").session_id
+            first = c.step_full(sid, x[:3], seq=1)
+            assert (first.steps, first.seq, first.replayed) == (3, 1, False)
+            assert c.step_full(sid, x[:3], seq=1).replayed
+            snap = c.export_session(sid)
+            c.import_session("sync-2", snap)
+            outs = c.step_batch([(sid, x[3:6]), ("sync-2", x[3:6], 2), ("nobody", x[3:6])])
+            np.testing.assert_allclose(outs[0], reference_run(x)[3:], atol=ATOL)  # type: ignore[arg-type]
+            np.testing.assert_allclose(outs[1], reference_run(x)[3:], atol=ATOL)  # type: ignore[arg-type]
+            assert isinstance(outs[2], ClientError)
+            assert outs[2].code == "session_not_found"
+            assert c.reset_session(sid).steps == 0
+            assert c.get_session(sid).steps == 0
+            c.delete_session(sid)
+            with pytest.raises(ClientError) as e:
+                c.get_session(sid)
+            assert (e.value.code, e.value.status) == ("session_not_found", grpc.StatusCode.NOT_FOUND)
+
+    await asyncio.to_thread(sync_run)
+    async with AsyncClient(target) as ac:
+        assert (await ac.get_model(MODEL)).name == MODEL
+        sid = (await ac.create_session(MODEL)).session_id
+        assert (await ac.step_full(sid, x[:3], seq=1)).steps == 3
+        snap = await ac.export_session(sid)
+        assert (await ac.import_session("async-2", snap)).steps == 3
+        outs = await ac.step_batch([(sid, x[3:6]), ("async-2", x[3:6])])
+        for out in outs:
+            np.testing.assert_allclose(out, reference_run(x)[3:], atol=ATOL)  # type: ignore[arg-type]
+        assert (await ac.reset_session(sid)).steps == 0
+        assert (await ac.get_session(sid)).steps == 0
+        await ac.delete_session(sid)
+        with pytest.raises(ClientError, match="session_not_found"):
+            await ac.step(sid, x[:1])
