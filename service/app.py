@@ -41,6 +41,14 @@ class Server:
         self.settings = settings
         self.metrics = Metrics(registry)
         self.repo = repo or ModelRepository.load(settings.models, settings.ort_threads)
+        widest = max(m.signature.outputs for m in self.repo.all())
+        # NOTE: a full-size answer (every step's outputs as 4-byte floats, plus framing) must fit in one message
+        if settings.max_steps_per_call * widest * 5 + 4096 > settings.grpc_max_message_bytes:
+            raise ValueError(
+                f"max_steps_per_call={settings.max_steps_per_call} with {widest} outputs per step may not fit the "
+                f"{settings.grpc_max_message_bytes}-byte gRPC message limit; lower --max-steps-per-call or raise "
+                "--grpc-max-message-bytes"
+            )
         self.store = MemorySessionStore(
             {m.key: m.signature for m in self.repo.all()},
             ttl=settings.session_ttl_s,

@@ -75,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         print(f"error: cannot load models: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

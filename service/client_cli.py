@@ -25,6 +25,14 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
 def run_stream(a: argparse.Namespace) -> int:
     from model.data import DataError, load_csv
 
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401  # NOTE: checked before streaming, not after
+        except ImportError:
+            print("error: --plot needs matplotlib: make install-dev (or .venv/bin/pip install matplotlib)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+
     try:
         with Client(a.server) as client:
             models = client.list_models()

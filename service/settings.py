@@ -30,7 +30,9 @@ class Settings(BaseSettings):
         "reject", description="at the cap: reject new sessions (429) or evict the least recently used one"
     )
     max_steps_per_call: int = Field(4096, ge=1, description="most time steps in one step call or prediction")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest REST body or WebSocket message")
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="largest REST body or WebSocket message (parsed on the event loop)"
+    )
     grpc_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest gRPC message")
     drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight work may take to finish")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

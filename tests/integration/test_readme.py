@@ -63,7 +63,7 @@ async def test_python_and_websocket_examples_run(server: Server, tmp_path: Path)
     assert len(code) == 2
     rc, out, err = await run([sys.executable, "-c", localize(code[0], server)], ROOT)
     assert rc == 0, err
-    assert "2012/01/01 [" in out
+    assert "day 5: temp_max forecast for the next 7 days [" in out
     assert "(3, 7)" in out
     rc, out, err = await run([sys.executable, "-c", localize(code[1], server)], ROOT)
     assert rc == 0, err
@@ -73,7 +73,9 @@ async def test_python_and_websocket_examples_run(server: Server, tmp_path: Path)
 async def test_stream_command_example_writes_csv_and_plot(server: Server, tmp_path: Path) -> None:
     """The `lstm-serve stream` example writes forecasts.csv and forecasts.png."""
     (block,) = [b for b in blocks("bash", "### Python") if "lstm-serve stream" in b]
-    rc, _, err = await run(["bash", "-c", localize(commands(block)[0], server)], tmp_path)
+    rc, _, err = await run(
+        ["bash", "-c", localize(commands(block)[0], server).replace("examples/", f"{ROOT}/examples/")], tmp_path
+    )
     assert rc == 0, err
     assert len((tmp_path / "forecasts.csv").read_text().splitlines()) == 121
     assert (tmp_path / "forecasts.png").stat().st_size > 10_000

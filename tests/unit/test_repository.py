@@ -89,3 +89,12 @@ def test_serve_command_reports_bad_settings_and_bad_models(tmp_path: Path) -> No
     r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--help"], capture_output=True, text=True)
     for flag in ("--models", "--http-port", "--grpc-port", "--max-batch-size", "--session-ttl-s", "--drain-seconds"):
         assert flag in r.stdout
+
+
+def test_limits_whose_answers_cannot_fit_a_grpc_message_are_refused() -> None:
+    """A max_steps_per_call whose full answer exceeds the gRPC message limit stops the server at start."""
+    from service.app import Server
+
+    settings = Settings(models=ROOT / "models", max_steps_per_call=200_000, grpc_max_message_bytes=1024 * 1024)
+    with pytest.raises(ValueError, match="lower --max-steps-per-call"):
+        Server(settings)

@@ -1,0 +1,56 @@
+"""The REST app in-process (httpx ASGI transport, no socket) over the real model and DataPlane."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import numpy as np
+import pytest
+
+from service.core.dataplane import DataPlane, Limits
+from service.core.sessions import MemorySessionStore
+from service.metrics import Metrics
+from service.repository import ModelRepository
+from service.rest.app import create_app
+from tests.conftest import SHIPPED_REPO
+from tests.fixtures import reference_run
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    repo = ModelRepository.load(SHIPPED_REPO)
+    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=10)
+    metrics = Metrics()
+    dp = DataPlane(repo, store, metrics, Limits())
+    await dp.start()
+    app = create_app(dp, metrics, max_body_bytes=1024 * 1024)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://in-process") as c:
+        yield c
+    await dp.stop()
+
+
+async def test_session_steps_in_process_match_offline_run(client: httpx.AsyncClient, weather: np.ndarray) -> None:
+    """Create, step in chunks, read and delete a session without any network; outputs match the offline run."""
+    x = weather[10:40]
+    sid = (await client.post("/v1/sessions", json={"model": "seattle-weather"})).json()["session_id"]
+    outs = []
+    for i in range(0, 30, 10):
+        r = await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": x[i : i + 10].tolist()})
+        outs.append(np.asarray(r.json()["outputs"], np.float32))
+    np.testing.assert_allclose(np.concatenate(outs), reference_run(x), atol=1e-5)
+    assert (await client.get(f"/v1/sessions/{sid}")).json()["steps"] == 30
+    assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 200
+    r = await client.post(f"/v1/sessions/{sid}/steps", json={"inputs": x[:1].tolist()})
+    assert (r.status_code, r.json()["code"]) == (404, "session_not_found")
+
+
+async def test_models_and_readiness_in_process(client: httpx.AsyncClient) -> None:
+    """The model list, model details and readiness answer in-process."""
+    models = (await client.get("/v1/models")).json()["models"]
+    assert [m["name"] for m in models] == ["seattle-weather"]
+    assert models[0]["features"] == ["precipitation", "temp_max", "temp_min", "wind"]
+    assert (
+        models[0]["card"]["metrics"]["test"]["lstm"]["mae_h1"] < models[0]["card"]["metrics"]["test"]["ridge"]["mae_h1"]
+    )
+    assert (await client.get("/readyz")).json()["status"] == "ready"
