@@ -317,3 +317,27 @@ async def test_sync_and_async_clients_offer_every_operation(server: Server, weat
         await ac.delete_session(sid)
         with pytest.raises(ClientError, match="session_not_found"):
             await ac.step(sid, x[:1])
+
+
+async def test_concurrent_steps_on_one_session_apply_one_at_a_time_in_some_order(
+    rest: httpx.AsyncClient, stub: pb_grpc.PredictorStub, weather: np.ndarray
+) -> None:
+    """20 concurrent steps on one session over REST and gRPC are serialised: replayed in seq order they are
+    exactly the offline run, and the final state holds all 20 steps."""
+    sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+    x = weather[900:920]
+
+    async def via_rest(k: int) -> tuple[int, int, np.ndarray]:
+        r = (await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [x[k].tolist()]})).json()
+        return r["seq"], k, np.asarray(r["outputs"], np.float32)
+
+    async def via_grpc(k: int) -> tuple[int, int, np.ndarray]:
+        r = await stub.Step(pb.StepRequest(session_id=sid, inputs=matrix(x[k])))
+        return r.seq, k, array(r.outputs)
+
+    results = await asyncio.gather(*(via_rest(k) if k % 2 else via_grpc(k) for k in range(20)))
+    results.sort(key=lambda r: r[0])
+    assert [r[0] for r in results] == list(range(1, 21))
+    order = [k for _, k, _ in results]
+    np.testing.assert_allclose(np.concatenate([o for _, _, o in results]), reference_run(x[order]), atol=ATOL)
+    assert (await rest.get(f"/v1/sessions/{sid}")).json()["steps"] == 20
