@@ -88,7 +88,11 @@ class Batcher:
         self._recent_size = 1.0  # moving average of batch sizes: > 1 means concurrent callers
         self._idle = asyncio.Event()
         self._idle.set()
-        self._labels = {"model": model.key}
+        # NOTE: the labelled children are looked up once; .labels() per step is measurable on the hot path
+        self._queue_wait = metrics.queue_wait.labels(model.key)
+        self._inference = metrics.inference.labels(model.key)
+        self._batch_size = metrics.batch_size.labels(model.key)
+        self._steps = metrics.steps.labels(model.key)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -175,7 +179,7 @@ class Batcher:
         now = self.clock()
         started = time.perf_counter()
         for w in batch:
-            self.metrics.queue_wait.labels(**self._labels).observe(started - w.enqueued)
+            self._queue_wait.observe(started - w.enqueued)
         sessions = [w for w in batch if w.session_id is not None]
         leases, h_s, c_s = await self.store.gather(self.model.key, [w.session_id or "" for w in sessions], now)
         # decide, per call: run it, replay it, or refuse it
@@ -209,8 +213,8 @@ class Batcher:
             for w, _, _ in run:
                 w.resolve(ModelError(f"{self.model.describe()} failed to run this batch"))
             return
-        self.metrics.inference.labels(**self._labels).observe(time.perf_counter() - t0)
-        self.metrics.batch_size.labels(**self._labels).observe(len(run))
+        self._inference.observe(time.perf_counter() - t0)
+        self._batch_size.observe(len(run))
         finite: NDArray[np.bool_] = np.asarray(
             np.isfinite(y).all(axis=(1, 2)) & np.isfinite(hn).all(axis=(0, 2)) & np.isfinite(cn).all(axis=(0, 2))
         )
@@ -243,7 +247,7 @@ class Batcher:
                 w.resolve(StepOutcome(y[i], 0, 0))
             else:
                 w.resolve(StepOutcome(y[i], held.steps + w.x.shape[0], held.seq + 1))
-        self.metrics.steps.labels(**self._labels).inc(steps)
+        self._steps.inc(steps)
 
     def _check_seq(self, w: _Work, lease: Lease) -> StepOutcome | ServeError | None:
         """None: apply the call. A StepOutcome: replay of the last applied seq. An error: a seq conflict."""
