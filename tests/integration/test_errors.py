@@ -318,3 +318,13 @@ async def test_step_batch_items_with_bad_shapes_fail_alone(
     assert g.results[0].error.code == "invalid_input"
     assert g.results[1].response.steps == 2
     assert (await rest.get(f"/v1/sessions/{a}")).json()["steps"] == 0
+
+
+async def test_unknown_routes_and_methods_on_both_transports(server: Server, rest: httpx.AsyncClient) -> None:
+    """An unknown REST path is 404 route_not_found; an unknown gRPC method is UNIMPLEMENTED, as in the table."""
+    r = await rest.post("/v1/nope", json={})
+    assert (r.status_code, r.json()["code"]) == (ERROR_TABLE[ErrorCode.ROUTE_NOT_FOUND].http_status, "route_not_found")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        call = ch.unary_unary("/lstm.v1.Predictor/Nope", request_serializer=bytes, response_deserializer=bytes)
+        code, _, _ = await grpc_error(call(b""))
+    assert code == grpc.StatusCode[ERROR_TABLE[ErrorCode.ROUTE_NOT_FOUND].grpc_status]
