@@ -42,8 +42,9 @@ class Server:
         self.metrics = Metrics(registry)
         self.repo = repo or ModelRepository.load(settings.models, settings.ort_threads)
         widest = max(m.signature.outputs for m in self.repo.all())
-        # NOTE: a full-size answer (every step's outputs as 4-byte floats, plus framing) must fit in one message
-        if settings.max_steps_per_call * widest * 5 + 4096 > settings.grpc_max_message_bytes:
+        # NOTE: a full-size answer must fit in one message: every step's outputs as 4-byte floats, and for a step
+        # batch up to one item (id and error message, ~512 bytes) per counted step
+        if settings.max_steps_per_call * (widest * 5 + 512) + 4096 > settings.grpc_max_message_bytes:
             raise ValueError(
                 f"max_steps_per_call={settings.max_steps_per_call} with {widest} outputs per step may not fit the "
                 f"{settings.grpc_max_message_bytes}-byte gRPC message limit; lower --max-steps-per-call or raise "

@@ -281,11 +281,12 @@ class DataPlane:
         ids = [sid for sid, _, _ in items]
         if len(set(ids)) != len(ids):
             raise InvalidInputError("a step batch may hold at most one item per session")
-        total = sum(x.shape[0] for _, x, _ in items if isinstance(x, np.ndarray) and x.ndim >= 1)
+        # NOTE: every item counts at least one step, failed ones too, so that the answer stays bounded
+        total = sum(max(1, x.shape[0]) if isinstance(x, np.ndarray) and x.ndim >= 1 else 1 for _, x, _ in items)
         if total > self.limits.max_steps_per_call:
             raise InvalidInputError(
-                f"the step batch holds {total} steps in all; the limit per call is "
-                f"{self.limits.max_steps_per_call}: split it"
+                f"the step batch holds {total} steps in all (items count at least one each); the limit per call "
+                f"is {self.limits.max_steps_per_call}: split it"
             )
 
         async def one(sid: str, x: np.ndarray | ServeError, seq: int | None) -> StepResult | ServeError:
@@ -306,7 +307,7 @@ class DataPlane:
         errors come back in the reply and the stream goes on. The session is deleted when the stream
         ends unless the first message asked to keep it.
         """
-        first = await anext(messages, None)
+        first = await self._next_unless_draining(messages)
         if first is None:
             return
         if first.error is not None:
@@ -345,12 +346,16 @@ class DataPlane:
             raise UnavailableError(DRAINING_STREAM)
         nxt = asyncio.ensure_future(anext(messages, None))
         drain = asyncio.ensure_future(self._drain_event.wait())
+        arrived = False
         try:
             await asyncio.wait((nxt, drain), return_when=asyncio.FIRST_COMPLETED)
+            arrived = nxt.done()
         finally:
             drain.cancel()
-        if not nxt.done():
-            nxt.cancel()
+            if not nxt.done():
+                # NOTE: a message still in transit when the drain starts is neither applied nor answered
+                nxt.cancel()
+        if not arrived:
             raise UnavailableError(DRAINING_STREAM)
         return nxt.result()
 

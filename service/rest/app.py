@@ -144,7 +144,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
         if e.status_code == 405:
             return error_response(MethodNotAllowedError(f"{request.url.path!r} does not take {request.method}"))
         if e.status_code == 400:
-            return error_response(MalformedRequestError("request body could not be parsed as JSON"))
+            return error_response(MalformedRequestError(s.NOT_JSON))
         log.warning("unmapped HTTP error %d: %s", e.status_code, e.detail)
         return error_response(as_serve_error(e))
 
@@ -204,7 +204,11 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
         "/{name}/predict",
         summary="Stateless: run a whole sequence from a zero state",
         responses=_responses(
-            ErrorCode.INVALID_INPUT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.OVERLOADED, ErrorCode.MODEL_ERROR
+            ErrorCode.INVALID_INPUT,
+            ErrorCode.MODEL_NOT_FOUND,
+            ErrorCode.OVERLOADED,
+            ErrorCode.UNAVAILABLE,
+            ErrorCode.MODEL_ERROR,
         ),
     )
     async def predict(name: str, body: s.PredictBody, d: DataPlaneDep) -> s.PredictReply:
@@ -246,6 +250,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
             ErrorCode.INVALID_INPUT,
             ErrorCode.SESSION_NOT_FOUND,
             ErrorCode.SEQ_CONFLICT,
+            ErrorCode.UNAVAILABLE,
             ErrorCode.OVERLOADED,
             ErrorCode.MODEL_ERROR,
         ),
@@ -264,7 +269,9 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
     @sessions.post(
         "/{session_id}/state",
         summary="Import a snapshot (creates the session if needed)",
-        responses=_responses(ErrorCode.INVALID_INPUT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.SESSION_LIMIT),
+        responses=_responses(
+            ErrorCode.INVALID_INPUT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.SESSION_LIMIT, ErrorCode.UNAVAILABLE
+        ),
     )
     async def import_state(session_id: str, body: s.SnapshotBody, d: DataPlaneDep) -> s.SessionReply:
         return s.SessionReply.of(await d.import_session(session_id, body.to_snapshot()))
@@ -274,7 +281,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
     @steps.post(
         "",
         summary="Steps for many sessions in one request (batched together; each item succeeds or fails alone)",
-        responses=_responses(ErrorCode.INVALID_INPUT),
+        responses=_responses(ErrorCode.INVALID_INPUT, ErrorCode.UNAVAILABLE),
     )
     async def step_batch(body: s.StepBatchBody, d: DataPlaneDep) -> s.StepBatchReply:
         items = [(it.session_id, s.matrix_or_error(it.inputs), it.seq) for it in body.steps]
@@ -336,19 +343,38 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
 
     for router in (ops, models, sessions, steps):
         app.include_router(router)
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document without its default 422 responses: validation errors are 400 here."""
+        schema = generate()
+        for operations in schema.get("paths", {}).values():
+            for op in operations.values():
+                op.get("responses", {}).pop("422", None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
 def ws_message(text: str, first: bool, limit: int) -> StreamMessage:
     """Decode one WebSocket JSON message; a bad one becomes an in-band error."""
     try:
-        if len(text) > limit:
+        if len(text) > limit or len(text.encode()) > limit:  # NOTE: the limit is in bytes, as on REST
             raise PayloadTooLargeError.over(limit)
         msg = s.StreamBody.model_validate_json(text)
         opened = None
+        if not first and (msg.model, msg.resume, msg.session_id, msg.version, msg.keep) != (
+            None,
+            None,
+            None,
+            None,
+            False,
+        ):
+            raise InvalidInputError("only the first stream message may open a session (model, version, session_id, "
+                                    "resume, keep); later ones carry inputs and seq")  # fmt: skip
         if msg.model is not None or msg.resume is not None:
-            if not first:
-                raise InvalidInputError("only the first stream message may open a session")
             opened = StreamOpen(
                 model=msg.model, version=msg.version, session_id=msg.session_id,
                 resume_session_id=msg.resume, keep=msg.keep,

@@ -13,6 +13,7 @@ from service.errors import InvalidInputError, MalformedRequestError, ServeError
 from service.repository import ModelVersion
 
 Steps = list[list[float]]
+NOT_JSON = "request body is not valid JSON (or nested too deeply)"
 
 
 class Strict(BaseModel):
@@ -166,7 +167,9 @@ def validation_error(e: Any) -> ServeError:
     errs = e.errors()
     first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
-        return MalformedRequestError("request body is not valid JSON")
+        return MalformedRequestError(NOT_JSON)
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return MalformedRequestError("request body is empty; send a JSON object")
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     return InvalidInputError(f"{where or 'body'}: {first.get('msg', 'invalid')}")
 

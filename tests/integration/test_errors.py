@@ -96,6 +96,10 @@ ROWS: list[Row] = [
                                                                 "seq": 0, "h": [[0.0] * 48], "c": [[0.0] * 48]}),
      lambda g, s: g.ImportSession(pb.ImportSessionRequest(session_id="imported", snapshot=pb.SessionSnapshot(
          model=MODEL, version="1", steps=2**63, h=m([[0.0] * 48]), c=m([[0.0] * 48])))), "between 0 and"),
+    ("step batch with many failing items", ErrorCode.INVALID_INPUT,
+     lambda r, s: r.post("/v1/steps", json={"steps": [{"session_id": f"!{k}", "inputs": []} for k in range(51)]}),
+     lambda g, s: g.StepBatch(pb.StepBatchRequest(steps=[
+         pb.StepRequest(session_id=f"!{k}", inputs=m([], cols=4)) for k in range(51)])), "51 steps in all"),
     ("step batch over the step limit", ErrorCode.INVALID_INPUT,
      lambda r, s: r.post("/v1/steps", json={"steps": [{"session_id": s, "inputs": [[0, 1, 2, 3]] * 30},
                                                        {"session_id": "other", "inputs": [[0, 1, 2, 3]] * 30}]}),
@@ -190,6 +194,8 @@ async def test_malformed_json_is_400_not_422(rest: httpx.AsyncClient) -> None:
     """A body that is not JSON, or JSON of the wrong shape, is a 400 with our error body."""
     r = await rest.post("/v1/sessions", content=b"{not json", headers={"content-type": "application/json"})
     assert (r.status_code, r.json()["code"]) == (400, "malformed_request")
+    r = await rest.post("/v1/sessions", content=b"", headers={"content-type": "application/json"})
+    assert r.json() == {"error": "request body is empty; send a JSON object", "code": "malformed_request"}
     r = await rest.post("/v1/sessions", json={"modle": MODEL})
     assert (r.status_code, r.json()["code"]) == (400, "invalid_input")
     assert "model" in r.json()["error"]

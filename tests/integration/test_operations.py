@@ -130,6 +130,9 @@ async def test_openapi_lists_every_operation_with_its_errors(rest: httpx.AsyncCl
     assert "session_not_found" in steps["404"]["description"]
     assert steps["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     assert "429" in paths["/v1/sessions"]["post"]["responses"]
+    assert "503" in paths["/v1/steps"]["post"]["responses"]
+    assert "unavailable" in steps["503"]["description"]
+    assert not [p for p, ops in paths.items() for op in ops.values() if "422" in op["responses"]]
     assert (await rest.get("/docs")).status_code == 200
 
 

@@ -232,13 +232,16 @@ async def test_websocket_misuse_gets_in_band_errors_and_keeps_the_session(
             '{"inputs": ' + "[" * 10_000 + "]" * 10_000 + "}",  # deep but under the size limit
             json.dumps({"inputs": [[0.0, 1.0, 2.0, 3.0]] * 4000}),  # ~96 kB: over the 64 kB limit
             "not json",
+            json.dumps({"inputs": [], "pad": "€" * 30_000}, ensure_ascii=False),  # 30k characters, 90 kB of UTF-8
+            json.dumps({"inputs": [[0, 1, 2, 3]], "session_id": "other"}),  # opening fields after the first
         ]
         codes = []
         for message in bad:
             await ws.send(message)
             codes.append(json.loads(await ws.recv())["code"])
         assert codes == ["invalid_input", "invalid_input", "invalid_input", "invalid_input", "malformed_request",
-                         "malformed_request", "payload_too_large", "malformed_request"]  # fmt: skip
+                         "malformed_request", "payload_too_large", "malformed_request", "payload_too_large",
+                         "invalid_input"]  # fmt: skip
         await ws.send(json.dumps({"inputs": [weather[0].tolist()]}))
         reply = json.loads(await ws.recv())
     np.testing.assert_allclose(np.asarray(reply["outputs"], np.float32), reference_run(weather[:1]), atol=ATOL)
@@ -261,18 +264,27 @@ async def test_drain_ends_open_streams_with_unavailable(server: Server, weather:
             yield pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL))
             await gate.wait()  # NOTE: an idle client
 
+        async def silent() -> AsyncIterator[pb.StreamRequest]:
+            await gate.wait()  # NOTE: connected, but the first message never comes
+            yield pb.StreamRequest()
+
         call = stub.Stream(requests())
         await call.read()
-        async with websockets.connect(f"ws://127.0.0.1:{server.http_port}/v1/sessions/stream") as ws:
+        unopened = stub.Stream(silent())
+        ws_url = f"ws://127.0.0.1:{server.http_port}/v1/sessions/stream"
+        async with websockets.connect(ws_url) as ws, websockets.connect(ws_url) as ws_unopened:
             await ws.send(json.dumps({"model": MODEL}))
             await ws.recv()
+            await asyncio.sleep(0.05)
             server.dataplane.begin_drain()
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await asyncio.wait_for(call.read(), 2)
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "shutting down" in (e.value.details() or "")
-            last = json.loads(await asyncio.wait_for(ws.recv(), 2))
-            assert last["code"] == "unavailable"
+            for c in (call, unopened):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await asyncio.wait_for(c.read(), 2)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in (e.value.details() or "")
+            for w in (ws, ws_unopened):
+                last = json.loads(await asyncio.wait_for(w.recv(), 2))
+                assert last["code"] == "unavailable"
         gate.set()
 
 
