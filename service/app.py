@@ -8,7 +8,6 @@ import logging
 import signal
 import time
 from collections.abc import Generator
-from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -153,6 +152,3 @@ def serve(settings: Settings) -> None:
         await Server(settings).run()
 
     asyncio.run(main())
-
-
-__all__: list[Any] = ["Server", "serve"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +38,6 @@ class ModelVersion:
 
     def describe(self) -> str:
         return f"model {self.name!r} version {self.version}"
-
-
-RuntimeFactory = Callable[[Path], OnnxRuntime]
 
 
 class ModelRepository:

@@ -1,4 +1,4 @@
-"""`create_app(dataplane, metrics, settings)`: the FastAPI app (REST + WebSocket), with no import-time state."""
+"""`create_app(dataplane, metrics, max_body_bytes)`: the FastAPI app (REST + WebSocket), with no import-time state."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.core.dataplane import DataPlane, StreamMessage, StreamOpen, StreamReply
 from service.errors import (
     ERROR_TABLE,
-    INTERNAL_MESSAGE,
     ErrorCode,
     InvalidInputError,
     MalformedRequestError,
@@ -397,6 +396,3 @@ def ws_reply(r: StreamReply) -> dict[str, Any]:
     if r.session is not None:
         out["session"] = s.SessionReply.of(r.session).model_dump()
     return out
-
-
-__all__ = ["INTERNAL_MESSAGE", "create_app"]
