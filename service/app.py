@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Generator
 
@@ -81,14 +82,31 @@ class Server:
         self.metrics.sessions_removed.labels(model_key, reason).inc()
         self.metrics.sessions_open.labels(model_key).set(self.store.count(model_key))
 
+    def _bind_http(self) -> socket.socket:
+        """Bind the REST port here (not in uvicorn), so that a port in use is a clear error, not an exit."""
+        host, port = self.settings.host, self.settings.http_port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot bind REST to {host}:{port} ({e.strerror}); pick another --http-port") from None
+        sock.listen(2048)
+        return sock
+
     async def start(self) -> None:
-        """Start the core and both listeners; readiness turns true when everything is up."""
+        """Bind both ports, then start the core and the listeners; readiness turns true when all are up."""
+        sock = self._bind_http()
+        try:
+            self.grpc_port = await self.grpc.start()
+        except OSError:
+            sock.close()
+            raise
+        self.http_port = sock.getsockname()[1]
         await self.dataplane.start()
-        self.grpc_port = await self.grpc.start()
         config = uvicorn.Config(
             self.rest_app,
-            host=self.settings.host,
-            port=self.settings.http_port,
             log_level=self.settings.log_level,
             lifespan="off",
             # NOTE: twice the limit, so that a message just over it gets our in-band 413, not a bare 1009 close
@@ -97,15 +115,12 @@ class Server:
             timeout_graceful_shutdown=max(1, int(self.settings.drain_seconds)),
         )
         self._uvicorn = _Uvicorn(config)
-        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(), name="uvicorn")
+        self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="uvicorn")
         while not self._uvicorn.started:
             if self._uvicorn_task.done():
                 await self._uvicorn_task
-                raise OSError(
-                    f"cannot bind REST to {self.settings.host}:{self.settings.http_port}; pick another --http-port"
-                )
+                raise OSError("the REST server stopped while starting; see the log above")
             await asyncio.sleep(0.01)
-        self.http_port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
         await self.grpc.set_serving(True)
         log.info(
             "serving %s on http://%s:%d (REST, WebSocket, /metrics) and %s:%d (gRPC)",

@@ -40,7 +40,10 @@ class GRPCServer:
         self.port = 0
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        except RuntimeError:  # NOTE: grpcio reports a failed bind as RuntimeError
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {self.host}:{self.requested_port} (in use?); pick another --grpc-port")
         await self.server.start()

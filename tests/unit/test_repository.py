@@ -98,3 +98,21 @@ def test_limits_whose_answers_cannot_fit_a_grpc_message_are_refused() -> None:
     settings = Settings(models=ROOT / "models", max_steps_per_call=200_000, grpc_max_message_bytes=1024 * 1024)
     with pytest.raises(ValueError, match="lower --max-steps-per-call"):
         Server(settings)
+
+
+def test_serve_command_explains_a_port_in_use() -> None:
+    """A REST or gRPC port that is taken stops `lstm-serve serve` with exit 1 and which flag to change."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flags, flag in ((["--http-port", port, "--grpc-port", "0"], "--http-port"),
+                            (["--http-port", "0", "--grpc-port", port], "--grpc-port")):  # fmt: skip
+            r = subprocess.run(
+                [sys.executable, "-m", "service.cli", "serve", *flags], capture_output=True, text=True, cwd=ROOT
+            )
+            assert r.returncode == 1
+            assert f"pick another {flag}" in r.stderr
+            assert "Traceback" not in r.stderr
