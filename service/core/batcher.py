@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -59,7 +60,7 @@ class _Work:
         else:
             self.future.set_result(outcome)
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
         return hashlib.blake2b(self.x.tobytes(), digest_size=16).digest()
 
@@ -202,9 +203,9 @@ class Batcher:
         x = np.stack([w.x for w, _, _ in run])  # [B, T, F]
         h = np.zeros((sig.layers, len(run), sig.hidden), np.float32)
         c = np.zeros_like(h)
-        for i, (_, held, r) in enumerate(run):
-            if held is not None:
-                h[:, i, :], c[:, i, :] = h_s[:, r, :], c_s[:, r, :]
+        rows = [i for i, (_, held, _) in enumerate(run) if held is not None]
+        h[:, rows, :] = h_s[:, [r for _, held, r in run if held is not None], :]  # NOTE: stateless rows stay zero
+        c[:, rows, :] = c_s[:, [r for _, held, r in run if held is not None], :]
         t0 = time.perf_counter()
         try:
             y, hn, cn = await asyncio.get_running_loop().run_in_executor(self.executor, self.model.runtime.run, x, h, c)
@@ -235,14 +236,12 @@ class Batcher:
             # arrived later, so the step is answered as if it ran just before it.
         steps = 0
         for i, (w, held, _) in enumerate(run):
-            if w.future.done():
-                continue
             if not finite[i]:
                 w.resolve(
                     ModelError(f"{self.model.describe()} produced non-finite outputs for these inputs; state unchanged")
                 )
                 continue
-            steps += w.x.shape[0]
+            steps += w.x.shape[0]  # NOTE: computed (and committed) even if its caller has gone meanwhile
             if held is None:
                 w.resolve(StepOutcome(y[i], 0, 0))
             else:
