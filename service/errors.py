@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     SESSION_LIMIT = "session_limit"
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     MODEL_ERROR = "model_error"
     INTERNAL = "internal"
     ROUTE_NOT_FOUND = "route_not_found"
@@ -49,6 +50,7 @@ ERROR_TABLE: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.SESSION_LIMIT: ErrorSpec(429, "RESOURCE_EXHAUSTED", retry_after=1),
     ErrorCode.OVERLOADED: ErrorSpec(503, "UNAVAILABLE", retry_after=1),
     ErrorCode.UNAVAILABLE: ErrorSpec(503, "UNAVAILABLE", retry_after=1),
+    ErrorCode.DEADLINE_EXCEEDED: ErrorSpec(504, "DEADLINE_EXCEEDED"),
     ErrorCode.MODEL_ERROR: ErrorSpec(500, "INTERNAL"),
     ErrorCode.INTERNAL: ErrorSpec(500, "INTERNAL"),
     # NOTE: routing errors; gRPC answers an unknown method with UNIMPLEMENTED itself
@@ -116,6 +118,10 @@ class OverloadedError(ServeError):
 
 class UnavailableError(ServeError):
     code = ErrorCode.UNAVAILABLE
+
+
+class DeadlineExceededError(ServeError):
+    code = ErrorCode.DEADLINE_EXCEEDED
 
 
 class ModelError(ServeError):

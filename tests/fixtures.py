@@ -1,7 +1,8 @@
 """Test doubles for the runtime (in one place) and helpers that build servers around them.
 
-The fakes stand in only for ONNX Runtime in unit tests of the core; every integration test serves
-the real shipped ONNX model.
+The fakes stand in only for ONNX Runtime: in unit tests of the core, and behind the real transports
+where a test needs a model that is slow, blocks or fails on cue (error table, overload, races). Every
+other integration test serves the real shipped ONNX model.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -68,6 +70,21 @@ class NonFiniteRuntime(FakeRuntime):
         y, h, c = super().run(x, h0, c0)
         y[(x > 1000).any(axis=(1, 2))] = np.inf
         return y, h, c
+
+
+class GatedRuntime(FakeRuntime):
+    """Blocks every run until released, and tells when a run has started: for races with a running batch."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, x: F32, h0: F32, c0: F32) -> tuple[F32, F32, F32]:
+        self.entered.set()
+        if not self.release.wait(10):
+            raise TimeoutError("GatedRuntime was never released")
+        return super().run(x, h0, c0)
 
 
 def fake_repo(runtime: FakeRuntime | None = None, name: str = "fake") -> ModelRepository:

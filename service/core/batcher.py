@@ -4,8 +4,16 @@ One batcher per model version runs one batch at a time: it takes queued calls in
 most one per session and all with the same number of time steps T (an LSTM cannot pad a step without
 moving its state), gathers their states, runs the model off the event loop, and scatters the new
 states back. A call that cannot join this batch keeps its place for the next one, so the steps of a
-session are applied in arrival order. When the server is idle a call runs at once; under load, a
-partly filled batch waits up to `max_queue_delay` for company.
+session are applied in arrival order.
+
+When to run: a lone queued call runs at once (an idle server never waits). When two or more calls are
+queued, concurrency is real now, and a batch with room waits up to `max_queue_delay` (counted from its
+oldest call's arrival) for as many calls as the previous batch held, since closed-loop callers come
+back; it runs as soon as they are there. The decision looks only at what is queued now, so a burst
+leaves nothing behind that slows the lone calls after it.
+
+A call whose session changed or vanished while it ran is not committed and is answered with the error
+of what won (the store's compare-and-set), never with a success that was not applied.
 """
 
 from __future__ import annotations
@@ -24,13 +32,23 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from service.core.sessions import Lease, Replay, SessionStore
-from service.errors import ModelError, OverloadedError, SeqConflictError, ServeError, UnavailableError
+from service.core.sessions import Commit, CommitStatus, Lease, Replay, SessionStore
+from service.errors import (
+    ModelError,
+    OverloadedError,
+    SeqConflictError,
+    ServeError,
+    SessionNotFoundError,
+    UnavailableError,
+)
 from service.metrics import Metrics
 from service.repository import ModelVersion
 from service.runtime import F32
 
 log = logging.getLogger(__name__)
+# NOTE: outputs of a call with seq are kept for a retry only up to this size (about 36 steps of 7 outputs);
+# a retry of a larger call is refused with advice, so a session's replay memory stays bounded
+REPLAY_MAX_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -77,7 +95,7 @@ class Batcher:
         max_batch_size: int,
         max_queue_delay: float,
         max_queue: int,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model, self.store, self.metrics, self.executor = model, store, metrics, executor
         self.max_batch_size, self.max_queue_delay, self.max_queue = max_batch_size, max_queue_delay, max_queue
@@ -86,7 +104,8 @@ class Batcher:
         self._running: list[_Work] = []  # the batch being executed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._recent_size = 1.0  # moving average of batch sizes: > 1 means concurrent callers
+        self._last_size = 1  # calls in the previous batch: how many closed-loop callers may come back
+        self._stopped = False
         self._idle = asyncio.Event()
         self._idle.set()
         # NOTE: the labelled children are looked up once; .labels() per step is measurable on the hot path
@@ -97,9 +116,12 @@ class Batcher:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
+        self._stopped = False
         self._task = asyncio.create_task(self._loop(), name=f"batcher:{self.model.key}")
 
     async def stop(self) -> None:
+        """Stop the loop; every call still queued or running, and any submitted later, gets 'unavailable'."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -108,6 +130,7 @@ class Batcher:
             w.resolve(UnavailableError("the server stopped before this step completed; retry"))
         self._pending.clear()
         self._running = []
+        self._idle.set()
 
     async def wait_idle(self) -> None:
         """Return when nothing is queued or running."""
@@ -120,6 +143,8 @@ class Batcher:
     # --- submission --------------------------------------------------------------------------------
     async def submit(self, session_id: str | None, x: F32, seq: int | None) -> StepOutcome:
         """Queue a validated [T, F] call and wait for its outcome."""
+        if self._stopped:
+            raise UnavailableError("the server has stopped; retry on another replica or after restart")
         if len(self._pending) >= self.max_queue:
             raise OverloadedError(
                 f"{self.model.describe()} has its maximum of {self.max_queue} step calls queued; retry shortly"
@@ -151,6 +176,21 @@ class Batcher:
         self._pending = rest
         return taken
 
+    async def _gather_company(self) -> None:
+        """With two or more calls queued, wait (up to max_queue_delay from the oldest) for the previous
+        batch's number of calls; a lone call never waits."""
+        want = min(self.max_batch_size, self._last_size)
+        if self.max_queue_delay <= 0 or not 2 <= len(self._pending) < want:
+            return
+        deadline = self._pending[0].enqueued + self.max_queue_delay
+        while len(self._pending) < want:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+
     async def _loop(self) -> None:
         while True:
             if not self._pending:
@@ -158,16 +198,11 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.max_queue_delay > 0 and self._recent_size > 1.5 and len(self._pending) < self.max_batch_size:
-                # NOTE: under concurrent load, give the other callers a moment to join this batch
-                oldest = self._pending[0].enqueued
-                wait = self.max_queue_delay - (time.perf_counter() - oldest)
-                if wait > 0:
-                    await asyncio.sleep(wait)
+            await self._gather_company()
             batch = self._select()
             if not batch:
                 continue
-            self._recent_size = 0.8 * self._recent_size + 0.2 * len(batch)
+            self._last_size = len(batch)
             self._running = batch
             try:
                 await self._execute(batch)
@@ -175,22 +210,26 @@ class Batcher:
                 log.exception("batch failed")
                 for w in batch:
                     w.resolve(e if isinstance(e, ServeError) else ModelError("inference failed"))
+            self._running = []
+
+    def _timed_run(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32, float]:
+        """Run the model in the executor thread and time only the run (not the wait for a thread)."""
+        t0 = time.perf_counter()
+        y, hn, cn = self.model.runtime.run(x, h, c)
+        return y, hn, cn, time.perf_counter() - t0
 
     async def _execute(self, batch: list[_Work]) -> None:
-        now = self.clock()
         started = time.perf_counter()
         for w in batch:
             self._queue_wait.observe(started - w.enqueued)
         sessions = [w for w in batch if w.session_id is not None]
-        leases, h_s, c_s = await self.store.gather(self.model.key, [w.session_id or "" for w in sessions], now)
+        leases, h_s, c_s = await self.store.gather(self.model.key, [w.session_id or "" for w in sessions], self.clock())
         # decide, per call: run it, replay it, or refuse it
-        run: list[tuple[_Work, Lease | None, int]] = []  # (work, lease, row in h_s)
-        row = 0
-        for w, got in zip(sessions, leases, strict=True):
+        run: list[tuple[_Work, Lease | None, int]] = []  # (work, lease, row of h_s; -1 for stateless)
+        for r, (w, got) in enumerate(zip(sessions, leases, strict=True)):
             if isinstance(got, ServeError):
                 w.resolve(got)
                 continue
-            r, row = row, row + 1
             verdict = self._check_seq(w, got)
             if verdict is not None:
                 w.resolve(verdict)
@@ -201,52 +240,76 @@ class Batcher:
             return
         sig = self.model.signature
         x = np.stack([w.x for w, _, _ in run])  # [B, T, F]
-        h = np.zeros((sig.layers, len(run), sig.hidden), np.float32)
-        c = np.zeros_like(h)
-        rows = [i for i, (_, held, _) in enumerate(run) if held is not None]
-        h[:, rows, :] = h_s[:, [r for _, held, r in run if held is not None], :]  # NOTE: stateless rows stay zero
-        c[:, rows, :] = c_s[:, [r for _, held, r in run if held is not None], :]
-        t0 = time.perf_counter()
+        stateful = [i for i, (_, held, _) in enumerate(run) if held is not None]
+        if len(stateful) == len(run):
+            h, c = h_s[:, [r for _, _, r in run], :], c_s[:, [r for _, _, r in run], :]
+        else:
+            h = np.zeros((sig.layers, len(run), sig.hidden), np.float32)  # NOTE: stateless rows start at zero
+            c = np.zeros_like(h)
+            h[:, stateful, :] = h_s[:, [run[i][2] for i in stateful], :]
+            c[:, stateful, :] = c_s[:, [run[i][2] for i in stateful], :]
         try:
-            y, hn, cn = await asyncio.get_running_loop().run_in_executor(self.executor, self.model.runtime.run, x, h, c)
+            y, hn, cn, took = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, x, h, c)
         except Exception:
             log.exception("ONNX Runtime failed on %s", self.model.key)
             for w, _, _ in run:
                 w.resolve(ModelError(f"{self.model.describe()} failed to run this batch"))
             return
-        self._inference.observe(time.perf_counter() - t0)
+        self._inference.observe(took)
         self._batch_size.observe(len(run))
         finite: NDArray[np.bool_] = np.asarray(
             np.isfinite(y).all(axis=(1, 2)) & np.isfinite(hn).all(axis=(0, 2)) & np.isfinite(cn).all(axis=(0, 2))
         )
-        commit = [(i, w, held) for i, (w, held, _) in enumerate(run) if held is not None and finite[i]]
-        if commit:
-            idx = [i for i, _, _ in commit]
-            await self.store.scatter(
-                self.model.key,
-                [held for _, _, held in commit],
-                hn[:, idx, :],
-                cn[:, idx, :],
-                [w.x.shape[0] for _, w, _ in commit],
-                # NOTE: copies, so that a replay keeps its own outputs and not the whole batch's array
-                [Replay(w.seq, w.digest, y[i].copy()) if w.seq is not None else None for i, w, _ in commit],
-                self.clock(),
-            )
-            # NOTE: a slot that a reset/delete/import changed meanwhile is not written: that operation
-            # arrived later, so the step is answered as if it ran just before it.
+        commits: list[Commit] = []
+        idx: list[int] = []
+        for i, (w, held, _) in enumerate(run):
+            if held is not None and finite[i]:
+                commits.append(Commit(held, held.steps + w.x.shape[0], held.seq + 1, self._replay(w, held, y[i])))
+                idx.append(i)
+        status: dict[int, CommitStatus] = {}
+        if commits:
+            try:
+                outcome = await self.store.commit(self.model.key, commits, hn[:, idx, :], cn[:, idx, :], self.clock())
+            except ServeError as e:
+                for i in idx:
+                    run[i][0].resolve(e)  # NOTE: answered here; the GONE below does not overwrite it
+                status = dict.fromkeys(idx, CommitStatus.GONE)
+            else:
+                status = dict(zip(idx, outcome, strict=True))
         steps = 0
         for i, (w, held, _) in enumerate(run):
+            steps += w.x.shape[0]  # NOTE: computed even if not committed or its caller has gone meanwhile
             if not finite[i]:
                 w.resolve(
                     ModelError(f"{self.model.describe()} produced non-finite outputs for these inputs; state unchanged")
                 )
-                continue
-            steps += w.x.shape[0]  # NOTE: computed (and committed) even if its caller has gone meanwhile
-            if held is None:
+            elif held is None:
                 w.resolve(StepOutcome(y[i], 0, 0))
-            else:
+            elif status[i] is CommitStatus.COMMITTED:
                 w.resolve(StepOutcome(y[i], held.steps + w.x.shape[0], held.seq + 1))
+            elif status[i] is CommitStatus.STALE:
+                w.resolve(
+                    SeqConflictError(
+                        f"session {held.session_id!r} was changed (reset, imported or stepped elsewhere) while this "
+                        "step ran; the step was not applied: read the session and resend"
+                    )
+                )
+            else:
+                w.resolve(
+                    SessionNotFoundError(
+                        f"session {held.session_id!r} was deleted, expired or evicted while this step ran; "
+                        "the step was not applied"
+                    )
+                )
         self._steps.inc(steps)
+
+    @staticmethod
+    def _replay(w: _Work, lease: Lease, y: F32) -> Replay | None:
+        """What to keep for a retry of this call: nothing without seq; outputs only when small."""
+        if w.seq is None:
+            return None
+        # NOTE: a copy, so that a replay keeps its own outputs and not the whole batch's array
+        return Replay(w.seq, w.digest, y.copy() if y.nbytes <= REPLAY_MAX_BYTES else None)
 
     def _check_seq(self, w: _Work, lease: Lease) -> StepOutcome | ServeError | None:
         """None: apply the call. A StepOutcome: replay of the last applied seq. An error: a seq conflict."""
@@ -257,6 +320,12 @@ class Batcher:
                 return SeqConflictError(
                     f"seq {w.seq} was already applied to session {lease.session_id!r} with different inputs; "
                     f"send seq {lease.seq + 1} for new steps"
+                )
+            if lease.replay.outputs is None:
+                return SeqConflictError(
+                    f"seq {w.seq} was already applied to session {lease.session_id!r}, but its outputs were too "
+                    f"large to keep for a retry (over {REPLAY_MAX_BYTES} bytes); send seq {lease.seq + 1} for new "
+                    "steps, or keep retried calls small"
                 )
             return StepOutcome(lease.replay.outputs, lease.steps, lease.seq, replayed=True)
         return SeqConflictError(

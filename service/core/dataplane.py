@@ -12,13 +12,19 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from service.core.batcher import Batcher, StepOutcome
 from service.core.sessions import SessionInfo, SessionStore, Snapshot, check_session_id
-from service.errors import InvalidInputError, ServeError, SessionNotFoundError, UnavailableError
+from service.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ServeError,
+    SessionNotFoundError,
+    UnavailableError,
+)
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion
 from service.runtime import F32
@@ -36,6 +42,7 @@ class Limits:
     max_queue: int = 4096
     max_steps_per_call: int = 4096
     session_ttl: float = 600.0
+    stream_open_timeout: float = 30.0  # a stream whose first message takes longer ends with deadline_exceeded
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,14 @@ class StepResult:
 
 @dataclass(frozen=True)
 class StreamOpen:
-    """The first message of a stream: open a new session (model) or resume one (resume_session_id)."""
+    """The first message of a stream: open a new session (model) or resume one (resume_session_id).
+
+    Which session a stream closes when it ends: only one it opened itself, unless `keep`, and only while
+    no other stream has resumed it. A resumed session stays when the resuming stream ends (it was
+    created elsewhere: another stream, REST, an import), and resuming takes it out of the opening
+    stream's hands: a half-open old stream that is reaped later does not delete it. Delete it
+    explicitly or let it expire. A stream never closes a later session that took the same id.
+    """
 
     model: str | None = None
     version: str | None = None
@@ -89,9 +103,12 @@ class DataPlane:
         store: SessionStore,
         metrics: Metrics,
         limits: Limits,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        self.repo, self.store, self.metrics, self.limits, self.clock = repo, store, metrics, limits, clock
+        # NOTE: `clock` (monotonic) orders and expires sessions; `wall` only shows their times to clients
+        self.repo, self.store, self.metrics, self.limits = repo, store, metrics, limits
+        self.clock, self.wall = clock, wall
         self._executor = ThreadPoolExecutor(max_workers=max(1, len(repo.all())), thread_name_prefix="ort")
         self._batchers = {
             m.key: Batcher(
@@ -116,6 +133,7 @@ class DataPlane:
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
+        await self.store.start()
         for b in self._batchers.values():
             b.start()
         self._expiry_task = asyncio.create_task(self._expire_loop(), name="session-expiry")
@@ -142,6 +160,7 @@ class DataPlane:
                 await self._expiry_task
         for b in self._batchers.values():
             await b.stop()
+        await self.store.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.started = False
         self.metrics.ready.set(0)
@@ -218,17 +237,25 @@ class DataPlane:
         info = await self.store.create(model.key, session_id or None, self.clock())
         self.metrics.sessions_created.labels(model.key).inc()
         self._update_open()
-        return info
+        return self._shown(info)
+
+    def _shown(self, info: SessionInfo) -> SessionInfo:
+        """The session's times as wall-clock (Unix) times, for clients; the store keeps monotonic ones."""
+        offset = self.wall() - self.clock()
+        return replace(
+            info, created=info.created + offset, last_used=info.last_used + offset, expires=info.expires + offset
+        )
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        return await self.store.info(check_session_id(session_id), self.clock())
+        return self._shown(await self.store.info(check_session_id(session_id), self.clock()))
 
-    async def delete_session(self, session_id: str) -> None:
-        await self.store.delete(check_session_id(session_id))
+    async def delete_session(self, session_id: str, incarnation: str | None = None) -> None:
+        """Delete a session; with `incarnation`, only that life of the id (see `SessionInfo.incarnation`)."""
+        await self.store.delete(check_session_id(session_id), incarnation)
         self._update_open()
 
     async def reset_session(self, session_id: str) -> SessionInfo:
-        return await self.store.reset(check_session_id(session_id), self.clock())
+        return self._shown(await self.store.reset(check_session_id(session_id), self.clock()))
 
     async def export_session(self, session_id: str) -> Snapshot:
         return await self.store.export(check_session_id(session_id), self.clock())
@@ -250,7 +277,7 @@ class DataPlane:
         if created:
             self.metrics.sessions_created.labels(model.key).inc()
         self._update_open()
-        return info
+        return self._shown(info)
 
     def _update_open(self) -> None:
         for key in self._batchers:
@@ -304,10 +331,16 @@ class DataPlane:
         """One session per stream: the first message opens or resumes it; one reply per message, in order.
 
         A failure to open the session raises (the stream ends with that error); later per-message
-        errors come back in the reply and the stream goes on. The session is deleted when the stream
-        ends unless the first message asked to keep it.
+        errors come back in the reply and the stream goes on. When the stream ends, the session it
+        opened is deleted unless the first message asked to keep it; a resumed one stays (`StreamOpen`).
+        The first message must come within `stream_open_timeout`.
         """
-        first = await self._next_unless_draining(messages)
+        try:
+            first = await asyncio.wait_for(self._next_unless_draining(messages), self.limits.stream_open_timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"no first message within {self.limits.stream_open_timeout:g} s; send it as soon as the stream opens"
+            ) from None
         if first is None:
             return
         if first.error is not None:
@@ -315,10 +348,17 @@ class DataPlane:
         opened = first.open
         if opened is None:
             raise InvalidInputError("the first stream message must open a session (model) or resume one (session id)")
+        if opened.resume_session_id and opened.model:
+            raise InvalidInputError(
+                "the first stream message must either open a session (model) or resume one, not both"
+            )
         if opened.resume_session_id:
-            info = await self.get_session(opened.resume_session_id)
+            # NOTE: the resumed session changes hands: the stream that opened it no longer closes it
+            info = self._shown(await self.store.detach(check_session_id(opened.resume_session_id), self.clock()))
+            owned = False
         elif opened.model:
             info = await self.create_session(opened.model, opened.version, opened.session_id)
+            owned = not opened.keep
         else:
             raise InvalidInputError("the first stream message must name a model to open, or a session id to resume")
         sid = info.session_id
@@ -336,9 +376,9 @@ class DataPlane:
                     continue
                 yield await self._stream_step(sid, msg, None)
         finally:
-            if not opened.keep:
+            if owned:  # NOTE: only the life of the id that this stream created, never a later one
                 with contextlib.suppress(SessionNotFoundError):
-                    await self.delete_session(sid)
+                    await self.delete_session(sid, info.incarnation)
 
     async def _next_unless_draining(self, messages: AsyncIterator[StreamMessage]) -> StreamMessage | None:
         """The next message, None at the end of the stream; a drain ends the wait with 'unavailable'."""

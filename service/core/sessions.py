@@ -1,32 +1,43 @@
-"""Session state: server-side (h, c) per session, behind a small store interface.
+"""Session state: server-side (h, c) per session, behind a backend-neutral store interface.
 
-The in-memory store keeps every model version's states in one slab of contiguous arrays
-(`h[L, capacity, H]`, `c[L, capacity, H]` plus per-slot counters), so an idle session costs its
-2*L*H*4 bytes of state, a few counters and one index entry. A shared backend (Redis, for replicas)
-implements the same `SessionStore` protocol; the core and the transports do not change.
+The in-memory store keeps every model version's states in pages of contiguous arrays
+(`h[L, PAGE, H]`, `c[L, PAGE, H]` plus per-slot counters), so an idle session costs its
+2*L*H*4 bytes of state, a few counters and one index entry, and growing never copies what is there.
+A shared backend (Redis, for replicas) implements the same `SessionStore` protocol; the core and
+the transports do not change.
 
-Consistency: only the batcher of a model version moves its sessions' state (gather -> run -> scatter).
-Control operations (reset, delete, import, expiry) bump a slot's generation, and `scatter` commits
-only to slots whose generation is unchanged: a step that raced a reset is answered but not committed,
-exactly as if it had run just before the reset.
+Consistency: only the batcher of a model version moves its sessions' state (gather -> run ->
+commit). Every change to a session (a committed step, reset, import, delete) moves its version,
+and `commit` is a compare-and-set against the version that `gather` leased: a session that moved
+meanwhile is `STALE` (not written), one that is no longer there is `GONE`. The batcher answers
+those calls with the error of what won, never with a success that was not applied.
+
+Times: `now` is the caller's clock (monotonic in the server, so that expiry does not jump with the
+wall clock); `SessionInfo` carries times on that same clock, and the DataPlane shows them as wall time.
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from service.errors import InvalidInputError, ServeError, SessionExistsError, SessionLimitError, SessionNotFoundError
 from service.runtime import F32, Signature
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 MAX_COUNTER = 2**62  # steps and seq stay far below int64 and uint64 overflow
+DIGEST_BYTES = 16  # blake2b digest of a call's inputs, kept for idempotent retries
+PAGE_BITS = 10
+PAGE = 1 << PAGE_BITS  # slots per page of state arrays
 
 
 def check_session_id(session_id: str) -> str:
@@ -42,7 +53,7 @@ def check_session_id(session_id: str) -> str:
 
 @dataclass(frozen=True)
 class SessionInfo:
-    """What a client may know about a session."""
+    """What a client may know about a session (times on the store's clock; see the module docstring)."""
 
     session_id: str
     model: str
@@ -52,6 +63,8 @@ class SessionInfo:
     created: float
     last_used: float
     expires: float
+    # NOTE: opaque identity of this life of the id: a session re-created under the same id has another one
+    incarnation: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,35 +81,56 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Replay:
-    """The last applied seq of a session with its input digest and outputs, for idempotent retries."""
+    """What is kept of the last applied call of a session that sends seq: its input digest and, when small
+    enough, its outputs (None: too large to keep; a retry of it is refused with advice)."""
 
     seq: int
     digest: bytes
-    outputs: F32
+    outputs: F32 | None
 
 
 @dataclass(frozen=True)
 class Lease:
-    """A session's place in one batch: where to scatter its new state back, if still current."""
+    """A session as one batch found it. `token` is opaque: the store's version to compare-and-set against."""
 
     session_id: str
-    slot: int
-    generation: int
+    token: object
     steps: int
     seq: int
     replay: Replay | None
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The new state's counters for one leased session: its new step total and seq, and what to keep for
+    a retry (None: the call carried no seq)."""
+
+    lease: Lease
+    steps: int
+    seq: int
+    replay: Replay | None
+
+
+class CommitStatus(enum.Enum):
+    COMMITTED = "committed"
+    STALE = "stale"  # the session changed since it was leased (reset, import, another commit): not written
+    GONE = "gone"  # the session no longer exists (deleted, expired, evicted): not written
 
 
 RemovalListener = Callable[[str, str], None]  # (model key, reason: "expired" | "evicted" | "deleted")
 
 
 class SessionStore(Protocol):
-    """What the core needs from session storage."""
+    """What the core needs from session storage. Row i of gather's arrays belongs to session_ids[i] (zeros
+    for a session that failed); column i of commit's arrays belongs to commits[i]."""
 
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
     async def create(self, model_key: str, session_id: str | None, now: float) -> SessionInfo: ...
     async def info(self, session_id: str, now: float) -> SessionInfo: ...
     async def model_of(self, session_id: str, now: float) -> str: ...
-    async def delete(self, session_id: str) -> None: ...
+    async def delete(self, session_id: str, incarnation: str | None = None) -> None: ...
+    async def detach(self, session_id: str, now: float) -> SessionInfo: ...
     async def reset(self, session_id: str, now: float) -> SessionInfo: ...
     async def export(self, session_id: str, now: float) -> Snapshot: ...
     async def restore(
@@ -105,83 +139,130 @@ class SessionStore(Protocol):
     async def gather(
         self, model_key: str, session_ids: list[str], now: float
     ) -> tuple[list[Lease | ServeError], F32, F32]: ...
-    async def scatter(
-        self,
-        model_key: str,
-        leases: list[Lease],
-        hn: F32,
-        cn: F32,
-        steps: list[int],
-        replays: list[Replay | None],
-        now: float,
-    ) -> list[bool]: ...
+    async def commit(
+        self, model_key: str, commits: list[Commit], hn: F32, cn: F32, now: float
+    ) -> list[CommitStatus]: ...
     async def expire(self, now: float) -> int: ...
     def count(self, model_key: str | None = None) -> int: ...
 
 
+class _Page:
+    """PAGE slots of state and counters; pages are never resized, so growing copies nothing."""
+
+    def __init__(self, sig: Signature) -> None:
+        self.h = np.zeros((sig.layers, PAGE, sig.hidden), np.float32)
+        self.c = np.zeros((sig.layers, PAGE, sig.hidden), np.float32)
+        self.steps = np.zeros(PAGE, np.int64)
+        self.seq = np.zeros(PAGE, np.int64)
+        self.created = np.zeros(PAGE, np.float64)
+        self.last_used = np.zeros(PAGE, np.float64)
+        self.version = np.zeros(PAGE, np.int64)  # NOTE: moves on every change, never repeats for a slot
+        self.born = np.zeros(PAGE, np.int64)  # which life of a session id holds the slot
+        self.owner = np.zeros(PAGE, np.int64)  # moves when a stream resumes it (see MemorySessionStore.detach)
+        self.digest = np.zeros((PAGE, DIGEST_BYTES), np.uint8)  # all zero: no replay kept
+        self.live = np.zeros(PAGE, np.bool_)
+        self.ids: list[str | None] = [None] * PAGE
+
+    def nbytes(self) -> int:
+        arrays = (
+            self.h,
+            self.c,
+            self.steps,
+            self.seq,
+            self.created,
+            self.last_used,
+            self.version,
+            self.born,
+            self.owner,
+        )
+        return sum(int(a.nbytes) for a in arrays) + int(self.digest.nbytes + self.live.nbytes)
+
+
 class _Slab:
-    """Contiguous state arrays for the sessions of one model version."""
+    """The sessions of one model version: pages of slots, a free list and a live count."""
 
-    def __init__(self, sig: Signature, capacity: int = 64) -> None:
+    def __init__(self, sig: Signature) -> None:
         self.sig = sig
-        self.h = np.zeros((sig.layers, capacity, sig.hidden), np.float32)
-        self.c = np.zeros((sig.layers, capacity, sig.hidden), np.float32)
-        self.steps = np.zeros(capacity, np.int64)
-        self.seq = np.zeros(capacity, np.int64)
-        self.created = np.zeros(capacity, np.float64)
-        self.last_used = np.zeros(capacity, np.float64)
-        self.generation = np.zeros(capacity, np.int64)
-        self.live = np.zeros(capacity, np.bool_)
-        self.ids: list[str | None] = [None] * capacity
-        self.free: list[int] = list(range(capacity - 1, -1, -1))
+        self.pages: list[_Page] = []
+        self.free: list[int] = []
+        self.live = 0
 
-    @property
-    def capacity(self) -> int:
-        return int(self.live.shape[0])
+    def at(self, slot: int) -> tuple[_Page, int]:
+        return self.pages[slot >> PAGE_BITS], slot & (PAGE - 1)
 
-    def _grow(self) -> None:
-        old = self.capacity
-        new = old * 2
-        self.h = np.concatenate([self.h, np.zeros_like(self.h)], axis=1)
-        self.c = np.concatenate([self.c, np.zeros_like(self.c)], axis=1)
-        for name in ("steps", "seq", "created", "last_used", "generation", "live"):
-            arr = getattr(self, name)
-            setattr(self, name, np.concatenate([arr, np.zeros_like(arr)]))
-        self.ids.extend([None] * (new - old))
-        self.free.extend(range(new - 1, old - 1, -1))
-
-    def alloc(self, session_id: str, now: float) -> int:
+    def alloc(self, session_id: str, now: float, born: int) -> int:
         if not self.free:
-            self._grow()
+            base = len(self.pages) * PAGE
+            self.pages.append(_Page(self.sig))
+            self.free.extend(range(base + PAGE - 1, base - 1, -1))
         slot = self.free.pop()
-        self.ids[slot] = session_id
-        self.live[slot] = True
-        self.steps[slot] = self.seq[slot] = 0
-        self.created[slot] = self.last_used[slot] = now
-        self.generation[slot] += 1
+        p, i = self.at(slot)
+        p.ids[i] = session_id
+        p.live[i] = True
+        p.steps[i] = p.seq[i] = 0
+        p.created[i] = p.last_used[i] = now
+        p.born[i] = born
+        p.owner[i] = 0
+        p.version[i] += 1
+        self.live += 1
         return slot
 
     def clear_state(self, slot: int) -> None:
-        self.h[:, slot, :] = 0.0
-        self.c[:, slot, :] = 0.0
-        self.steps[slot] = self.seq[slot] = 0
-        self.generation[slot] += 1
+        p, i = self.at(slot)
+        p.h[:, i, :] = 0.0
+        p.c[:, i, :] = 0.0
+        p.steps[i] = p.seq[i] = 0
+        p.digest[i] = 0
+        p.version[i] += 1
 
     def release(self, slot: int) -> None:
         self.clear_state(slot)
-        self.ids[slot] = None
-        self.live[slot] = False
+        p, i = self.at(slot)
+        p.ids[i] = None
+        p.live[i] = False
         self.free.append(slot)
+        self.live -= 1
+
+    def read(self, slots: NDArray[np.int64]) -> tuple[F32, F32]:
+        """The states of the given slots as [L, len(slots), H] copies."""
+        pages, offs = slots >> PAGE_BITS, slots & (PAGE - 1)
+        if len(self.pages) == 1:
+            p = self.pages[0]
+            return p.h[:, offs, :], p.c[:, offs, :]
+        sig = self.sig
+        h = np.empty((sig.layers, len(slots), sig.hidden), np.float32)
+        c = np.empty_like(h)
+        for page in np.unique(pages):
+            m = pages == page
+            p = self.pages[int(page)]
+            h[:, m, :] = p.h[:, offs[m], :]
+            c[:, m, :] = p.c[:, offs[m], :]
+        return h, c
+
+    def write(self, slots: NDArray[np.int64], h: F32, c: F32) -> None:
+        pages, offs = slots >> PAGE_BITS, slots & (PAGE - 1)
+        for page in np.unique(pages):
+            m = pages == page
+            p = self.pages[int(page)]
+            p.h[:, offs[m], :] = h[:, m, :]
+            p.c[:, offs[m], :] = c[:, m, :]
 
     def nbytes(self) -> int:
-        return sum(
-            int(getattr(self, n).nbytes)
-            for n in ("h", "c", "steps", "seq", "created", "last_used", "generation", "live")
-        )
+        return sum(p.nbytes() for p in self.pages)
+
+
+def _token(slot: int, version: int, born: int) -> tuple[int, int, int]:
+    """The memory store's lease token: where the session is, its version, and which life of the id it is."""
+    return slot, version, born
 
 
 class MemorySessionStore:
-    """Sessions in process memory: one slab per model version, an id index, idle expiry and a cap."""
+    """Sessions in process memory: one slab per model version, an id index, idle expiry and a cap.
+
+    Create, delete and eviction are O(1) amortised: pages are added without copying, the live count is
+    kept, and at the cap the oldest session comes from a list of the oldest found by one vectorised scan,
+    refreshed only when it runs out (a candidate used since the scan is skipped, so the oldest one goes).
+    """
 
     def __init__(
         self,
@@ -193,47 +274,68 @@ class MemorySessionStore:
     ) -> None:
         self._slabs = {key: _Slab(sig) for key, sig in signatures.items()}
         self._keys = list(self._slabs)  # model index -> model key
-        # NOTE: one int per session, (model index << 32) | slot, keeps the index to a dict entry and the id
+        self._key_index = {key: i for i, key in enumerate(self._keys)}
+        # NOTE: one int per session, (model index << 40) | slot, keeps the index to a dict entry and the id
         self._index: dict[str, int] = {}
-        self._replays: dict[str, Replay] = {}  # only for sessions that send seq
+        self._outputs: dict[str, bytes] = {}  # replay outputs, only for sessions that send seq
         self._gone: OrderedDict[str, str] = OrderedDict()  # recently expired/evicted ids -> reason
+        # NOTE: (session id, version, last use) of the oldest sessions at the last scan, oldest last
+        self._evict_candidates: list[tuple[str, int, float]] = []
+        self._births = itertools.count(1)
+        self.scans = 0  # full scans for the oldest sessions (at the cap); amortised over len/64 creates each
         self.ttl, self.max_sessions, self.cap_policy = ttl, max_sessions, cap_policy
         self._on_removed = on_removed or (lambda key, reason: None)
 
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
+        """Nothing to release: the memory goes with the process."""
+
     # --- lookups ---------------------------------------------------------------------------------
-    def _locate(self, session_id: str, now: float) -> tuple[str, _Slab, int]:
+    def _where(self, session_id: str) -> tuple[str, _Slab, int] | None:
         where = self._index.get(session_id)
         if where is None:
+            return None
+        key = self._keys[where >> 40]
+        return key, self._slabs[key], where & ((1 << 40) - 1)
+
+    def _locate(self, session_id: str, now: float) -> tuple[str, _Slab, int]:
+        found = self._where(session_id)
+        if found is None:
             reason = self._gone.get(session_id)
             if reason:
                 raise SessionNotFoundError(f"session {session_id!r} was {reason}; create a new one")
             raise SessionNotFoundError(f"no session {session_id!r}; create one first (it may have been deleted)")
-        key, slot = self._keys[where >> 32], where & 0xFFFFFFFF
-        slab = self._slabs[key]
-        if now - slab.last_used[slot] > self.ttl:
+        _, slab, slot = found
+        p, i = slab.at(slot)
+        if now - p.last_used[i] > self.ttl:
             self._remove(session_id, "expired")
             raise SessionNotFoundError(f"session {session_id!r} was {self._gone[session_id]}; create a new one")
-        return key, slab, slot
+        return found
 
     def _info(self, session_id: str, key: str, slab: _Slab, slot: int) -> SessionInfo:
         name, version = key.split("/", 1)
-        last = float(slab.last_used[slot])
+        p, i = slab.at(slot)
+        last = float(p.last_used[i])
         return SessionInfo(
             session_id=session_id,
             model=name,
             version=version,
-            steps=int(slab.steps[slot]),
-            seq=int(slab.seq[slot]),
-            created=float(slab.created[slot]),
+            steps=int(p.steps[i]),
+            seq=int(p.seq[i]),
+            created=float(p.created[i]),
             last_used=last,
             expires=last + self.ttl,
+            incarnation=f"{int(p.born[i])}.{int(p.owner[i])}",
         )
 
     def _remove(self, session_id: str, reason: str) -> None:
-        where = self._index.pop(session_id)
-        key, slot = self._keys[where >> 32], where & 0xFFFFFFFF
-        self._slabs[key].release(slot)
-        self._replays.pop(session_id, None)
+        key, slab, slot = self._where(session_id) or ("", None, 0)
+        assert slab is not None
+        del self._index[session_id]
+        slab.release(slot)
+        self._outputs.pop(session_id, None)
         if reason != "deleted":
             self._gone[session_id] = (
                 f"expired after {self.ttl:g} s idle" if reason == "expired" else "evicted to stay under the session cap"
@@ -242,18 +344,53 @@ class MemorySessionStore:
                 self._gone.popitem(last=False)
         self._on_removed(key, reason)
 
-    def _evict_lru(self) -> None:
-        best: tuple[float, str] | None = None
+    def _oldest(self) -> str | None:
+        """The least recently used session: O(1) amortised over one vectorised scan of all of them."""
+        while True:
+            if not self._evict_candidates:
+                self._find_oldest(max(16, len(self._index) // 64))
+                if not self._evict_candidates:
+                    return None
+            sid, version, used = self._evict_candidates[-1]
+            found = self._where(sid)
+            if found is not None:
+                p, i = found[1].at(found[2])
+                if int(p.version[i]) == version and float(p.last_used[i]) == used:
+                    return sid  # NOTE: untouched since the scan, so still the oldest
+            self._evict_candidates.pop()
+
+    def _find_oldest(self, n: int) -> None:
+        self.scans += 1
+        found: list[tuple[float, str, int]] = []
         for slab in self._slabs.values():
-            if not slab.live.any():
-                continue
-            used = np.where(slab.live, slab.last_used, np.inf)
-            slot = int(np.argmin(used))
-            sid = slab.ids[slot]
-            if sid is not None and (best is None or used[slot] < best[0]):
-                best = (float(used[slot]), sid)
-        if best is not None:
-            self._remove(best[1], "evicted")
+            for p in slab.pages:
+                k = min(n, int(p.live.sum()))
+                if k == 0:
+                    continue
+                used = np.where(p.live, p.last_used, np.inf)
+                for i in np.argpartition(used, k - 1)[:k]:
+                    sid = p.ids[int(i)]
+                    if sid is not None:
+                        found.append((float(used[i]), sid, int(p.version[i])))
+        found.sort(reverse=True)  # NOTE: taken from the end: oldest first
+        self._evict_candidates = [(sid, version, used) for used, sid, version in found[-n:]]
+
+    def _make_room(self, now: float) -> None:
+        """At the cap: remove the oldest session if it has expired, else evict it or refuse (by policy)."""
+        oldest = self._oldest()
+        if oldest is not None:
+            found = self._where(oldest)
+            assert found is not None
+            p, i = found[1].at(found[2])
+            if now - p.last_used[i] > self.ttl:
+                self._remove(oldest, "expired")
+                return
+            if self.cap_policy == "evict_lru":
+                self._remove(oldest, "evicted")
+                return
+        raise SessionLimitError(
+            f"the server holds its maximum of {self.max_sessions} sessions; delete unused sessions or retry later"
+        )
 
     # --- SessionStore ----------------------------------------------------------------------------
     async def create(self, model_key: str, session_id: str | None, now: float) -> SessionInfo:
@@ -269,19 +406,11 @@ class MemorySessionStore:
                 else:
                     raise SessionExistsError(f"session {session_id!r} already exists; resume it, or delete it first")
         if len(self._index) >= self.max_sessions:
-            await self.expire(now)
-        if len(self._index) >= self.max_sessions:
-            if self.cap_policy == "evict_lru":
-                self._evict_lru()
-            else:
-                raise SessionLimitError(
-                    f"the server holds its maximum of {self.max_sessions} sessions; delete unused sessions "
-                    "or retry later"
-                )
+            self._make_room(now)
         self._gone.pop(session_id, None)
         slab = self._slabs[model_key]
-        slot = slab.alloc(session_id, now)
-        self._index[session_id] = (self._keys.index(model_key) << 32) | slot
+        slot = slab.alloc(session_id, now, next(self._births))
+        self._index[session_id] = (self._key_index[model_key] << 40) | slot
         return self._info(session_id, model_key, slab, slot)
 
     async def info(self, session_id: str, now: float) -> SessionInfo:
@@ -291,24 +420,36 @@ class MemorySessionStore:
     async def model_of(self, session_id: str, now: float) -> str:
         return self._locate(session_id, now)[0]
 
-    async def delete(self, session_id: str) -> None:
-        self._locate(session_id, float("-inf"))  # NOTE: -inf: deleting an idle session is not an expiry
+    async def delete(self, session_id: str, incarnation: str | None = None) -> None:
+        """Delete a session; with `incarnation`, only that life of the id (another one is left alone)."""
+        _, slab, slot = self._locate(session_id, float("-inf"))  # NOTE: -inf: deleting an idle one is no expiry
+        if incarnation is not None:
+            p, i = slab.at(slot)
+            if f"{int(p.born[i])}.{int(p.owner[i])}" != incarnation:
+                raise SessionNotFoundError(f"session {session_id!r} was replaced by a newer one of the same id")
         self._remove(session_id, "deleted")
+
+    async def detach(self, session_id: str, now: float) -> SessionInfo:
+        """Give the session a new incarnation (state untouched), so that a holder of the old one, such as
+        the stream that opened it, no longer deletes it: a resumed session changes hands."""
+        key, slab, slot = self._locate(session_id, now)
+        p, i = slab.at(slot)
+        p.owner[i] += 1
+        return self._info(session_id, key, slab, slot)
 
     async def reset(self, session_id: str, now: float) -> SessionInfo:
         key, slab, slot = self._locate(session_id, now)
         slab.clear_state(slot)
-        slab.last_used[slot] = now
-        self._replays.pop(session_id, None)
+        p, i = slab.at(slot)
+        p.last_used[i] = now
+        self._outputs.pop(session_id, None)
         return self._info(session_id, key, slab, slot)
 
     async def export(self, session_id: str, now: float) -> Snapshot:
         key, slab, slot = self._locate(session_id, now)
         name, version = key.split("/", 1)
-        return Snapshot(
-            name, version, int(slab.steps[slot]), int(slab.seq[slot]),
-            slab.h[:, slot, :].copy(), slab.c[:, slot, :].copy(),
-        )  # fmt: skip
+        p, i = slab.at(slot)
+        return Snapshot(name, version, int(p.steps[i]), int(p.seq[i]), p.h[:, i, :].copy(), p.c[:, i, :].copy())
 
     async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> tuple[SessionInfo, bool]:
         """Write a snapshot into a session, creating it if needed; returns the session and whether it is new."""
@@ -327,10 +468,11 @@ class MemorySessionStore:
                 f"session {session_id!r} runs {key}; the snapshot is of {model_key}: delete the session first"
             )
         slab.clear_state(slot)
-        slab.h[:, slot, :] = snap.h
-        slab.c[:, slot, :] = snap.c
-        slab.steps[slot], slab.seq[slot], slab.last_used[slot] = snap.steps, snap.seq, now
-        self._replays.pop(session_id, None)
+        p, i = slab.at(slot)
+        p.h[:, i, :] = snap.h
+        p.c[:, i, :] = snap.c
+        p.steps[i], p.seq[i], p.last_used[i] = snap.steps, snap.seq, now
+        self._outputs.pop(session_id, None)
         return self._info(session_id, key, slab, slot), created
 
     async def gather(
@@ -338,68 +480,82 @@ class MemorySessionStore:
     ) -> tuple[list[Lease | ServeError], F32, F32]:
         slab = self._slabs[model_key]
         leases: list[Lease | ServeError] = []
-        slots: list[int] = []
-        for sid in session_ids:
+        slots = np.zeros(len(session_ids), np.int64)
+        ok = np.zeros(len(session_ids), np.bool_)
+        for n, sid in enumerate(session_ids):
             try:
                 key, _, slot = self._locate(sid, now)
             except ServeError as e:
                 leases.append(e)
                 continue
-            if key != model_key:  # pragma: no cover - the core routes by the session's model
-                leases.append(SessionNotFoundError(f"session {sid!r} is not on {model_key}"))
+            if key != model_key:  # NOTE: deleted and re-created on another model while this call was queued
+                leases.append(SessionNotFoundError(f"session {sid!r} now runs {key}; resend the step"))
                 continue
-            slab.last_used[slot] = now  # NOTE: a queued step keeps its session from expiring mid-batch
+            p, i = slab.at(slot)
+            p.last_used[i] = now  # NOTE: a queued step keeps its session from expiring mid-batch
+            replay = None
+            if p.digest[i].any():
+                out = self._outputs.get(sid)
+                outputs = None if out is None else np.frombuffer(out, np.float32).reshape(-1, slab.sig.outputs)
+                replay = Replay(int(p.seq[i]), p.digest[i].tobytes(), outputs)
             leases.append(
-                Lease(sid, slot, int(slab.generation[slot]), int(slab.steps[slot]), int(slab.seq[slot]),
-                      self._replays.get(sid))
-            )  # fmt: skip
-            slots.append(slot)
-        return leases, slab.h[:, slots, :], slab.c[:, slots, :]
+                Lease(sid, _token(slot, int(p.version[i]), int(p.born[i])), int(p.steps[i]), int(p.seq[i]), replay)
+            )
+            slots[n], ok[n] = slot, True
+        h, c = slab.read(slots)
+        h[:, ~ok, :] = 0.0
+        c[:, ~ok, :] = 0.0
+        return leases, h, c
 
-    async def scatter(
-        self,
-        model_key: str,
-        leases: list[Lease],
-        hn: F32,
-        cn: F32,
-        steps: list[int],
-        replays: list[Replay | None],
-        now: float,
-    ) -> list[bool]:
+    async def commit(self, model_key: str, commits: list[Commit], hn: F32, cn: F32, now: float) -> list[CommitStatus]:
         slab = self._slabs[model_key]
-        committed: list[bool] = []
-        for i, lease in enumerate(leases):
-            ok = bool(slab.generation[lease.slot] == lease.generation and slab.ids[lease.slot] == lease.session_id)
-            if ok:
-                slab.h[:, lease.slot, :] = hn[:, i, :]
-                slab.c[:, lease.slot, :] = cn[:, i, :]
-                slab.steps[lease.slot] += steps[i]
-                slab.seq[lease.slot] += 1
-                slab.last_used[lease.slot] = now
-                replay = replays[i]
-                if replay is not None:
-                    self._replays[lease.session_id] = replay
+        status: list[CommitStatus] = []
+        written: list[int] = []
+        slots: list[int] = []
+        for n, cm in enumerate(commits):
+            slot, version, born = cast(tuple[int, int, int], cm.lease.token)  # NOTE: our own, see _token
+            found = self._where(cm.lease.session_id)
+            p, i = slab.at(slot)
+            if found is None or found[2] != slot or found[0] != model_key or int(p.born[i]) != born:
+                status.append(CommitStatus.GONE)
+                continue
+            if int(p.version[i]) != version:
+                status.append(CommitStatus.STALE)
+                continue
+            p.steps[i], p.seq[i], p.last_used[i] = cm.steps, cm.seq, now
+            p.version[i] += 1
+            if cm.replay is None:
+                p.digest[i] = 0
+                self._outputs.pop(cm.lease.session_id, None)
+            else:
+                p.digest[i] = np.frombuffer(cm.replay.digest, np.uint8)
+                if cm.replay.outputs is None:
+                    self._outputs.pop(cm.lease.session_id, None)
                 else:
-                    self._replays.pop(lease.session_id, None)
-            committed.append(ok)
-        return committed
+                    self._outputs[cm.lease.session_id] = cm.replay.outputs.tobytes()
+            status.append(CommitStatus.COMMITTED)
+            written.append(n)
+            slots.append(slot)
+        if written:
+            slab.write(np.asarray(slots, np.int64), hn[:, written, :], cn[:, written, :])
+        return status
 
     async def expire(self, now: float) -> int:
         """Remove every session idle for longer than the TTL; return how many."""
         removed = 0
         for slab in self._slabs.values():
-            idle = np.nonzero(slab.live & (now - slab.last_used > self.ttl))[0]
-            for slot in idle:
-                sid = slab.ids[int(slot)]
-                if sid is not None:
-                    self._remove(sid, "expired")
-                    removed += 1
+            for p in slab.pages:
+                for i in np.nonzero(p.live & (now - p.last_used > self.ttl))[0]:
+                    sid = p.ids[int(i)]
+                    if sid is not None:
+                        self._remove(sid, "expired")
+                        removed += 1
         return removed
 
     def count(self, model_key: str | None = None) -> int:
         if model_key is None:
             return len(self._index)
-        return int(self._slabs[model_key].live.sum())
+        return self._slabs[model_key].live
 
     def state_bytes(self) -> int:
         """Bytes held by the slabs (state arrays and counters), for capacity planning and tests."""

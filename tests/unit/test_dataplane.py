@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
+from service.core.batcher import REPLAY_MAX_BYTES
 from service.core.dataplane import DataPlane, Limits, StreamMessage, StreamOpen
 from service.core.sessions import MemorySessionStore
 from service.errors import (
+    DeadlineExceededError,
     InvalidInputError,
     ModelError,
     OverloadedError,
@@ -20,7 +22,7 @@ from service.errors import (
     UnavailableError,
 )
 from service.metrics import Metrics
-from tests.fixtures import FakeRuntime, NonFiniteRuntime, fake_repo
+from tests.fixtures import FakeRuntime, GatedRuntime, NonFiniteRuntime, fake_repo
 
 
 async def make_dp(runtime: FakeRuntime | None = None, **limits: float) -> tuple[DataPlane, FakeRuntime]:
@@ -249,3 +251,192 @@ async def test_stopping_fails_running_and_queued_steps_instead_of_hanging() -> N
     for task in (running, queued):
         with pytest.raises(UnavailableError, match="stopped before this step completed"):
             await asyncio.wait_for(task, 1)
+
+
+async def test_lone_steps_after_a_burst_never_wait_for_company() -> None:
+    """After a burst of 32 concurrent sessions, sequential single steps run at once even with a 0.5 s delay:
+    the wait depends on what is queued now, not on the history of batch sizes."""
+    dp, rt = await make_dp(max_queue_delay=0.5, max_batch_size=64)
+    sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(32)]
+    for k in range(3):
+        await asyncio.gather(*(dp.step(sid, rows(k, 1)[0]) for sid in sids))
+    assert max(rt.calls) == 32  # the burst was batched
+    t0 = time.perf_counter()
+    for x in rows(99, 10):
+        await dp.step(sids[0], x)
+    assert time.perf_counter() - t0 < 0.5  # NOTE: one wait of the delay would already take 0.5 s
+    await dp.stop()
+
+
+async def test_queued_company_is_awaited_only_until_the_previous_batch_size_is_back() -> None:
+    """With calls queued, a batch waits for as many calls as the previous batch held, then runs at once."""
+    dp, rt = await make_dp(max_queue_delay=2.0, max_batch_size=64)
+    sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(4)]
+    t0 = time.perf_counter()
+    for k in range(5):
+        await asyncio.gather(*(dp.step(sid, rows(k, 1)[0]) for sid in sids))
+    assert time.perf_counter() - t0 < 2.0  # all four came back every round: nobody waited for the delay
+    assert rt.calls == [4] * 5
+    await dp.stop()
+
+
+async def test_a_later_call_of_a_session_stays_behind_its_earlier_call_of_another_length() -> None:
+    """Queued together: b (T=1), a (T=3), a (T=1). a's T=1 call must not join b's batch ahead of a's T=3 call."""
+    dp, rt = await make_dp(GatedRuntime())
+    assert isinstance(rt, GatedRuntime)
+    a = (await dp.create_session("fake", None, None)).session_id
+    b = (await dp.create_session("fake", None, None)).session_id
+    blocker = (await dp.create_session("fake", None, None)).session_id
+    first = asyncio.create_task(dp.step(blocker, rows(1, 1)[0]))  # NOTE: holds the loop so the three queue up
+    await asyncio.to_thread(rt.entered.wait, 5)
+    xa3, xa1, xb = rows(2, 1, t=3)[0], rows(3, 1)[0], rows(4, 1)[0]
+    calls = [asyncio.create_task(dp.step(b, xb)), asyncio.create_task(dp.step(a, xa3))]
+    calls.append(asyncio.create_task(dp.step(a, xa1)))
+    await asyncio.sleep(0)
+    rt.release.set()
+    await first
+    rb, ra3, ra1 = await asyncio.gather(*calls)
+    assert (ra3.seq, ra3.steps, ra1.seq, ra1.steps, rb.seq) == (1, 3, 2, 4, 1)
+    np.testing.assert_allclose(ra1.outputs, expected([xa3, xa1])[3:], atol=1e-6)
+    assert rt.calls == [1, 1, 1, 1]
+    await dp.stop()
+
+
+@pytest.mark.parametrize("race", ["delete", "reset"])
+async def test_a_step_racing_a_delete_or_reset_is_answered_with_what_won(race: str) -> None:
+    """A step whose session is deleted or reset while its batch runs is not applied and not answered as a
+    success: session_not_found after a delete, seq_conflict after a reset (the session stays at zero)."""
+    dp, rt = await make_dp(GatedRuntime())
+    assert isinstance(rt, GatedRuntime)
+    sid = (await dp.create_session("fake", None, None)).session_id
+    running = asyncio.create_task(dp.step(sid, rows(1, 1)[0], seq=1))
+    await asyncio.to_thread(rt.entered.wait, 5)
+    if race == "delete":
+        await dp.delete_session(sid)
+    else:
+        await dp.reset_session(sid)
+    rt.release.set()
+    if race == "delete":
+        with pytest.raises(SessionNotFoundError, match="while this step ran; the step was not applied"):
+            await running
+        return
+    with pytest.raises(SeqConflictError, match=r"was changed .* while this step ran; the step was not applied"):
+        await running
+    info = await dp.get_session(sid)
+    assert (info.steps, info.seq) == (0, 0)
+    x = rows(2, 1)[0]
+    np.testing.assert_allclose((await dp.step(sid, x, seq=1)).outputs, expected([x]), atol=1e-6)
+    await dp.stop()
+
+
+async def test_a_submit_after_stop_is_refused_at_once() -> None:
+    """A call that reaches a stopped batcher gets 'unavailable' instead of waiting forever."""
+    dp, _ = await make_dp()
+    await dp.stop()
+    with pytest.raises(UnavailableError, match="stopped"):
+        await asyncio.wait_for(dp.predict("fake", None, rows(1, 1)[0]), 2)
+
+
+async def test_a_stream_without_a_first_message_ends_after_the_open_timeout() -> None:
+    """A stream whose client never sends its first message ends with deadline_exceeded, not never."""
+    dp, _ = await make_dp(stream_open_timeout=0.2)
+
+    async def silent() -> AsyncIterator[StreamMessage]:
+        await asyncio.Event().wait()
+        yield StreamMessage(inputs=None)  # pragma: no cover - never reached
+
+    t0 = time.perf_counter()
+    with pytest.raises(DeadlineExceededError, match=r"no first message within 0\.2 s"):
+        _ = [r async for r in dp.stream(silent())]
+    assert time.perf_counter() - t0 < 2
+    await dp.stop()
+
+
+async def test_expiry_follows_the_monotonic_clock_and_sessions_show_wall_time() -> None:
+    """A wall-clock jump neither expires nor revives sessions; clients still see Unix times."""
+    mono, wall = [100.0], [1_700_000_000.0]
+    repo = fake_repo()
+    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=10)
+    dp = DataPlane(repo, store, Metrics(), Limits(session_ttl=60), clock=lambda: mono[0], wall=lambda: wall[0])
+    info = await dp.create_session("fake", None, "clocked")
+    assert (info.created, info.expires) == (wall[0], wall[0] + 60)
+    wall[0] += 3600  # NOTE: the wall clock jumps an hour (NTP, a VM resumed); the session was idle 0 s
+    assert (await dp.get_session("clocked")).last_used == 1_700_000_000.0 + 3600
+    mono[0] += 61
+    with pytest.raises(SessionNotFoundError, match="expired"):
+        await dp.get_session("clocked")
+    assert DataPlane.__init__.__defaults__ == (time.monotonic, time.time)  # type: ignore[misc]
+
+
+async def test_resume_on_a_new_stream_survives_the_old_stream_closing_later() -> None:
+    """A stream that opened a session and is reaped after another stream resumed it does not delete it;
+    and a stream never deletes a later session that took its id."""
+    dp, _ = await make_dp()
+    gate = asyncio.Event()
+
+    async def old_stream() -> AsyncIterator[StreamMessage]:
+        yield StreamMessage(inputs=rows(1, 1)[0], open=StreamOpen(model="fake", session_id="half-open"))
+        await gate.wait()
+
+    old = dp.stream(old_stream())
+    assert (await anext(old)).result is not None
+    resumed = [r async for r in dp.stream(msgs(StreamMessage(inputs=rows(2, 1)[0], open=StreamOpen(
+        resume_session_id="half-open"))))]  # fmt: skip
+    assert resumed[0].result is not None
+    assert resumed[0].result.seq == 2
+    gate.set()
+    await old.aclose()  # the old stream is reaped now
+    assert (await dp.get_session("half-open")).steps == 2
+
+    async def first_life() -> AsyncIterator[StreamMessage]:
+        yield StreamMessage(inputs=None, open=StreamOpen(model="fake", session_id="reused"))
+        await gate2.wait()
+
+    gate2 = asyncio.Event()
+    life = dp.stream(first_life())
+    await anext(life)
+    await dp.delete_session("reused")
+    await dp.create_session("fake", None, "reused")  # another client takes the id
+    await life.aclose()
+    assert (await dp.get_session("reused")).steps == 0  # the later session is untouched
+    await dp.stop()
+
+
+async def test_a_first_stream_message_may_not_both_open_and_resume() -> None:
+    """Naming a model and a session to resume in one first message is refused, not silently resolved."""
+    dp, _ = await make_dp()
+    await dp.create_session("fake", None, "there")
+    with pytest.raises(InvalidInputError, match="not both"):
+        _ = [r async for r in dp.stream(msgs(StreamMessage(inputs=None, open=StreamOpen(
+            model="fake", resume_session_id="there"))))]  # fmt: skip
+    await dp.stop()
+
+
+async def test_inference_time_excludes_the_wait_for_an_executor_thread() -> None:
+    """lstm_inference_seconds times the ONNX run only: a step that waited 0.3 s for a busy thread records ~0."""
+    dp, _ = await make_dp()
+    sid = (await dp.create_session("fake", None, None)).session_id
+    dp._executor.submit(time.sleep, 0.3)  # NOTE: the only executor thread is busy
+    t0 = time.perf_counter()
+    await dp.step(sid, rows(1, 1)[0])
+    assert time.perf_counter() - t0 >= 0.25
+    inference = dp.metrics.registry.get_sample_value("lstm_inference_seconds_sum", {"model": "fake/1"})
+    assert inference is not None
+    assert inference < 0.1
+    await dp.stop()
+
+
+async def test_replays_keep_small_outputs_and_refuse_a_retry_of_a_large_call() -> None:
+    """The outputs of a call with seq are kept for a retry up to REPLAY_MAX_BYTES; a retry of a larger call is
+    refused with advice, and the session moves on with the next seq."""
+    dp, _ = await make_dp()
+    sid = (await dp.create_session("fake", None, None)).session_id
+    big = rows(1, 1, t=REPLAY_MAX_BYTES // 8 + 1)[0]  # NOTE: 2 outputs of 4 bytes per step: just over the limit
+    await dp.step(sid, big, seq=1)
+    with pytest.raises(SeqConflictError, match="too large to keep for a retry"):
+        await dp.step(sid, big, seq=1)
+    r = await dp.step(sid, rows(2, 1)[0], seq=2)
+    again = await dp.step(sid, rows(2, 1)[0], seq=2)
+    assert again.replayed
+    np.testing.assert_array_equal(again.outputs, r.outputs)
+    await dp.stop()

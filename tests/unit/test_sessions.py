@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from service.core.sessions import Lease, MemorySessionStore, Replay, Snapshot
+from service.core.sessions import PAGE, Commit, CommitStatus, Lease, MemorySessionStore, Replay, Snapshot
 from service.errors import InvalidInputError, SessionExistsError, SessionLimitError, SessionNotFoundError
 from service.runtime import Signature
 
@@ -85,8 +85,17 @@ async def test_the_cap_rejects_new_sessions_or_evicts_the_least_recently_used() 
     assert e.count() == 2
 
 
-async def test_gather_scatter_moves_state_and_counters() -> None:
-    """Scatter writes the new state of each lease back to its slot; gather returns it next time."""
+def commits(leases: list[Lease | object], steps: list[int], replays: list[Replay | None] | None = None) -> list[Commit]:
+    """The commits the batcher makes for one applied call per lease."""
+    out = []
+    for n, lease in enumerate(leases):
+        assert isinstance(lease, Lease), lease
+        out.append(Commit(lease, lease.steps + steps[n], lease.seq + 1, (replays or [None] * len(leases))[n]))
+    return out
+
+
+async def test_gather_commit_moves_state_and_counters() -> None:
+    """Commit writes the new state of each lease back; gather returns it next time, row i for id i."""
     s, _ = store()
     for sid in ("a", "b"):
         await s.create("m/1", sid, 0.0)
@@ -94,29 +103,46 @@ async def test_gather_scatter_moves_state_and_counters() -> None:
     assert h.shape == (2, 2, 8)
     assert not h.any()
     hn = np.arange(32, dtype=np.float32).reshape(2, 2, 8)
-    ok = await s.scatter("m/1", leases, hn, -hn, [3, 1], [None, Replay(1, b"d", np.ones((1, 2), np.float32))], 2.0)  # type: ignore[arg-type]
-    assert ok == [True, True]
-    _, h2, c2 = await s.gather("m/1", ["a", "b"], 3.0)
+    replay = Replay(1, b"d" * 16, np.ones((1, 2), np.float32))
+    ok = await s.commit("m/1", commits(leases, [3, 1], [None, replay]), hn, -hn, 2.0)
+    assert ok == [CommitStatus.COMMITTED, CommitStatus.COMMITTED]
+    leases2, h2, c2 = await s.gather("m/1", ["a", "b", "missing"], 3.0)
     np.testing.assert_array_equal(h2[:, 0], hn[:, 1])
     np.testing.assert_array_equal(h2[:, 1], hn[:, 0])
+    assert not h2[:, 2].any()  # NOTE: the row of a session that failed is zeros, and the rows stay aligned
     np.testing.assert_array_equal(c2, -h2)
+    assert isinstance(leases2[2], SessionNotFoundError)
     b = await s.info("b", 3.0)
     assert (b.steps, b.seq) == (3, 1)
+    a = leases2[0]
+    assert isinstance(a, Lease)
+    assert a.replay is not None
+    assert (a.replay.seq, a.replay.digest) == (1, b"d" * 16)
+    np.testing.assert_array_equal(a.replay.outputs, replay.outputs)  # type: ignore[arg-type]
 
 
-async def test_scatter_skips_a_session_reset_or_deleted_meanwhile() -> None:
-    """A reset between gather and scatter wins: the step is not committed and the state stays zero."""
+async def test_commit_is_a_compare_and_set_stale_after_a_change_gone_after_removal() -> None:
+    """A reset, an import or another commit between gather and commit wins (STALE); a deleted or re-created
+    session is GONE; nothing of either is written."""
     s, _ = store()
-    await s.create("m/1", "a", 0.0)
-    await s.create("m/1", "b", 0.0)
-    leases, _, _ = await s.gather("m/1", ["a", "b"], 1.0)
+    for sid in ("a", "b", "c", "d"):
+        await s.create("m/1", sid, 0.0)
+    leases, _, _ = await s.gather("m/1", ["a", "b", "c", "d"], 1.0)
     await s.reset("a", 1.5)
     await s.delete("b")
-    ones = np.ones((2, 2, 8), np.float32)
-    ok = await s.scatter("m/1", leases, ones, ones, [1, 1], [None, None], 2.0)  # type: ignore[arg-type]
-    assert ok == [False, False]
-    _, h, _ = await s.gather("m/1", ["a"], 3.0)
-    assert not h.any()
+    first = await s.commit("m/1", commits(leases[2:3], [1]), np.ones((2, 1, 8), np.float32), np.ones((2, 1, 8),
+                           np.float32), 1.6)  # fmt: skip
+    assert first == [CommitStatus.COMMITTED]
+    await s.delete("d")
+    await s.create("m/1", "d", 1.7)  # NOTE: the same id, another life
+    ones = np.full((2, 4, 8), 7.0, np.float32)
+    ok = await s.commit("m/1", commits(leases, [1, 1, 1, 1]), ones, ones, 2.0)
+    assert ok == [CommitStatus.STALE, CommitStatus.GONE, CommitStatus.STALE, CommitStatus.GONE]
+    _, h, _ = await s.gather("m/1", ["a", "c", "d"], 3.0)
+    assert not h[:, 0].any()
+    assert (h[:, 1] == 1.0).all()  # the first commit of c, not the stale second
+    assert not h[:, 2].any()
+    assert ((await s.info("c", 3.0)).seq, (await s.info("d", 3.0)).seq) == (1, 0)
 
 
 async def test_export_import_round_trip_and_model_mismatch() -> None:
@@ -125,7 +151,7 @@ async def test_export_import_round_trip_and_model_mismatch() -> None:
     await s.create("m/1", "a", 0.0)
     leases, _, _ = await s.gather("m/1", ["a"], 1.0)
     state = np.random.default_rng(0).standard_normal((2, 1, 8)).astype(np.float32)
-    await s.scatter("m/1", leases, state, state * 2, [5], [None], 1.0)  # type: ignore[arg-type]
+    await s.commit("m/1", commits(leases, [5]), state, state * 2, 1.0)
     snap = await s.export("a", 2.0)
     assert (snap.model, snap.version, snap.steps, snap.seq) == ("m", "1", 5, 1)
     info, created = await s.restore("copy", "m/1", snap, 3.0)
@@ -150,11 +176,11 @@ async def test_an_idle_session_costs_its_raw_state_plus_a_small_bookkeeping(laye
     """All memory a session takes (traced, ids and index included) is 2*L*H*4 bytes plus under 256 bytes."""
     sig = Signature(features=4, outputs=7, layers=layers, hidden=hidden)
     s = MemorySessionStore({"m/1": sig}, ttl=60, max_sessions=100_000)
-    for _ in range(64):  # NOTE: the first slab; then fill exactly one doubling so no capacity is spare
+    for _ in range(PAGE):  # NOTE: the first page; then fill whole pages so no capacity is spare
         await s.create("m/1", None, 0.0)
     tracemalloc.start()
     before, _ = tracemalloc.get_traced_memory()
-    n = 16_384 - 64
+    n = 15 * PAGE
     for _ in range(n):
         await s.create("m/1", None, 0.0)
     after, _ = tracemalloc.get_traced_memory()
@@ -162,3 +188,67 @@ async def test_an_idle_session_costs_its_raw_state_plus_a_small_bookkeeping(laye
     raw = 2 * layers * hidden * 4
     per_session = (after - before) / n
     assert raw <= per_session < raw + 256, per_session
+
+
+async def test_growing_adds_pages_without_copying_existing_state() -> None:
+    """Past a page of sessions the store adds a page; the arrays already holding state are not copied."""
+    s, _ = store(max_sessions=10 * PAGE)
+    await s.create("m/1", "first", 0.0)
+    first_page = s._slabs["m/1"].pages[0].h
+    for _ in range(PAGE + 1):
+        await s.create("m/1", None, 0.0)
+    slab = s._slabs["m/1"]
+    assert len(slab.pages) == 2
+    assert slab.pages[0].h is first_page
+    assert s.count("m/1") == PAGE + 2
+
+
+async def test_eviction_at_the_cap_is_exact_lru_with_a_bounded_number_of_scans() -> None:
+    """With evict_lru at a cap of 2,000, 2,000 more creates evict the least recently used session each time,
+    in order, sessions touched by a step since are spared, and whole-store scans stay rare (amortised O(1))."""
+    cap = 2000
+    s, removed = store(max_sessions=cap, cap_policy="evict_lru", ttl=1e9)
+    for n in range(cap):
+        await s.create("m/1", f"s{n}", float(n))
+    touched = {f"s{n}" for n in range(0, cap, 7)}
+    leases, _, _ = await s.gather("m/1", sorted(touched), float(cap))
+    assert all(isinstance(x, Lease) for x in leases)
+    for n in range(cap):
+        await s.create("m/1", f"new{n}", float(cap + 1 + n))
+    assert len(removed) == cap
+    untouched = [f"s{n}" for n in range(cap) if f"s{n}" not in touched]
+    # NOTE: the untouched old ones go first, oldest first; then the touched ones (touched at the same time)
+    evicted = removed_ids(s, removed, cap)
+    assert evicted[: len(untouched)] == untouched
+    assert set(evicted[len(untouched) :]) <= touched
+    assert s.scans <= cap // (cap // 64) + 4, s.scans
+
+
+def removed_ids(s: MemorySessionStore, removed: list[tuple[str, str]], n: int) -> list[str]:
+    """The ids of the evicted sessions in eviction order, from the store's record of removed ids."""
+    assert all(reason == "evicted" for _, reason in removed)
+    return list(s._gone)[-n:]
+
+
+async def test_sessions_that_send_seq_cost_their_state_plus_bounded_replay_memory() -> None:
+    """With seq in use (a replay kept for each session: digest and the outputs of one step), a session costs
+    2*L*H*4 bytes plus under 256 bytes plus its kept outputs and their bookkeeping (under 128 bytes more)."""
+    sig = Signature(features=4, outputs=7, layers=1, hidden=48)
+    s = MemorySessionStore({"m/1": sig}, ttl=60, max_sessions=100_000)
+    for _ in range(PAGE):  # NOTE: the first page; then fill whole pages so no capacity is spare
+        await s.create("m/1", None, 0.0)
+    n = 7 * PAGE
+    outputs = np.ones((1, 7), np.float32)
+    tracemalloc.start()
+    before, _ = tracemalloc.get_traced_memory()
+    for k in range(n):
+        sid = (await s.create("m/1", None, 0.0)).session_id
+        leases, _, _ = await s.gather("m/1", [sid], 1.0)
+        state = np.zeros((1, 1, 48), np.float32)
+        replay = Replay(1, k.to_bytes(16, "little"), outputs)
+        await s.commit("m/1", commits(leases, [1], [replay]), state, state, 1.0)
+    after, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    raw = 2 * 1 * 48 * 4
+    per_session = (after - before) / n
+    assert raw <= per_session < raw + 256 + outputs.nbytes + 128, per_session
