@@ -67,11 +67,17 @@ class Server:
                 max_queue=settings.max_queue,
                 max_steps_per_call=settings.max_steps_per_call,
                 session_ttl=settings.session_ttl_s,
+                stream_open_timeout=settings.stream_open_timeout_s,
             ),
         )
         self.rest_app = create_app(self.dataplane, self.metrics, settings.max_body_bytes)
         self.grpc = GRPCServer(
-            self.dataplane, self.metrics, settings.host, settings.grpc_port, settings.grpc_max_message_bytes
+            self.dataplane,
+            self.metrics,
+            settings.host,
+            settings.grpc_port,
+            settings.grpc_max_message_bytes,
+            keepalive=(settings.grpc_keepalive_s, settings.grpc_keepalive_timeout_s),
         )
         self._uvicorn: _Uvicorn | None = None
         self._uvicorn_task: asyncio.Task[None] | None = None
@@ -85,8 +91,12 @@ class Server:
     def _bind_http(self) -> socket.socket:
         """Bind the REST port here (not in uvicorn), so that a port in use is a clear error, not an exit."""
         host, port = self.settings.host, self.settings.http_port
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        # NOTE: proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the listening
+        # socket says TCP, and without it Nagle's algorithm and delayed ACKs stall keep-alive answers ~40 ms
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((host, port))
         except OSError as e:

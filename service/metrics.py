@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STREAM_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -18,19 +19,27 @@ class Metrics:
             "lstm_requests", "Requests by protocol, method and result code", ["protocol", "method", "code"], registry=r
         )
         self.request_latency = Histogram(
-            "lstm_request_latency_seconds", "Request latency by protocol and method", ["protocol", "method"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "lstm_request_latency_seconds", "Latency of unary requests (not streams) by protocol and method",
+            ["protocol", "method"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stream_duration = Histogram(
+            "lstm_stream_duration_seconds", "How long streams stay open, by protocol", ["protocol"],
+            buckets=STREAM_BUCKETS, registry=r,
         )  # fmt: skip
         self.stream_messages = Counter(
             "lstm_stream_messages", "Messages received on streams, by protocol and result code",
             ["protocol", "code"], registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
-            "lstm_queue_wait_seconds", "Time a step call waits for its batch", ["model"],
+            "lstm_queue_wait_seconds", "Time a step call waits in the queue until its batch starts", ["model"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inference = Histogram(
-            "lstm_inference_seconds", "ONNX Runtime time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r
+            "lstm_inference_seconds",
+            "ONNX Runtime run time per batch (without waiting for a thread)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "lstm_batch_size", "Step calls per ONNX Runtime batch", ["model"], buckets=BATCH_BUCKETS, registry=r

@@ -34,6 +34,15 @@ class Settings(BaseSettings):
         1024 * 1024, ge=1024, description="largest REST body or WebSocket message (parsed on the event loop)"
     )
     grpc_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest gRPC message")
+    stream_open_timeout_s: float = Field(
+        30.0, gt=0, description="a stream (gRPC or WebSocket) must send its first message within this time"
+    )
+    grpc_keepalive_s: float = Field(
+        30.0, gt=0, description="gRPC: ping an idle connection this often, so that a dead peer's streams end"
+    )
+    grpc_keepalive_timeout_s: float = Field(
+        10.0, gt=0, description="gRPC: close a connection whose ping is not answered within this time"
+    )
     drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight work may take to finish")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 

@@ -69,6 +69,9 @@ def snapshot_to_pb(s: Snapshot) -> pb.SessionSnapshot:
 def snapshot_from_pb(s: pb.SessionSnapshot) -> Snapshot:
     if not s.model:
         raise InvalidInputError("snapshot.model is required")
+    if not s.version:
+        # NOTE: never the newest silently: a state only means something on the version that made it
+        raise InvalidInputError("snapshot.version is required: import the snapshot as ExportSession returned it")
     return Snapshot(s.model, s.version, s.steps, s.seq, to_array(s.h, "snapshot h"), to_array(s.c, "snapshot c"))
 
 

@@ -19,8 +19,17 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Predictor"].full_name  # "lstm.v1
 class GRPCServer:
     """grpc.aio server bound to host:port (port 0 picks a free port; `port` tells which)."""
 
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        keepalive: tuple[float, float] = (30.0, 10.0),
+    ) -> None:
         self.host, self.requested_port = host, port
+        every_ms, timeout_ms = (int(v * 1000) for v in keepalive)
         # NOTE: grpc core refuses messages over twice the limit with its own RESOURCE_EXHAUSTED; between the
         # limit and twice it, the servicer answers with our error (code trailer, advice) and streams go on
         self.server = grpc.aio.server(
@@ -28,6 +37,14 @@ class GRPCServer:
                 ("grpc.max_receive_message_length", 2 * max_message_bytes),
                 ("grpc.max_send_message_length", 2 * max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # NOTE: ping idle connections so that the streams of a peer that vanished (no FIN) end
+                ("grpc.keepalive_time_ms", every_ms),
+                ("grpc.keepalive_timeout_ms", timeout_ms),
+                ("grpc.http2.ping_timeout_ms", timeout_ms),  # NOTE: grpc core times keepalive acks with this
+                ("grpc.keepalive_permit_without_calls", 1),
+                # NOTE: clients may ping as often as we do (grpc's default would answer them with GOAWAY)
+                ("grpc.http2.min_ping_interval_without_data_ms", min(every_ms, 10_000)),
+                ("grpc.http2.max_pings_without_data", 0),
             ]
         )
         pb_grpc.add_PredictorServicer_to_server(PredictorServicer(dataplane, metrics, max_message_bytes), self.server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -32,6 +33,12 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], e: ServeError) -> N
     await context.abort(grpc_status(e), e.message)
 
 
+def cancelled_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status of a call that grpc cancelled under us: past its deadline, or the client went away."""
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+
+
 def unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
     """Wrap a unary handler: count it, time it, and turn any exception into a status from the error table."""
 
@@ -43,6 +50,9 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., 
             try:
                 self.check_size(request)
                 return await fn(self, request, context)
+            except asyncio.CancelledError:
+                code = cancelled_code(context)
+                raise
             except Exception as exc:
                 if not isinstance(exc, ServeError):
                     log.exception("unexpected error in gRPC %s", method)
@@ -151,6 +161,9 @@ class PredictorServicer(pb_grpc.PredictorServicer):
                 async for reply in replies:
                     self.metrics.stream_messages.labels("grpc", reply.error.code.value if reply.error else "ok").inc()
                     yield cv.stream_response(reply)
+        except asyncio.CancelledError:
+            code = cancelled_code(context)
+            raise
         except Exception as exc:
             if not isinstance(exc, ServeError):
                 log.exception("unexpected error in gRPC Stream")
@@ -159,4 +172,4 @@ class PredictorServicer(pb_grpc.PredictorServicer):
             await abort(context, e)
         finally:
             self.metrics.requests.labels("grpc", "Stream", code).inc()
-            self.metrics.request_latency.labels("grpc", "Stream").observe(time.perf_counter() - t0)
+            self.metrics.stream_duration.labels("grpc").observe(time.perf_counter() - t0)

@@ -93,6 +93,40 @@ class BodyLimit:
         await error_response(PayloadTooLargeError.over(self.limit))(scope, receive, send)
 
 
+class RequestMetrics:
+    """Count and time every HTTP request by route and status, and answer unexpected errors with the table's
+    500 here (logged once), so that they are counted like any other answer. Pure ASGI: no task per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = int(message["status"]), True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception as exc:
+            log.exception("unexpected error in REST handler")
+            if not started:
+                await error_response(as_serve_error(exc))(scope, receive, send_counted)
+        finally:
+            verb = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"  # NOTE: bounded label values
+            method = f"{verb} {getattr(scope.get('route'), 'path', 'unmatched')}"
+            self.metrics.requests.labels("rest", method, str(status)).inc()
+            self.metrics.request_latency.labels("rest", method).observe(time.perf_counter() - t0)
+
+
 def _dataplane(request: Request) -> DataPlane:
     plane: DataPlane = request.app.state.dataplane
     return plane
@@ -147,25 +181,9 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
         log.warning("unmapped HTTP error %d: %s", e.status_code, e.detail)
         return error_response(as_serve_error(e))
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error in REST handler")
-        return error_response(as_serve_error(e))
-
-    # NOTE: added before the metrics middleware, so that the latter (outermost) also counts 413s
+    # NOTE: BodyLimit is added first, so that RequestMetrics (outermost) also counts and times 413s
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-
-    # --- metrics for every request ----------------------------------------------------------------
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        verb = request.method if request.method in HTTP_METHODS else "OTHER"  # NOTE: bounded label values
-        method = f"{verb} {getattr(route, 'path', 'unmatched')}"
-        metrics.requests.labels("rest", method, str(response.status_code)).inc()
-        metrics.request_latency.labels("rest", method).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     # --- health and metrics ------------------------------------------------------------------------
     ops = APIRouter(tags=["operations"])
@@ -338,7 +356,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
                 await ws.close()
         finally:
             metrics.requests.labels("websocket", "stream", code).inc()
-            metrics.request_latency.labels("websocket", "stream").observe(time.perf_counter() - t0)
+            metrics.stream_duration.labels("websocket").observe(time.perf_counter() - t0)
 
     for router in (ops, models, sessions, steps):
         app.include_router(router)

@@ -109,8 +109,9 @@ class PredictorServicer:
     def Stream(self, request_iterator, context):
         """One session per stream. The first message opens a new session or resumes one by id; every message
         may carry steps, and each gets one response in order. Per-message errors come back in-band
-        (StreamResponse.error) and the stream stays open. The session is deleted when the stream ends,
-        unless the first message set keep.
+        (StreamResponse.error) and the stream stays open. A session the stream opened is deleted when the
+        stream ends, unless the first message set keep or another stream has resumed it since; a resumed
+        session stays. The first message must arrive within the server's stream open timeout.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
