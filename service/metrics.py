@@ -41,6 +41,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.queue_depth = Gauge(
+            "lstm_queue_depth", "Step calls queued or running, per model version", ["model"], registry=r
+        )
         self.batch_size = Histogram(
             "lstm_batch_size", "Step calls per ONNX Runtime batch", ["model"], buckets=BATCH_BUCKETS, registry=r
         )

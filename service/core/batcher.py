@@ -113,6 +113,7 @@ class Batcher:
         self._inference = metrics.inference.labels(model.key)
         self._batch_size = metrics.batch_size.labels(model.key)
         self._steps = metrics.steps.labels(model.key)
+        self._depth = metrics.queue_depth.labels(model.key)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +131,7 @@ class Batcher:
             w.resolve(UnavailableError("the server stopped before this step completed; retry"))
         self._pending.clear()
         self._running = []
+        self._depth.set(0)
         self._idle.set()
 
     async def wait_idle(self) -> None:
@@ -151,6 +153,7 @@ class Batcher:
             )
         fut: asyncio.Future[StepOutcome] = asyncio.get_running_loop().create_future()
         self._pending.append(_Work(session_id, x, seq, fut))
+        self._depth.inc()
         self._idle.clear()
         self._wake.set()
         return await fut
@@ -211,6 +214,7 @@ class Batcher:
                 for w in batch:
                     w.resolve(e if isinstance(e, ServeError) else ModelError("inference failed"))
             self._running = []
+            self._depth.set(len(self._pending))
 
     def _timed_run(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32, float]:
         """Run the model in the executor thread and time only the run (not the wait for a thread)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,18 +37,47 @@ async def grpc_error(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str, str]:
     return e.code(), str(trailers.get("lstm-error-code", "")), e.details() or ""
 
 
+# NOTE: written out here, not taken from ERROR_TABLE, so that a wrong row in the table fails these tests
+EXPECTED: dict[ErrorCode, tuple[int, grpc.StatusCode]] = {
+    ErrorCode.INVALID_INPUT: (400, grpc.StatusCode.INVALID_ARGUMENT),
+    ErrorCode.MALFORMED_REQUEST: (400, grpc.StatusCode.INVALID_ARGUMENT),
+    ErrorCode.PAYLOAD_TOO_LARGE: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ErrorCode.MODEL_NOT_FOUND: (404, grpc.StatusCode.NOT_FOUND),
+    ErrorCode.SESSION_NOT_FOUND: (404, grpc.StatusCode.NOT_FOUND),
+    ErrorCode.SESSION_EXISTS: (409, grpc.StatusCode.ALREADY_EXISTS),
+    ErrorCode.SEQ_CONFLICT: (409, grpc.StatusCode.ABORTED),
+    ErrorCode.SESSION_LIMIT: (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ErrorCode.OVERLOADED: (503, grpc.StatusCode.UNAVAILABLE),
+    ErrorCode.UNAVAILABLE: (503, grpc.StatusCode.UNAVAILABLE),
+    ErrorCode.DEADLINE_EXCEEDED: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ErrorCode.MODEL_ERROR: (500, grpc.StatusCode.INTERNAL),
+    ErrorCode.INTERNAL: (500, grpc.StatusCode.INTERNAL),
+    ErrorCode.ROUTE_NOT_FOUND: (404, grpc.StatusCode.UNIMPLEMENTED),
+    ErrorCode.METHOD_NOT_ALLOWED: (405, grpc.StatusCode.UNIMPLEMENTED),
+}
+RETRY_AFTER = {ErrorCode.SESSION_LIMIT: "1", ErrorCode.OVERLOADED: "1", ErrorCode.UNAVAILABLE: "1"}
+
+
+def test_the_expected_codes_cover_every_row_of_the_table() -> None:
+    """Every error code has its literal expectation here, and the table agrees with it."""
+    assert set(EXPECTED) == set(ErrorCode)
+    for code, (http, status) in EXPECTED.items():
+        spec = ERROR_TABLE[code]
+        assert (spec.http_status, spec.grpc_status) == (http, status.name), code
+        assert (str(spec.retry_after) if spec.retry_after else None) == RETRY_AFTER.get(code), code
+
+
 def check(code: ErrorCode, r: httpx.Response, g: tuple[grpc.StatusCode, str, str], same_message: bool = True) -> str:
-    """REST and gRPC agree with the table and with each other; return the message."""
-    spec = ERROR_TABLE[code]
+    """REST and gRPC agree with the literal expectation and with each other; return the message."""
+    http, status = EXPECTED[code]
     body = r.json()
-    assert r.status_code == spec.http_status, body
+    assert r.status_code == http, body
     assert body["code"] == code.value
-    assert g[0] == grpc.StatusCode[spec.grpc_status], g
+    assert g[0] == status, g
     if same_message:
         assert g[1] == code.value
         assert g[2] == body["error"]
-    if spec.retry_after:
-        assert r.headers["Retry-After"] == str(spec.retry_after)
+    assert r.headers.get("Retry-After") == RETRY_AFTER.get(code)
     for leak in ("Traceback", "/work/", ".py", "site-packages"):
         assert leak not in body["error"]
         assert leak not in g[2]
@@ -294,17 +324,32 @@ async def test_a_full_queue_is_503_and_unavailable(fake_server: Any) -> None:
 
 
 async def test_unexpected_errors_are_generic_on_both_transports(
-    server: Server, rest: httpx.AsyncClient, stub: pb_grpc.PredictorStub, monkeypatch: pytest.MonkeyPatch
+    server: Server,
+    rest: httpx.AsyncClient,
+    stub: pb_grpc.PredictorStub,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A bug inside the server gives 500 / INTERNAL with a generic message: no traceback, path or detail leaks."""
+    """A bug inside the server gives 500 / INTERNAL with a generic message: no traceback, path or detail leaks;
+    the answer is counted in the metrics and the traceback is logged once, only in the server log."""
 
     async def broken(_: str) -> Any:
         raise RuntimeError("secret detail at /work/main/service/core/dataplane.py line 1")
 
     monkeypatch.setattr(server.dataplane, "get_session", broken)
-    r = await rest.get("/v1/sessions/anything")
-    g = await grpc_error(stub.GetSession(pb.SessionRef(session_id="anything")))
+    with caplog.at_level(logging.ERROR):
+        r = await rest.get("/v1/sessions/anything")
+        g = await grpc_error(stub.GetSession(pb.SessionRef(session_id="anything")))
     assert check(ErrorCode.INTERNAL, r, g) == INTERNAL_MESSAGE
+    # NOTE: counted and timed like every answer, and logged once per failure (REST and gRPC)
+    registry = server.metrics.registry
+    rest_labels = {"protocol": "rest", "method": "GET /v1/sessions/{session_id}"}
+    assert registry.get_sample_value("lstm_requests_total", {**rest_labels, "code": "500"}) == 1
+    assert registry.get_sample_value("lstm_request_latency_seconds_count", rest_labels) == 1
+    grpc_labels = {"protocol": "grpc", "method": "GetSession", "code": "INTERNAL"}
+    assert registry.get_sample_value("lstm_requests_total", grpc_labels) == 1
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 2, [rec.getMessage() for rec in tracebacks]
 
 
 async def test_step_batch_items_with_bad_shapes_fail_alone(
@@ -329,8 +374,8 @@ async def test_step_batch_items_with_bad_shapes_fail_alone(
 async def test_unknown_routes_and_methods_on_both_transports(server: Server, rest: httpx.AsyncClient) -> None:
     """An unknown REST path is 404 route_not_found; an unknown gRPC method is UNIMPLEMENTED, as in the table."""
     r = await rest.post("/v1/nope", json={})
-    assert (r.status_code, r.json()["code"]) == (ERROR_TABLE[ErrorCode.ROUTE_NOT_FOUND].http_status, "route_not_found")
+    assert (r.status_code, r.json()["code"]) == (EXPECTED[ErrorCode.ROUTE_NOT_FOUND][0], "route_not_found")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
         call = ch.unary_unary("/lstm.v1.Predictor/Nope", request_serializer=bytes, response_deserializer=bytes)
         code, _, _ = await grpc_error(call(b""))
-    assert code == grpc.StatusCode[ERROR_TABLE[ErrorCode.ROUTE_NOT_FOUND].grpc_status]
+    assert code == EXPECTED[ErrorCode.ROUTE_NOT_FOUND][1]

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -75,7 +76,7 @@ async def test_metrics_count_exactly_the_traffic_sent(
     assert value(s, "lstm_steps_total", model=KEY) == 10 + 5 * 2
     assert value(s, "lstm_batch_size_sum", model=KEY) == 15
     batches = value(s, "lstm_batch_size_count", model=KEY)
-    assert 1 <= batches <= 15
+    assert batches == 15  # NOTE: strictly sequential calls: one batch each
     assert value(s, "lstm_inference_seconds_count", model=KEY) == batches
     assert value(s, "lstm_queue_wait_seconds_count", model=KEY) == 15
     assert value(s, "lstm_sessions_created_total", model=KEY) == 5
@@ -171,8 +172,9 @@ async def test_stream_command_explains_a_missing_server(tmp_path: Path) -> None:
 
 
 async def test_serve_command_drains_on_sigterm_and_exits_zero(weather: np.ndarray) -> None:
-    """The real entry point serves on port 0, turns unready on SIGTERM, finishes in-flight work and exits 0."""
-    env = {**os.environ, "LSTM_SERVE_DRAIN_SECONDS": "5"}
+    """The real entry point serves on port 0; on SIGTERM readiness turns false first (REST and gRPC health)
+    while queued work still runs, every step call the server had queued finishes with 200, and it exits 0."""
+    env = {**os.environ, "LSTM_SERVE_DRAIN_SECONDS": "20", "LSTM_SERVE_MAX_BATCH_SIZE": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.cli", "serve", "--models", str(ROOT / "models"), "--http-port", "0",
         "--grpc-port", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
@@ -186,20 +188,33 @@ async def test_serve_command_drains_on_sigterm_and_exits_zero(weather: np.ndarra
     http_port = int(re.findall(rb"http://127\.0\.0\.1:(\d+) \(REST", log)[0])
     grpc_port = int(re.findall(rb"127\.0\.0\.1:(\d+) \(gRPC\)", log)[0])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
-        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as rest:
-        assert (await rest.get("/readyz")).status_code == 200
-        sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
-        inflight = [
-            asyncio.create_task(rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": weather[:4000].tolist()})),
-            asyncio.create_task(rest.post(f"/v1/models/{MODEL}/predict", json={"inputs": weather[:4000].tolist()})),
-        ]
-        await asyncio.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        results = await asyncio.gather(*inflight)
-        assert [r.status_code for r in results] == [200, 200]
-    assert await asyncio.wait_for(proc.wait(), 15) == 0
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as rest:
+            assert (await rest.get("/readyz")).status_code == 200
+            n = 32  # NOTE: calls of 4,000 steps, one per batch
+            sids = [(await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"] for _ in range(n)]
+            body = {"inputs": weather[:4000].tolist()}
+            finished: list[float] = []
+            inflight = [asyncio.create_task(rest.post(f"/v1/sessions/{sid}/steps", json=body)) for sid in sids]
+            for t in inflight:
+                t.add_done_callback(lambda _: finished.append(time.monotonic()))
+            depth = 0.0
+            while depth < 6:  # NOTE: wait (no fixed sleep) until the server holds several calls in its queue
+                depth = value(scrape((await rest.get("/metrics")).text), "lstm_queue_depth", model=KEY)
+            proc.send_signal(signal.SIGTERM)
+            ready = await rest.get("/readyz")
+            unready_at = time.monotonic()
+            assert (ready.status_code, ready.json()["error"]) == (503, "draining")
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            results = await asyncio.gather(*inflight)
+            # NOTE: calls the server had queued finish; calls still in transit at SIGTERM are refused as unavailable
+            codes = [r.status_code for r in results]
+            assert set(codes) <= {200, 503}, codes
+            assert codes.count(200) >= depth
+            assert all(r.json()["code"] == "unavailable" for r in results if r.status_code == 503)
+            assert any(at > unready_at for at in finished)  # work was still running after readiness turned false
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
     rest_log = (log + await proc.stderr.read()).decode()
     assert "shutting down" in rest_log
     assert "stopped" in rest_log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -207,10 +208,17 @@ async def test_a_stream_the_client_abandons_closes_its_session(server: Server, w
             await call.read()
             await call.read()
             assert server.store.count() == 1
+
+            def streams_ended() -> float:
+                name = "lstm_stream_duration_seconds_count"
+                return server.metrics.registry.get_sample_value(name, {"protocol": "grpc"}) or 0.0
+
+            ended = streams_ended()
             call.cancel()
-            for _ in range(100):
-                if server.store.count() == (0 if not keep else 1):
-                    break
+            # NOTE: wait until the server has processed the cancel (its stream ended), then look at the session
+            deadline = time.monotonic() + 10
+            while streams_ended() == ended:
+                assert time.monotonic() < deadline, "the server never saw the cancel"
                 await asyncio.sleep(0.01)
             assert server.store.count() == (0 if not keep else 1)
 
