@@ -227,7 +227,14 @@ class Batcher:
         for w in batch:
             self._queue_wait.observe(started - w.enqueued)
         sessions = [w for w in batch if w.session_id is not None]
-        leases, h_s, c_s = await self.store.gather(self.model.key, [w.session_id or "" for w in sessions], self.clock())
+        try:
+            leases, h_s, c_s = await self.store.gather(
+                self.model.key, [w.session_id or "" for w in sessions], self.clock()
+            )
+        except Exception as e:
+            for w in batch:
+                w.resolve(self._store_failed(e))
+            return
         # decide, per call: run it, replay it, or refuse it
         run: list[tuple[_Work, Lease | None, int]] = []  # (work, lease, row of h_s; -1 for stateless)
         for r, (w, got) in enumerate(zip(sessions, leases, strict=True)):
@@ -274,9 +281,9 @@ class Batcher:
         if commits:
             try:
                 outcome = await self.store.commit(self.model.key, commits, hn[:, idx, :], cn[:, idx, :], self.clock())
-            except ServeError as e:
+            except Exception as e:
                 for i in idx:
-                    run[i][0].resolve(e)  # NOTE: answered here; the GONE below does not overwrite it
+                    run[i][0].resolve(self._store_failed(e))  # NOTE: answered here; GONE below does not overwrite
                 status = dict.fromkeys(idx, CommitStatus.GONE)
             else:
                 status = dict(zip(idx, outcome, strict=True))
@@ -306,6 +313,14 @@ class Batcher:
                     )
                 )
         self._steps.inc(steps)
+
+    def _store_failed(self, e: Exception) -> ServeError:
+        """A store failure is the store's error if it has one, else 'unavailable' (retry with seq), never a
+        model error: the model did nothing wrong."""
+        if isinstance(e, ServeError):
+            return e
+        log.error("session store failed on %s", self.model.key, exc_info=e)
+        return UnavailableError("the session store did not answer; retry (with seq, a retry is safe)")
 
     @staticmethod
     def _replay(w: _Work, lease: Lease, y: F32) -> Replay | None:

@@ -289,13 +289,18 @@ async def fake_server(request: pytest.FixtureRequest) -> Any:
 
 @pytest.mark.parametrize("fake_server", [(NonFiniteRuntime(), {})], indirect=True)
 async def test_non_finite_model_output_is_500_and_internal_with_state_kept(fake_server: Any) -> None:
-    """A model that emits Inf gives a model error on both transports and does not commit state."""
-    rest, stub, _ = fake_server
+    """A model that emits Inf gives a model error on both transports, counted as such, and does not commit state."""
+    rest, stub, srv = fake_server
     sid = (await rest.post("/v1/sessions", json={"model": "fake"})).json()["session_id"]
     r = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[5000, 0, 0]]})
     g = await grpc_error(stub.Step(pb.StepRequest(session_id=sid, inputs=m([[5000, 0, 0]]))))
     assert "non-finite" in check(ErrorCode.MODEL_ERROR, r, g)
     assert (await rest.get(f"/v1/sessions/{sid}")).json()["steps"] == 0
+    registry = srv.metrics.registry
+    rest_labels = {"protocol": "rest", "method": "POST /v1/sessions/{session_id}/steps", "code": "500"}
+    assert registry.get_sample_value("lstm_requests_total", rest_labels) == 1
+    grpc_labels = {"protocol": "grpc", "method": "Step", "code": "INTERNAL"}
+    assert registry.get_sample_value("lstm_requests_total", grpc_labels) == 1
 
 
 @pytest.mark.parametrize(

@@ -440,3 +440,21 @@ async def test_replays_keep_small_outputs_and_refuse_a_retry_of_a_large_call() -
     assert again.replayed
     np.testing.assert_array_equal(again.outputs, r.outputs)
     await dp.stop()
+
+
+async def test_a_failing_session_store_is_unavailable_not_a_model_error() -> None:
+    """When the store cannot be read or written, steps get a retryable 'unavailable', not a 500."""
+    dp, _ = await make_dp()
+    sid = (await dp.create_session("fake", None, None)).session_id
+
+    async def down(*_: object) -> None:
+        raise ConnectionError("store down")
+
+    for method in ("gather", "commit"):
+        original = getattr(dp.store, method)
+        setattr(dp.store, method, down)
+        with pytest.raises(UnavailableError, match="session store did not answer"):
+            await dp.step(sid, rows(1, 1)[0])
+        setattr(dp.store, method, original)
+    assert (await dp.step(sid, rows(1, 1)[0])).seq == 1  # nothing was committed by the failed calls
+    await dp.stop()
