@@ -46,6 +46,20 @@ async def until(predicate: Any, within: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def hanging_stream(stub: pb_grpc.PredictorStub, session_id: str, row: np.ndarray) -> Any:
+    """A stream that opened a session and applied one step, and whose client then sends nothing more."""
+
+    async def reqs() -> AsyncIterator[pb.StreamRequest]:
+        yield pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id=session_id))
+        yield pb.StreamRequest(inputs=matrix(row))
+        await asyncio.Event().wait()
+
+    call = stub.Stream(reqs())
+    await call.read()
+    assert (await call.read()).seq == 1
+    return call
+
+
 def keep_alive_steps(port: int, sid: str, rows: np.ndarray) -> list[float]:
     """Sequential step calls on one HTTP/1.1 connection (as requests.Session or any pooled client does)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -83,16 +97,7 @@ async def test_a_half_open_old_stream_reaped_later_does_not_delete_the_resumed_s
     on; when the old stream is finally reaped, the session lives on and keeps its steps."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = pb_grpc.PredictorStub(channel)
-        hang = asyncio.Event()
-
-        async def old() -> AsyncIterator[pb.StreamRequest]:
-            yield pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="roaming"))
-            yield pb.StreamRequest(inputs=matrix(weather[0]))
-            await hang.wait()
-
-        old_call = stub.Stream(old())
-        await old_call.read()
-        assert (await old_call.read()).seq == 1
+        old_call = await hanging_stream(stub, "roaming", weather[0])
         new_q: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
 
         async def new() -> AsyncIterator[pb.StreamRequest]:
@@ -198,17 +203,7 @@ async def test_the_stream_of_a_peer_that_vanished_ends_by_keepalive_and_frees_it
     port = await proxy.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.PredictorStub(channel)
-            hang = asyncio.Event()
-
-            async def reqs() -> AsyncIterator[pb.StreamRequest]:
-                yield pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="vanishing"))
-                yield pb.StreamRequest(inputs=matrix(weather[0]))
-                await hang.wait()
-
-            call = stub.Stream(reqs())
-            await call.read()
-            await call.read()
+            call = await hanging_stream(pb_grpc.PredictorStub(channel), "vanishing", weather[0])
             assert srv.store.count() == 1
             proxy.frozen.set()
             await until(lambda: srv.store.count() == 0, within=15)
