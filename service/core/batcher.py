@@ -6,11 +6,11 @@ moving its state), gathers their states, runs the model off the event loop, and 
 states back. A call that cannot join this batch keeps its place for the next one, so the steps of a
 session are applied in arrival order.
 
-When to run: a lone queued call runs at once (an idle server never waits). When two or more calls are
-queued, concurrency is real now, and a batch with room waits up to `max_queue_delay` (counted from its
-oldest call's arrival) for as many calls as the previous batch held, since closed-loop callers come
-back; it runs as soon as they are there. The decision looks only at what is queued now, so a burst
-leaves nothing behind that slows the lone calls after it.
+When to run: a batch with room waits for the callers answered within the last `max_queue_delay` whose
+next call has not come yet (closed-loop callers come back within a round trip), and runs as soon as
+they are all there, or `max_queue_delay` after the oldest queued call or the newest such answer. So a
+lone client never waits, after a pause of `max_queue_delay` nothing waits, and after a burst at most
+the first lone call waits, once: nothing of the burst lingers in a moving average.
 
 A call whose session changed or vanished while it ran is not committed and is answered with the error
 of what won (the store's compare-and-set), never with a success that was not applied.
@@ -24,7 +24,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -104,7 +104,8 @@ class Batcher:
         self._running: list[_Work] = []  # the batch being executed
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._last_size = 1  # calls in the previous batch: how many closed-loop callers may come back
+        # NOTE: sessions answered within the last max_queue_delay whose next call has not come yet, oldest first
+        self._awaiting: OrderedDict[str, float] = OrderedDict()
         self._stopped = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -152,6 +153,8 @@ class Batcher:
                 f"{self.model.describe()} has its maximum of {self.max_queue} step calls queued; retry shortly"
             )
         fut: asyncio.Future[StepOutcome] = asyncio.get_running_loop().create_future()
+        if session_id is not None:
+            self._awaiting.pop(session_id, None)
         self._pending.append(_Work(session_id, x, seq, fut))
         self._depth.inc()
         self._idle.clear()
@@ -180,12 +183,20 @@ class Batcher:
         return taken
 
     async def _gather_company(self) -> None:
-        """With two or more calls queued, wait (up to max_queue_delay from the oldest) for the previous
-        batch's number of calls; a lone call never waits."""
-        want = min(self.max_batch_size, self._last_size)
-        if self.max_queue_delay <= 0 or not 2 <= len(self._pending) < want:
+        """Wait, at most max_queue_delay, for the callers answered in the last max_queue_delay to come back
+        (closed-loop clients do, within a round trip). With nobody recently answered but the caller itself,
+        as for a lone client or after a pause, nothing waits."""
+        if self.max_queue_delay <= 0:
             return
-        deadline = self._pending[0].enqueued + self.max_queue_delay
+        now = time.perf_counter()
+        awaiting = self._awaiting
+        while awaiting and next(iter(awaiting.values())) < now - self.max_queue_delay:
+            awaiting.popitem(last=False)  # NOTE: not back within the delay: not coming
+        want = min(self.max_batch_size, len(self._pending) + len(awaiting))
+        if len(self._pending) >= want:
+            return
+        newest = next(reversed(awaiting.values()))
+        deadline = min(self._pending[0].enqueued, newest) + self.max_queue_delay
         while len(self._pending) < want:
             left = deadline - time.perf_counter()
             if left <= 0:
@@ -205,7 +216,6 @@ class Batcher:
             batch = self._select()
             if not batch:
                 continue
-            self._last_size = len(batch)
             self._running = batch
             try:
                 await self._execute(batch)
@@ -214,6 +224,10 @@ class Batcher:
                 for w in batch:
                     w.resolve(e if isinstance(e, ServeError) else ModelError("inference failed"))
             self._running = []
+            answered = time.perf_counter()
+            for w in batch:
+                if w.session_id is not None:
+                    self._awaiting[w.session_id] = answered
             self._depth.set(len(self._pending))
 
     def _timed_run(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32, float]:

@@ -253,18 +253,34 @@ async def test_stopping_fails_running_and_queued_steps_instead_of_hanging() -> N
             await asyncio.wait_for(task, 1)
 
 
-async def test_lone_steps_after_a_burst_never_wait_for_company() -> None:
-    """After a burst of 32 concurrent sessions, sequential single steps run at once even with a 0.5 s delay:
-    the wait depends on what is queued now, not on the history of batch sizes."""
-    dp, rt = await make_dp(max_queue_delay=0.5, max_batch_size=64)
+async def test_lone_steps_after_a_burst_wait_at_most_once_and_not_at_all_after_a_pause() -> None:
+    """After a burst of 32 concurrent sessions, with a 0.3 s delay: sequential single steps right after it wait
+    at most once (the first, for the burst's callers that do not come back), and none after a pause as long as
+    the delay. (Before, every lone step waited until a moving average of batch sizes had decayed.)"""
+    dp, rt = await make_dp(max_queue_delay=0.3, max_batch_size=64)
     sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(32)]
-    for k in range(3):
-        await asyncio.gather(*(dp.step(sid, rows(k, 1)[0]) for sid in sids))
+
+    async def burst() -> None:
+        for k in range(3):
+            await asyncio.gather(*(dp.step(sid, rows(k, 1)[0]) for sid in sids))
+
+    async def lone_steps() -> list[float]:
+        took = []
+        for x in rows(99, 10):
+            t0 = time.perf_counter()
+            await dp.step(sids[0], x)
+            took.append(time.perf_counter() - t0)
+        return took
+
+    await burst()
     assert max(rt.calls) == 32  # the burst was batched
-    t0 = time.perf_counter()
-    for x in rows(99, 10):
-        await dp.step(sids[0], x)
-    assert time.perf_counter() - t0 < 0.5  # NOTE: one wait of the delay would already take 0.5 s
+    took = await lone_steps()
+    assert took[0] < 0.3 + 0.2
+    assert sum(took[1:]) < 0.2, took  # NOTE: one more wait of the delay would take 0.3 s
+    await burst()
+    await asyncio.sleep(0.35)  # quiet, longer than the delay
+    took = await lone_steps()
+    assert sum(took) < 0.2, took
     await dp.stop()
 
 
