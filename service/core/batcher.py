@@ -225,8 +225,9 @@ class Batcher:
                     w.resolve(e if isinstance(e, ServeError) else ModelError("inference failed"))
             self._running = []
             answered = time.perf_counter()
+            queued = {w.session_id for w in self._pending}  # NOTE: their next call is already here
             for w in batch:
-                if w.session_id is not None:
+                if w.session_id is not None and w.session_id not in queued:
                     self._awaiting[w.session_id] = answered
             self._depth.set(len(self._pending))
 

@@ -474,3 +474,16 @@ async def test_a_failing_session_store_is_unavailable_not_a_model_error() -> Non
         setattr(dp.store, method, original)
     assert (await dp.step(sid, rows(1, 1)[0])).seq == 1  # nothing was committed by the failed calls
     await dp.stop()
+
+
+async def test_a_session_whose_next_call_is_already_queued_is_not_awaited() -> None:
+    """Pipelined calls on one session run back to back: the batcher does not wait for a caller that is
+    already queued (here with a 0.5 s delay, 8 calls take far less than one delay)."""
+    dp, rt = await make_dp(max_queue_delay=0.5)
+    sid = (await dp.create_session("fake", None, None)).session_id
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(dp.step(sid, x) for x in rows(5, 8)))
+    assert time.perf_counter() - t0 < 0.4
+    assert [r.seq for r in results] == list(range(1, 9))
+    assert rt.calls == [1] * 8
+    await dp.stop()
