@@ -55,7 +55,7 @@ class Server:
             ttl=settings.session_ttl_s,
             max_sessions=settings.max_sessions,
             cap_policy=settings.session_cap_policy,
-            on_removed=self._on_removed,
+            wall=time.time,
         )
         self.dataplane = DataPlane(
             self.repo,
@@ -83,10 +83,6 @@ class Server:
         self._uvicorn_task: asyncio.Task[None] | None = None
         self.http_port = 0
         self.grpc_port = 0
-
-    def _on_removed(self, model_key: str, reason: str) -> None:
-        self.metrics.sessions_removed.labels(model_key, reason).inc()
-        self.metrics.sessions_open.labels(model_key).set(self.store.count(model_key))
 
     def _bind_http(self) -> socket.socket:
         """Bind the REST port here (not in uvicorn), so that a port in use is a clear error, not an exit."""

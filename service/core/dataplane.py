@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -104,11 +104,10 @@ class DataPlane:
         metrics: Metrics,
         limits: Limits,
         clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
     ) -> None:
-        # NOTE: `clock` (monotonic) orders and expires sessions; `wall` only shows their times to clients
-        self.repo, self.store, self.metrics, self.limits = repo, store, metrics, limits
-        self.clock, self.wall = clock, wall
+        # NOTE: `clock` (monotonic) orders and expires sessions; the store shows their times as Unix times
+        self.repo, self.store, self.metrics, self.limits, self.clock = repo, store, metrics, limits, clock
+        store.set_removal_listener(self._on_removed)
         self._executor = ThreadPoolExecutor(max_workers=max(1, len(repo.all())), thread_name_prefix="ort")
         self._batchers = {
             m.key: Batcher(
@@ -142,7 +141,7 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining
+        return self.started and not self.draining and self.store.healthy
 
     def begin_drain(self) -> None:
         """Refuse new work from now on; work already queued still runs; open streams end."""
@@ -171,8 +170,9 @@ class DataPlane:
             await asyncio.sleep(period)
             try:
                 await self.store.expire(self.clock())
-            except Exception:  # pragma: no cover - keep sweeping whatever one sweep hit
-                log.exception("session expiry sweep failed")
+                await self._update_open()
+            except Exception as e:  # NOTE: keep sweeping whatever one sweep hit (a store that is down, say)
+                log.warning("session expiry sweep failed: %s", e)
 
     def _accepting(self) -> None:
         if self.draining:
@@ -236,26 +236,19 @@ class DataPlane:
         model = self.get_model(name, version)
         info = await self.store.create(model.key, session_id or None, self.clock())
         self.metrics.sessions_created.labels(model.key).inc()
-        self._update_open()
-        return self._shown(info)
-
-    def _shown(self, info: SessionInfo) -> SessionInfo:
-        """The session's times as wall-clock (Unix) times, for clients; the store keeps monotonic ones."""
-        offset = self.wall() - self.clock()
-        return replace(
-            info, created=info.created + offset, last_used=info.last_used + offset, expires=info.expires + offset
-        )
+        await self._update_open()
+        return info
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        return self._shown(await self.store.info(check_session_id(session_id), self.clock()))
+        return await self.store.info(check_session_id(session_id), self.clock())
 
     async def delete_session(self, session_id: str, incarnation: str | None = None) -> None:
         """Delete a session; with `incarnation`, only that life of the id (see `SessionInfo.incarnation`)."""
         await self.store.delete(check_session_id(session_id), incarnation)
-        self._update_open()
+        await self._update_open()
 
     async def reset_session(self, session_id: str) -> SessionInfo:
-        return self._shown(await self.store.reset(check_session_id(session_id), self.clock()))
+        return await self.store.reset(check_session_id(session_id), self.clock())
 
     async def export_session(self, session_id: str) -> Snapshot:
         return await self.store.export(check_session_id(session_id), self.clock())
@@ -276,12 +269,16 @@ class DataPlane:
         info, created = await self.store.restore(check_session_id(session_id), model.key, snapshot, self.clock())
         if created:
             self.metrics.sessions_created.labels(model.key).inc()
-        self._update_open()
-        return self._shown(info)
+        await self._update_open()
+        return info
 
-    def _update_open(self) -> None:
+    async def _update_open(self) -> None:
+        """Set the open-sessions gauge from the store (for a shared store: all sessions, every replica)."""
         for key in self._batchers:
-            self.metrics.sessions_open.labels(key).set(self.store.count(key))
+            self.metrics.sessions_open.labels(key).set(await self.store.count(key))
+
+    def _on_removed(self, model_key: str, reason: str) -> None:
+        self.metrics.sessions_removed.labels(model_key, reason).inc()
 
     # --- steps -------------------------------------------------------------------------------------
     async def step(self, session_id: str, inputs: np.ndarray, seq: int | None = None) -> StepResult:
@@ -354,7 +351,7 @@ class DataPlane:
             )
         if opened.resume_session_id:
             # NOTE: the resumed session changes hands: the stream that opened it no longer closes it
-            info = self._shown(await self.store.detach(check_session_id(opened.resume_session_id), self.clock()))
+            info = await self.store.detach(check_session_id(opened.resume_session_id), self.clock())
             owned = False
         elif opened.model:
             info = await self.create_session(opened.model, opened.version, opened.session_id)

@@ -13,7 +13,7 @@ meanwhile is `STALE` (not written), one that is no longer there is `GONE`. The b
 those calls with the error of what won, never with a success that was not applied.
 
 Times: `now` is the caller's clock (monotonic in the server, so that expiry does not jump with the
-wall clock); `SessionInfo` carries times on that same clock, and the DataPlane shows them as wall time.
+wall clock); `SessionInfo` carries Unix (wall-clock) times for clients, converted by the store.
 """
 
 from __future__ import annotations
@@ -122,8 +122,14 @@ RemovalListener = Callable[[str, str], None]  # (model key, reason: "expired" | 
 
 class SessionStore(Protocol):
     """What the core needs from session storage. Row i of gather's arrays belongs to session_ids[i] (zeros
-    for a session that failed); column i of commit's arrays belongs to commits[i]."""
+    for a session that failed); column i of commit's arrays belongs to commits[i]. A store that cannot
+    answer raises `UnavailableError` (or any exception, which the core maps to it); `healthy` is False
+    while it cannot. Removals (deleted, expired, evicted) are reported to the listener, once per session
+    across every process that shares the store."""
 
+    @property
+    def healthy(self) -> bool: ...
+    def set_removal_listener(self, listener: RemovalListener) -> None: ...
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def create(self, model_key: str, session_id: str | None, now: float) -> SessionInfo: ...
@@ -143,7 +149,7 @@ class SessionStore(Protocol):
         self, model_key: str, commits: list[Commit], hn: F32, cn: F32, now: float
     ) -> list[CommitStatus]: ...
     async def expire(self, now: float) -> int: ...
-    def count(self, model_key: str | None = None) -> int: ...
+    async def count(self, model_key: str | None = None) -> int: ...
 
 
 class _Page:
@@ -271,7 +277,10 @@ class MemorySessionStore:
         max_sessions: int,
         cap_policy: str = "reject",
         on_removed: RemovalListener | None = None,
+        wall: Callable[[], float] | None = None,
     ) -> None:
+        # NOTE: wall: the Unix clock that SessionInfo shows; None shows times on the `now` clock as they are
+        self.wall = wall
         self._slabs = {key: _Slab(sig) for key, sig in signatures.items()}
         self._keys = list(self._slabs)  # model index -> model key
         self._key_index = {key: i for i, key in enumerate(self._keys)}
@@ -285,6 +294,13 @@ class MemorySessionStore:
         self.scans = 0  # full scans for the oldest sessions (at the cap); amortised over len/64 creates each
         self.ttl, self.max_sessions, self.cap_policy = ttl, max_sessions, cap_policy
         self._on_removed = on_removed or (lambda key, reason: None)
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    def set_removal_listener(self, listener: RemovalListener) -> None:
+        self._on_removed = listener
 
     async def start(self) -> None:
         """Nothing to connect to."""
@@ -314,17 +330,18 @@ class MemorySessionStore:
             raise SessionNotFoundError(f"session {session_id!r} was {self._gone[session_id]}; create a new one")
         return found
 
-    def _info(self, session_id: str, key: str, slab: _Slab, slot: int) -> SessionInfo:
+    def _info(self, session_id: str, key: str, slab: _Slab, slot: int, now: float) -> SessionInfo:
         name, version = key.split("/", 1)
         p, i = slab.at(slot)
-        last = float(p.last_used[i])
+        offset = 0.0 if self.wall is None else self.wall() - now
+        last = float(p.last_used[i]) + offset
         return SessionInfo(
             session_id=session_id,
             model=name,
             version=version,
             steps=int(p.steps[i]),
             seq=int(p.seq[i]),
-            created=float(p.created[i]),
+            created=float(p.created[i]) + offset,
             last_used=last,
             expires=last + self.ttl,
             incarnation=f"{int(p.born[i])}.{int(p.owner[i])}",
@@ -411,11 +428,11 @@ class MemorySessionStore:
         slab = self._slabs[model_key]
         slot = slab.alloc(session_id, now, next(self._births))
         self._index[session_id] = (self._key_index[model_key] << 40) | slot
-        return self._info(session_id, model_key, slab, slot)
+        return self._info(session_id, model_key, slab, slot, now)
 
     async def info(self, session_id: str, now: float) -> SessionInfo:
         key, slab, slot = self._locate(session_id, now)
-        return self._info(session_id, key, slab, slot)
+        return self._info(session_id, key, slab, slot, now)
 
     async def model_of(self, session_id: str, now: float) -> str:
         return self._locate(session_id, now)[0]
@@ -435,7 +452,7 @@ class MemorySessionStore:
         key, slab, slot = self._locate(session_id, now)
         p, i = slab.at(slot)
         p.owner[i] += 1
-        return self._info(session_id, key, slab, slot)
+        return self._info(session_id, key, slab, slot, now)
 
     async def reset(self, session_id: str, now: float) -> SessionInfo:
         key, slab, slot = self._locate(session_id, now)
@@ -443,7 +460,7 @@ class MemorySessionStore:
         p, i = slab.at(slot)
         p.last_used[i] = now
         self._outputs.pop(session_id, None)
-        return self._info(session_id, key, slab, slot)
+        return self._info(session_id, key, slab, slot, now)
 
     async def export(self, session_id: str, now: float) -> Snapshot:
         key, slab, slot = self._locate(session_id, now)
@@ -473,7 +490,7 @@ class MemorySessionStore:
         p.c[:, i, :] = snap.c
         p.steps[i], p.seq[i], p.last_used[i] = snap.steps, snap.seq, now
         self._outputs.pop(session_id, None)
-        return self._info(session_id, key, slab, slot), created
+        return self._info(session_id, key, slab, slot, now), created
 
     async def gather(
         self, model_key: str, session_ids: list[str], now: float
@@ -552,7 +569,7 @@ class MemorySessionStore:
                         removed += 1
         return removed
 
-    def count(self, model_key: str | None = None) -> int:
+    async def count(self, model_key: str | None = None) -> int:
         if model_key is None:
             return len(self._index)
         return self._slabs[model_key].live

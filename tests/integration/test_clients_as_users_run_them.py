@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import inspect
 import json
 import statistics
 import time
@@ -38,11 +39,17 @@ def sample(srv: Server, name: str, **labels: str) -> float:
     return srv.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-async def until(predicate: Any, within: float = 10.0) -> None:
-    """Wait until predicate() is true: the server has processed what the client did (no fixed sleeps)."""
+async def until(predicate: Any, within: float = 10.0, equals: Any = True) -> None:
+    """Wait until predicate() (a value or an awaitable) equals `equals`: the server has processed what the
+    client did (no fixed sleeps)."""
     deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for the server"
+    while True:
+        got = predicate()
+        if inspect.isawaitable(got):
+            got = await got
+        if got == equals:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for the server (last {got!r})"
         await asyncio.sleep(0.01)
 
 
@@ -204,9 +211,9 @@ async def test_the_stream_of_a_peer_that_vanished_ends_by_keepalive_and_frees_it
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = await hanging_stream(pb_grpc.PredictorStub(channel), "vanishing", weather[0])
-            assert srv.store.count() == 1
+            assert await srv.store.count() == 1
             proxy.frozen.set()
-            await until(lambda: srv.store.count() == 0, within=15)
+            await until(lambda: srv.store.count(), within=15, equals=0)
             call.cancel()
     finally:
         await proxy.close()
@@ -294,7 +301,7 @@ async def test_websocket_first_message_with_model_and_resume_is_refused(server: 
         reply = json.loads(await ws.recv())
         assert reply["code"] == "invalid_input"
         assert "not both" in reply["error"]
-    assert server.store.count() == 1
+    assert await server.store.count() == 1
 
 
 async def test_grpc_import_without_a_version_is_refused(server: Server) -> None:
@@ -307,4 +314,4 @@ async def test_grpc_import_without_a_version_is_refused(server: Server) -> None:
             await stub.ImportSession(pb.ImportSessionRequest(session_id="imported", snapshot=snap))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "snapshot.version is required" in (e.value.details() or "")
-    assert server.store.count() == 0
+    assert await server.store.count() == 0

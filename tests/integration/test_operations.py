@@ -155,7 +155,7 @@ async def test_stream_command_pipes_a_csv_through_a_session(server: Server, tmp_
     x = np.asarray([[float(v) for v in line.split(",")[1:5]] for line in lines[1:]], np.float32)
     np.testing.assert_allclose(got, reference_run(x), atol=1e-3)
     assert (tmp_path / "out.png").stat().st_size > 10_000
-    assert server.store.count() == 0
+    assert await server.store.count() == 0
 
 
 async def test_stream_command_explains_a_missing_server(tmp_path: Path) -> None:

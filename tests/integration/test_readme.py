@@ -54,7 +54,7 @@ async def test_curl_and_grpcurl_examples_run_in_order(server: Server, tmp_path: 
         assert rc == 0, (line, out, err)
         assert '"error"' not in out, (line, out)
         assert "ERROR" not in err, (line, err)
-    assert server.store.count() == 0  # the last line deleted the demo session
+    assert await server.store.count() == 0  # the last line deleted the demo session
 
 
 async def test_python_and_websocket_examples_run(server: Server, tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ async def test_websocket_stream_matches_one_offline_run(server: Server, weather:
                 assert "4 feature values" in bad["error"]
     np.testing.assert_allclose(np.asarray(outs, np.float32), reference_run(x), atol=ATOL)
     await asyncio.sleep(0.05)
-    assert server.store.count() == 0  # the session closed with the socket
+    assert await server.store.count() == 0  # the session closed with the socket
 
 
 async def test_step_batch_over_grpc_and_rest_matches_offline_runs(
@@ -207,7 +207,7 @@ async def test_a_stream_the_client_abandons_closes_its_session(server: Server, w
             call = stub.Stream(requests())
             await call.read()
             await call.read()
-            assert server.store.count() == 1
+            assert await server.store.count() == 1
 
             def streams_ended() -> float:
                 name = "lstm_stream_duration_seconds_count"
@@ -220,7 +220,7 @@ async def test_a_stream_the_client_abandons_closes_its_session(server: Server, w
             while streams_ended() == ended:
                 assert time.monotonic() < deadline, "the server never saw the cancel"
                 await asyncio.sleep(0.01)
-            assert server.store.count() == (0 if not keep else 1)
+            assert await server.store.count() == (0 if not keep else 1)
 
 
 async def test_websocket_misuse_gets_in_band_errors_and_keeps_the_session(
@@ -254,7 +254,7 @@ async def test_websocket_misuse_gets_in_band_errors_and_keeps_the_session(
         reply = json.loads(await ws.recv())
     np.testing.assert_allclose(np.asarray(reply["outputs"], np.float32), reference_run(weather[:1]), atol=ATOL)
     assert reply["steps"] == 1
-    assert srv.store.count() == 1  # kept (keep was a real boolean)
+    assert await srv.store.count() == 1  # kept (keep was a real boolean)
     async with websockets.connect(f"ws://127.0.0.1:{srv.http_port}/v1/sessions/stream") as ws:
         await ws.send(json.dumps({"model": MODEL, "keep": "false"}))
         first = json.loads(await ws.recv())

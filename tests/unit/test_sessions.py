@@ -28,9 +28,9 @@ async def test_create_get_delete_and_unknown_ids() -> None:
     assert len(info.session_id) == 32
     assert (info.model, info.version, info.steps, info.seq, info.expires) == ("m", "1", 0, 0, 11.0)
     assert (await s.info(info.session_id, 2.0)).session_id == info.session_id
-    assert s.count() == 1
+    assert await s.count() == 1
     await s.delete(info.session_id)
-    assert s.count() == 0
+    assert await s.count() == 0
     assert removed == [("m/1", "deleted")]
     with pytest.raises(SessionNotFoundError, match="no session"):
         await s.info(info.session_id, 3.0)
@@ -82,7 +82,7 @@ async def test_the_cap_rejects_new_sessions_or_evicts_the_least_recently_used() 
     assert removed == [("m/1", "evicted")]
     with pytest.raises(SessionNotFoundError, match="was evicted"):
         await e.info("new", 3.0)
-    assert e.count() == 2
+    assert await e.count() == 2
 
 
 def commits(leases: list[Lease | object], steps: list[int], replays: list[Replay | None] | None = None) -> list[Commit]:
@@ -200,7 +200,7 @@ async def test_growing_adds_pages_without_copying_existing_state() -> None:
     slab = s._slabs["m/1"]
     assert len(slab.pages) == 2
     assert slab.pages[0].h is first_page
-    assert s.count("m/1") == PAGE + 2
+    assert await s.count("m/1") == PAGE + 2
 
 
 async def test_eviction_at_the_cap_is_exact_lru_with_a_bounded_number_of_scans() -> None:
