@@ -7,7 +7,9 @@ PY := $(BIN)/python
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 50051
 
-.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev
+REDIS_PORT ?= 6379
+
+.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev redis
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -52,7 +54,15 @@ lint: $(VENV)/.dev  ## ruff (lint + format check)
 typecheck: $(VENV)/.dev  ## mypy --strict on service and model
 	$(BIN)/mypy
 
-pytest: $(VENV)/.dev
+# The tests use a real Redis (the shared session store): start one if none answers.
+redis: $(VENV)/.dev  ## make sure a Redis answers on 127.0.0.1:$(REDIS_PORT) (started without persistence if not)
+	@$(PY) -c "import redis; redis.Redis(port=$(REDIS_PORT), socket_timeout=1).ping()" 2>/dev/null \
+	  || { command -v redis-server >/dev/null || { echo "the tests need Redis: apt-get install redis-server"; exit 1; }; \
+	       redis-server --daemonize yes --port $(REDIS_PORT) --save "" --appendonly no >/dev/null \
+	       && for i in 1 2 3 4 5 6 7 8 9 10; do $(PY) -c "import redis; redis.Redis(port=$(REDIS_PORT)).ping()" \
+	            2>/dev/null && break; sleep 0.3; done; }
+
+pytest: $(VENV)/.dev redis
 	$(BIN)/pytest
 
 test: $(VENV)/.dev lint typecheck check-proto pytest  ## everything CI runs

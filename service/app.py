@@ -14,14 +14,33 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from service.core.dataplane import DataPlane, Limits
-from service.core.sessions import MemorySessionStore
+from service.core.redis_store import RedisSessionStore
+from service.core.sessions import MemorySessionStore, SessionStore
 from service.grpc.server import GRPCServer
 from service.metrics import Metrics
 from service.repository import ModelRepository
 from service.rest.app import create_app
+from service.runtime import Signature
 from service.settings import Settings
 
 log = logging.getLogger("service")
+
+
+def make_store(settings: Settings, signatures: dict[str, Signature]) -> SessionStore:
+    """The session store the settings ask for: in this process's memory, or in Redis (shared by replicas)."""
+    if settings.state_store == "memory":
+        return MemorySessionStore(
+            signatures, settings.session_ttl_s, settings.max_sessions, settings.session_cap_policy, wall=time.time
+        )
+    return RedisSessionStore(
+        settings.state_store,
+        signatures,
+        settings.session_ttl_s,
+        settings.max_sessions,
+        settings.session_cap_policy,
+        timeout=settings.redis_timeout_ms / 1000,
+        prefix=settings.redis_key_prefix,
+    )
 
 
 class _Uvicorn(uvicorn.Server):
@@ -50,13 +69,7 @@ class Server:
                 f"{settings.grpc_max_message_bytes}-byte gRPC message limit; lower --max-steps-per-call or raise "
                 "--grpc-max-message-bytes"
             )
-        self.store = MemorySessionStore(
-            {m.key: m.signature for m in self.repo.all()},
-            ttl=settings.session_ttl_s,
-            max_sessions=settings.max_sessions,
-            cap_policy=settings.session_cap_policy,
-            wall=time.time,
-        )
+        self.store = make_store(settings, {m.key: m.signature for m in self.repo.all()})
         self.dataplane = DataPlane(
             self.repo,
             self.store,

@@ -29,6 +29,19 @@ class Settings(BaseSettings):
     session_cap_policy: Literal["reject", "evict_lru"] = Field(
         "reject", description="at the cap: reject new sessions (429) or evict the least recently used one"
     )
+    state_store: str = Field(
+        "memory",
+        description="where sessions live: 'memory' (this process) or redis://host:port/db (shared by replicas)",
+    )
+    redis_key_prefix: str = Field(
+        "lstm:",
+        min_length=1,
+        max_length=64,
+        description="Redis: prefix of every key (several deployments on one Redis)",
+    )
+    redis_timeout_ms: float = Field(
+        500.0, gt=0, le=60_000, description="Redis: longest wait for one operation before answering 503"
+    )
     max_steps_per_call: int = Field(4096, ge=1, description="most time steps in one step call or prediction")
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="largest REST body or WebSocket message (parsed on the event loop)"
@@ -48,6 +61,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.state_store != "memory" and not self.state_store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"state_store {self.state_store!r} is neither 'memory' nor a Redis URL such as redis://localhost:6379/0"
+            )
         if not self.models.is_dir():
             raise ValueError(
                 f"model repository {str(self.models)!r} is not a directory; pass --models DIR "

@@ -1,0 +1,532 @@
+"""Sessions in Redis, shared by every replica: one string per session (a small header and raw float32 state),
+one sorted set of session ids per model version by last use, and Lua scripts for every multi-key change.
+
+Layout (prefix `lstm:` by default):
+- `{prefix}s:{id}`: the session. `HEADER` (version, born, owner, steps, seq, created, last used), the model
+  key, then h and c as raw float32 (`L*H*4` bytes each), a 16-byte replay digest (zeros: none) and the kept
+  replay outputs. The key's TTL is the idle TTL, refreshed by every use.
+- `{prefix}idx:{model key}`: sorted set of the model version's session ids, scored by last use (Unix time);
+  it counts sessions for the cap, finds the least recently used one, and lets a sweep find expired ones.
+- `{prefix}gone:{id}`: why a session id went (expired, evicted), for an hour, for clear error messages.
+
+Consistency: `version` is 8 random bytes written by every change; a commit or control operation is a
+compare-and-set on it inside one Lua script (so two replicas can never both advance one session), and
+`born` (8 random bytes at creation) tells a re-created id from the one a lease saw. A batch reads all its
+sessions in one script call and commits in one: one round trip each, whatever the batch size.
+
+The session cap holds across replicas: the create script counts every model's sorted set and inserts in
+the same atomic step. Expiry: Redis drops an idle session's key by its TTL; each replica's sweep removes the
+stale sorted-set entries, and the replica whose ZREM wins reports the expiry, so metrics count it once.
+
+Multi-key scripts assume one Redis instance (or a cluster slot): keys are computed inside the scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar, cast
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from service.core.sessions import (
+    DIGEST_BYTES,
+    MAX_COUNTER,
+    Commit,
+    CommitStatus,
+    Lease,
+    RemovalListener,
+    Replay,
+    SessionInfo,
+    Snapshot,
+    check_session_id,
+)
+from service.errors import (
+    InvalidInputError,
+    ServeError,
+    SessionExistsError,
+    SessionLimitError,
+    SessionNotFoundError,
+    UnavailableError,
+)
+from service.runtime import F32, Signature
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+HEADER = struct.Struct("<8s8s8sqqddH")  # version, born, owner, steps, seq, created, last_used, len(model key)
+GONE_TTL_S = 3600
+UNAVAILABLE = "the session store (Redis) is unavailable; retry shortly (with seq, a retry is safe)"
+
+# KEYS: session keys; ARGV: ttl_ms, now, idx prefix, then per key: model key. Returns each value or false,
+# refreshing the TTL and the last-use score of those found.
+GATHER = """
+local ttl, now, idx = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v then
+    redis.call('PEXPIRE', key, ttl)
+    redis.call('ZADD', idx .. ARGV[3 + i], now, string.sub(key, ARGV[4 + #KEYS] + 1))
+    out[i] = v
+  else
+    out[i] = false
+  end
+end
+return out
+"""
+
+# KEYS: session keys; ARGV: ttl_ms, now, idx prefix, offset of the id in a key, then per key: expected version
+# and born (16 bytes), new value (empty: delete), model key, and '1' to keep the stored owner (a step does not
+# change who owns the session; a resume may have changed it since the lease). Returns 1 committed, 0 stale,
+# -1 gone, per key.
+COMMIT = """
+local ttl, now, idx, off = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local base = 4 + (i - 1) * 4
+  local want, new, model = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local v = redis.call('GET', key)
+  if ARGV[base + 4] == '1' and new ~= '' and v then
+    new = string.sub(new, 1, 16) .. string.sub(v, 17, 24) .. string.sub(new, 25)
+  end
+  if not v or string.sub(v, 9, 16) ~= string.sub(want, 9, 16) then
+    out[i] = -1
+  elseif string.sub(v, 1, 8) ~= string.sub(want, 1, 8) then
+    out[i] = 0
+  else
+    local id = string.sub(key, off + 1)
+    if new == '' then
+      redis.call('DEL', key)
+      redis.call('ZREM', idx .. model, id)
+    else
+      redis.call('SET', key, new, 'PX', ttl)
+      redis.call('ZADD', idx .. model, now, id)
+    end
+    out[i] = 1
+  end
+end
+return out
+"""
+
+# KEYS[1]: session key, KEYS[2]: its gone key; ARGV: value, ttl_ms, now, cap, evict (1/0), idx prefix,
+# key prefix, gone prefix, model key, id, then every model key (for the cap). Returns {status, evicted
+# model, evicted id}: 1 created, -1 exists, -2 at the cap. Expired sorted-set entries met on the way are
+# removed (the sweep reports them).
+CREATE = """
+local value, ttl, now, cap, evict = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local idx, kp, gp, model, id = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, '', ''} end
+local n = 0
+for i = 11, #ARGV do n = n + redis.call('ZCARD', idx .. ARGV[i]) end
+local ev_model, ev_id = '', ''
+while n >= cap do
+  local best_model, best_id, best_score = nil, nil, nil
+  for i = 11, #ARGV do
+    local first = redis.call('ZRANGE', idx .. ARGV[i], 0, 0, 'WITHSCORES')
+    if first[1] and (best_score == nil or tonumber(first[2]) < best_score) then
+      best_model, best_id, best_score = ARGV[i], first[1], tonumber(first[2])
+    end
+  end
+  if best_id == nil then break end
+  if redis.call('EXISTS', kp .. best_id) == 0 then
+    redis.call('ZREM', idx .. best_model, best_id)
+    redis.call('SET', gp .. best_id, 'expired', 'EX', 3600)
+    n = n - 1
+  elseif evict == '1' then
+    redis.call('DEL', kp .. best_id)
+    redis.call('ZREM', idx .. best_model, best_id)
+    redis.call('SET', gp .. best_id, 'evicted', 'EX', 3600)
+    ev_model, ev_id = best_model, best_id
+    n = n - 1
+  else
+    return {-2, '', ''}
+  end
+end
+redis.call('SET', KEYS[1], value, 'PX', ttl)
+redis.call('ZADD', idx .. model, now, id)
+redis.call('DEL', KEYS[2])
+return {1, ev_model, ev_id}
+"""
+
+# KEYS[1]: a model's sorted set; ARGV: key prefix, gone prefix, cutoff (now - ttl), limit, now, ttl_ms. Removes
+# entries older than the cutoff whose session key is gone (Redis expired it) and returns their ids; an entry
+# whose key still exists (clocks of replicas apart) gets its score back from the key's remaining TTL.
+SWEEP = """
+local kp, gp = ARGV[1], ARGV[2]
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+local gone = {}
+for _, id in ipairs(ids) do
+  local left = redis.call('PTTL', kp .. id)
+  if left < 0 then
+    if redis.call('ZREM', KEYS[1], id) == 1 then
+      redis.call('SET', gp .. id, 'expired', 'EX', 3600)
+      table.insert(gone, id)
+    end
+  else
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[5]) - (tonumber(ARGV[6]) - left) / 1000, id)
+  end
+end
+return gone
+"""
+
+
+@dataclass
+class _State:
+    """A decoded session value."""
+
+    version: bytes
+    born: bytes
+    owner: bytes
+    steps: int
+    seq: int
+    created: float
+    last_used: float
+    model_key: str
+    h: F32
+    c: F32
+    digest: bytes
+    outputs: F32 | None
+
+    def token(self) -> bytes:
+        return self.version + self.born
+
+    def incarnation(self) -> str:
+        return f"{self.born.hex()}.{self.owner.hex()}"
+
+
+class RedisSessionStore:
+    """The `SessionStore` protocol over Redis (see the module docstring for the layout and guarantees)."""
+
+    def __init__(
+        self,
+        url: str,
+        signatures: dict[str, Signature],
+        ttl: float,
+        max_sessions: int,
+        cap_policy: str = "reject",
+        timeout: float = 0.5,
+        prefix: str = "lstm:",
+        health_interval: float = 1.0,
+    ) -> None:
+        self.url, self.sigs, self.ttl, self.max_sessions, self.cap_policy = (
+            url,
+            signatures,
+            ttl,
+            max_sessions,
+            cap_policy,
+        )
+        self.timeout, self.health_interval = timeout, health_interval
+        self.kp, self.gp, self.ip = f"{prefix}s:", f"{prefix}gone:", f"{prefix}idx:"
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False, health_check_interval=0
+        )
+        self._scripts = {name: (src, "") for name, src in (("gather", GATHER), ("commit", COMMIT),
+                         ("create", CREATE), ("sweep", SWEEP))}  # fmt: skip
+        self._healthy = False
+        self._health_task: asyncio.Task[None] | None = None
+        self._on_removed: RemovalListener = lambda key, reason: None
+
+    # --- lifecycle and health ------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def set_removal_listener(self, listener: RemovalListener) -> None:
+        self._on_removed = listener
+
+    async def start(self) -> None:
+        """Connect (a Redis that is down now is not fatal: readiness stays false until it answers)."""
+        await self._check_health()
+        if not self._healthy:
+            log.warning("Redis at %s does not answer yet; not ready until it does", self._safe_url())
+        self._health_task = asyncio.create_task(self._health_loop(), name="redis-health")
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.redis.aclose()
+
+    def _safe_url(self) -> str:
+        """The URL without a password, for logs."""
+        return self.url.split("@")[-1]
+
+    async def _check_health(self) -> None:
+        was = self._healthy
+        try:
+            await asyncio.wait_for(self.redis.ping(), self.timeout)
+            self._healthy = True
+        except (RedisError, OSError, TimeoutError):
+            self._healthy = False
+        if was != self._healthy:
+            log.warning("Redis at %s is %s", self._safe_url(), "back" if self._healthy else "unavailable")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            await self._check_health()
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation with a bounded time; failures become 'unavailable' (503, retryable)."""
+        try:
+            return await asyncio.wait_for(op(), self.timeout * 2)
+        except (RedisError, OSError, TimeoutError) as e:
+            self._healthy = False
+            log.warning("Redis operation failed: %s", e)
+            raise UnavailableError(UNAVAILABLE) from None
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        src, sha = self._scripts[name]
+
+        async def run() -> Any:
+            nonlocal sha
+            if sha:
+                try:
+                    return await self.redis.evalsha(sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    pass
+            sha = await self.redis.script_load(src)
+            self._scripts[name] = (src, sha)
+            return await self.redis.evalsha(sha, len(keys), *keys, *args)
+
+        return await self._call(run)
+
+    # --- encoding --------------------------------------------------------------------------------------
+    def _encode(self, st: _State) -> bytes:
+        model = st.model_key.encode()
+        head = HEADER.pack(st.version, st.born, st.owner, st.steps, st.seq, st.created, st.last_used, len(model))
+        out = b"" if st.outputs is None else st.outputs.astype(np.float32).tobytes()
+        return b"".join((head, model, st.h.astype(np.float32).tobytes(), st.c.astype(np.float32).tobytes(),
+                         st.digest, out))  # fmt: skip
+
+    def _decode(self, raw: bytes) -> _State:
+        version, born, owner, steps, seq, created, last_used, n = HEADER.unpack_from(raw)
+        at = HEADER.size
+        model_key = raw[at : at + n].decode()
+        at += n
+        sig = self.sigs.get(model_key)
+        if sig is None:
+            raise SessionNotFoundError(f"a session in Redis runs {model_key}, which this server does not serve")
+        size = sig.layers * sig.hidden * 4
+        h = np.frombuffer(raw, np.float32, sig.layers * sig.hidden, at).reshape(sig.layers, sig.hidden)
+        c = np.frombuffer(raw, np.float32, sig.layers * sig.hidden, at + size).reshape(sig.layers, sig.hidden)
+        at += 2 * size
+        digest = raw[at : at + DIGEST_BYTES]
+        rest = raw[at + DIGEST_BYTES :]
+        outputs = np.frombuffer(rest, np.float32).reshape(-1, sig.outputs) if rest else None
+        return _State(version, born, owner, steps, seq, created, last_used, model_key, h, c, digest, outputs)
+
+    def _info(self, sid: str, st: _State) -> SessionInfo:
+        name, version = st.model_key.split("/", 1)
+        return SessionInfo(sid, name, version, st.steps, st.seq, st.created, st.last_used, st.last_used + self.ttl,
+                           st.incarnation())  # fmt: skip
+
+    @staticmethod
+    def _new_version() -> bytes:
+        return os.urandom(8)
+
+    # --- reads -----------------------------------------------------------------------------------------
+    async def _not_found(self, sid: str) -> SessionNotFoundError:
+        reason = await self._call(lambda: self.redis.get(self.gp + sid))
+        if reason:
+            text = (
+                f"expired after {self.ttl:g} s idle"
+                if reason == b"expired"
+                else "evicted to stay under the session cap"
+            )
+            return SessionNotFoundError(f"session {sid!r} was {text}; create a new one")
+        return SessionNotFoundError(f"no session {sid!r}; create one first (it may have been deleted)")
+
+    async def _load(self, sid: str) -> _State:
+        raw = await self._call(lambda: self.redis.get(self.kp + sid))
+        if raw is None:
+            raise await self._not_found(sid)
+        return self._decode(cast(bytes, raw))
+
+    async def _cas(self, sid: str, old: _State, new: _State | None) -> CommitStatus:
+        """Compare-and-set one session (None: delete it) against the version it was read at."""
+        value = b"" if new is None else self._encode(new)
+        got = await self._script(
+            "commit", [self.kp + sid], [int(self.ttl * 1000), time.time(), self.ip, len(self.kp),
+                                        old.token(), value, old.model_key, "0"],
+        )  # fmt: skip
+        return {1: CommitStatus.COMMITTED, 0: CommitStatus.STALE}.get(int(got[0]), CommitStatus.GONE)
+
+    async def _update(self, sid: str, change: Callable[[_State], _State | None]) -> tuple[_State, _State | None]:
+        """Read, change and compare-and-set a session (None: delete it), retrying when another writer got there
+        first; returns the state it changed and the new one."""
+        for _ in range(20):
+            st = await self._load(sid)
+            new = change(st)
+            status = await self._cas(sid, st, new)
+            if status is CommitStatus.COMMITTED:
+                return st, new
+            if status is CommitStatus.GONE:
+                raise await self._not_found(sid)
+        raise UnavailableError(f"session {sid!r} is changing too fast to update; retry")
+
+    async def _replace(self, sid: str, change: Callable[[_State], _State]) -> SessionInfo:
+        _, new = await self._update(sid, change)
+        assert new is not None
+        return self._info(sid, new)
+
+    # --- SessionStore ----------------------------------------------------------------------------------
+    async def create(self, model_key: str, session_id: str | None, now: float) -> SessionInfo:
+        sid = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
+        sig = self.sigs[model_key]
+        wall = time.time()
+        zeros = np.zeros((sig.layers, sig.hidden), np.float32)
+        st = _State(self._new_version(), os.urandom(8), bytes(8), 0, 0, wall, wall, model_key, zeros, zeros,
+                    bytes(DIGEST_BYTES), None)  # fmt: skip
+        got = await self._script(
+            "create", [self.kp + sid, self.gp + sid],
+            [self._encode(st), int(self.ttl * 1000), wall, self.max_sessions,
+             "1" if self.cap_policy == "evict_lru" else "0", self.ip, self.kp, self.gp, model_key, sid, *self.sigs],
+        )  # fmt: skip
+        status = int(got[0])
+        if status == -1:
+            raise SessionExistsError(f"session {sid!r} already exists; resume it, or delete it first")
+        if status == -2:
+            raise SessionLimitError(
+                f"the server holds its maximum of {self.max_sessions} sessions; delete unused sessions or retry later"
+            )
+        if got[2]:
+            self._on_removed(got[1].decode(), "evicted")
+        return self._info(sid, st)
+
+    async def info(self, session_id: str, now: float) -> SessionInfo:
+        return self._info(session_id, await self._load(session_id))
+
+    async def model_of(self, session_id: str, now: float) -> str:
+        return (await self._load(session_id)).model_key
+
+    async def delete(self, session_id: str, incarnation: str | None = None) -> None:
+        def drop(st: _State) -> None:
+            if incarnation is not None and st.incarnation() != incarnation:
+                raise SessionNotFoundError(f"session {session_id!r} was replaced by a newer one of the same id")
+
+        st, _ = await self._update(session_id, drop)
+        self._on_removed(st.model_key, "deleted")
+
+    async def detach(self, session_id: str, now: float) -> SessionInfo:
+        # NOTE: the version stays, so that a step in flight still commits: only the owner changes
+        return await self._replace(session_id, lambda st: replace(st, owner=os.urandom(8)))
+
+    async def reset(self, session_id: str, now: float) -> SessionInfo:
+        def zero(st: _State) -> _State:
+            z = np.zeros_like(st.h)
+            return replace(st, version=self._new_version(), steps=0, seq=0, h=z, c=z, last_used=time.time(),
+                           digest=bytes(DIGEST_BYTES), outputs=None)  # fmt: skip
+
+        return await self._replace(session_id, zero)
+
+    async def export(self, session_id: str, now: float) -> Snapshot:
+        st = await self._load(session_id)
+        name, version = st.model_key.split("/", 1)
+        return Snapshot(name, version, st.steps, st.seq, st.h.copy(), st.c.copy())
+
+    async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> tuple[SessionInfo, bool]:
+        check_session_id(session_id)
+        if not (0 <= snap.steps < MAX_COUNTER and 0 <= snap.seq < MAX_COUNTER):
+            raise InvalidInputError(f"snapshot steps and seq must be between 0 and {MAX_COUNTER - 1}")
+        created = False
+        try:
+            current = await self._load(session_id)
+        except SessionNotFoundError:
+            try:
+                await self.create(model_key, session_id, now)
+                created = True
+            except SessionExistsError:
+                pass  # NOTE: another replica created it meanwhile: write over it below
+            current = await self._load(session_id)
+        if current.model_key != model_key:
+            raise InvalidInputError(
+                f"session {session_id!r} runs {current.model_key}; the snapshot is of {model_key}: delete the session "
+                "first"
+            )
+
+        def write(st: _State) -> _State:
+            return replace(st, version=self._new_version(), steps=snap.steps, seq=snap.seq, h=snap.h, c=snap.c,
+                           last_used=time.time(), digest=bytes(DIGEST_BYTES), outputs=None)  # fmt: skip
+
+        return await self._replace(session_id, write), created
+
+    async def gather(
+        self, model_key: str, session_ids: list[str], now: float
+    ) -> tuple[list[Lease | ServeError], F32, F32]:
+        sig = self.sigs[model_key]
+        h = np.zeros((sig.layers, len(session_ids), sig.hidden), np.float32)
+        c = np.zeros_like(h)
+        if not session_ids:
+            return [], h, c
+        raws = await self._script(
+            "gather", [self.kp + sid for sid in session_ids],
+            [int(self.ttl * 1000), time.time(), self.ip, *([model_key] * len(session_ids)), len(self.kp)],
+        )  # fmt: skip
+        leases: list[Lease | ServeError] = []
+        for n, (sid, raw) in enumerate(zip(session_ids, raws, strict=True)):
+            if not raw:
+                leases.append(await self._not_found(sid))
+                continue
+            st = self._decode(raw)
+            if st.model_key != model_key:
+                leases.append(SessionNotFoundError(f"session {sid!r} now runs {st.model_key}; resend the step"))
+                continue
+            h[:, n, :], c[:, n, :] = st.h, st.c
+            replay = Replay(st.seq, st.digest, st.outputs) if any(st.digest) else None
+            leases.append(Lease(sid, st, st.steps, st.seq, replay))
+        return leases, h, c
+
+    async def commit(self, model_key: str, commits: list[Commit], hn: F32, cn: F32, now: float) -> list[CommitStatus]:
+        if not commits:
+            return []
+        wall = time.time()
+        args: list[Any] = [int(self.ttl * 1000), wall, self.ip, len(self.kp)]
+        keys = []
+        for i, cm in enumerate(commits):
+            old = cast(_State, cm.lease.token)  # NOTE: our own token, see gather
+            replay = cm.replay
+            new = _State(
+                self._new_version(), old.born, old.owner, cm.steps, cm.seq, old.created, wall, model_key,
+                hn[:, i, :], cn[:, i, :], replay.digest if replay else bytes(DIGEST_BYTES),
+                replay.outputs if replay else None,
+            )  # fmt: skip
+            keys.append(self.kp + cm.lease.session_id)
+            args += [old.token(), self._encode(new), model_key, "1"]
+        got = await self._script("commit", keys, args)
+        return [{1: CommitStatus.COMMITTED, 0: CommitStatus.STALE}.get(int(g), CommitStatus.GONE) for g in got]
+
+    async def expire(self, now: float) -> int:
+        """Report sessions whose keys Redis expired (once across replicas) and drop their index entries."""
+        removed = 0
+        cutoff = time.time() - self.ttl
+        for key in self.sigs:
+            gone = await self._script(
+                "sweep", [self.ip + key], [self.kp, self.gp, cutoff, 1000, cutoff + self.ttl, int(self.ttl * 1000)]
+            )
+            for _ in gone:
+                self._on_removed(key, "expired")
+            removed += len(gone)
+        return removed
+
+    async def count(self, model_key: str | None = None) -> int:
+        keys = [model_key] if model_key is not None else list(self.sigs)
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.zcard(self.ip + key)
+        return sum(int(n) for n in await self._call(pipe.execute))
+
+    async def memory_usage(self, session_id: str) -> int:
+        """Bytes Redis uses for a session's key and value (MEMORY USAGE), for capacity planning and tests."""
+        used: int | None = await self._call(lambda: self.redis.memory_usage(self.kp + session_id, samples=0))
+        return int(used or 0)

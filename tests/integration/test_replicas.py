@@ -1,0 +1,154 @@
+"""Replicas on one Redis: every server serves every session, and a replica killed with SIGKILL loses no
+applied step (clients retry on the other with their seq and get the same outputs)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from service.app import Server
+from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
+from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+from tests.conftest import ROOT
+from tests.fixtures import reference_run
+from tests.integration.conftest import ServerFactory
+from tests.integration.test_session_stores import REDIS_URL
+
+MODEL = "seattle-weather"
+ATOL = 1e-5
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A key prefix of this test's own on the shared Redis, removed afterwards."""
+    p = f"lstm-test-{uuid.uuid4().hex[:8]}:"
+    yield p
+    r = aioredis.Redis.from_url(REDIS_URL)
+    keys = [k async for k in r.scan_iter(match=p + "*")]
+    if keys:
+        await r.delete(*keys)
+    await r.aclose()
+
+
+def matrix(row: np.ndarray) -> pb.Matrix:
+    return pb.Matrix(rows=1, cols=4, data=[float(v) for v in row])
+
+
+async def test_a_session_stepped_alternately_through_two_replicas_matches_one_offline_run(
+    make_server: ServerFactory, prefix: str, weather: np.ndarray
+) -> None:
+    """Created on replica A over REST, stepped alternately on A (REST) and B (gRPC), read on B: the outputs are
+    one offline run's, and both replicas count the session."""
+    shared = {"state_store": REDIS_URL, "redis_key_prefix": prefix}
+    a: Server = await make_server(**shared)
+    b: Server = await make_server(**shared)
+    x = weather[300:340]
+    outs = []
+    async with (
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{a.http_port}") as rest,
+        grpc.aio.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel,
+    ):
+        stub = pb_grpc.PredictorStub(channel)
+        sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+        for k, row in enumerate(x):
+            if k % 2 == 0:
+                r = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": [row.tolist()], "seq": k + 1})
+                assert r.status_code == 200, r.text
+                outs.append(np.asarray(r.json()["outputs"], np.float32))
+            else:
+                reply = await stub.Step(pb.StepRequest(session_id=sid, inputs=matrix(row), seq=k + 1))
+                outs.append(np.asarray(reply.outputs.data, np.float32).reshape(1, 7))
+        info = await stub.GetSession(pb.SessionRef(session_id=sid))
+        assert (info.steps, info.seq) == (40, 40)
+        assert await a.store.count() == await b.store.count() == 1
+    np.testing.assert_allclose(np.concatenate(outs), reference_run(x), atol=ATOL)
+
+
+async def start_replica(prefix: str) -> tuple[asyncio.subprocess.Process, int]:
+    """The real entry point on port 0 with the Redis store; returns the process and its REST port."""
+    env = {**os.environ, "LSTM_SERVE_STATE_STORE": REDIS_URL, "LSTM_SERVE_REDIS_KEY_PREFIX": prefix}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve", "--models", str(ROOT / "models"), "--http-port", "0",
+        "--grpc-port", "0", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    log = b""
+    while b"(gRPC)" not in log:
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line, log.decode()
+        log += line
+    return proc, int(re.findall(rb"http://127\.0\.0\.1:(\d+) \(REST", log)[0])
+
+
+async def test_killing_a_replica_mid_traffic_loses_no_applied_step(prefix: str, weather: np.ndarray) -> None:
+    """Eight clients step their sessions with seq, spread over two replica processes; one is killed with
+    SIGKILL mid-way. Clients whose call failed retry it on the survivor with the same seq (a replay if it was
+    applied, a first application if not). Every session ends with exactly its 30 steps and one offline run's
+    outputs."""
+    procs = [await start_replica(prefix), await start_replica(prefix)]
+    ports = [port for _, port in procs]
+    alive = [True, True]
+    steps, n = 30, 8
+    done, retried = [0], [0]
+    third = asyncio.Event()
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def drive(k: int) -> np.ndarray:
+                start = 100 * k
+                sid = (await client.post(f"http://127.0.0.1:{ports[0]}/v1/sessions", json={"model": MODEL})).json()[
+                    "session_id"
+                ]
+                outs = []
+                for t in range(steps):
+                    body = {"inputs": [weather[start + t].tolist()], "seq": t + 1}
+                    for attempt in range(2 * len(ports)):
+                        which = (k + t + attempt) % 2
+                        if not alive[which]:
+                            continue
+                        try:
+                            r = await client.post(f"http://127.0.0.1:{ports[which]}/v1/sessions/{sid}/steps", json=body)
+                        except httpx.TransportError:
+                            retried[0] += 1
+                            continue  # the replica died under this call: retry it elsewhere with the same seq
+                        assert r.status_code == 200, r.text
+                        outs.append(np.asarray(r.json()["outputs"], np.float32))
+                        done[0] += 1
+                        if done[0] >= n * steps // 3:
+                            third.set()
+                        break
+                    else:
+                        raise AssertionError("no replica answered")
+                info = (await client.get(f"http://127.0.0.1:{ports[1]}/v1/sessions/{sid}")).json()
+                assert (info["steps"], info["seq"]) == (steps, steps)
+                return np.concatenate(outs)
+
+            async def kill_first() -> None:
+                await third.wait()  # NOTE: a third of the steps done, the clients still stepping
+                procs[0][0].send_signal(signal.SIGKILL)
+                await procs[0][0].wait()
+                alive[0] = False
+                assert done[0] < n * steps * 2 // 3
+
+            results = await asyncio.gather(*(drive(k) for k in range(n)), kill_first())
+        assert retried[0] >= 1  # calls were in flight on the killed replica
+        for k in range(n):
+            got = results[k]
+            assert got is not None
+            np.testing.assert_allclose(got, reference_run(weather[100 * k : 100 * k + steps]), atol=ATOL)
+    finally:
+        for proc, _ in procs:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()

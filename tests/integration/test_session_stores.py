@@ -1,0 +1,350 @@
+"""One contract, two session stores: every test here runs against the in-memory store and a real Redis
+(127.0.0.1:6379, or LSTM_TEST_REDIS; `make test` starts one). Times are real: Redis expires keys itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from service.core.redis_store import RedisSessionStore
+from service.core.sessions import (
+    Commit,
+    CommitStatus,
+    Lease,
+    MemorySessionStore,
+    Replay,
+    SessionStore,
+    Snapshot,
+)
+from service.errors import (
+    InvalidInputError,
+    SessionExistsError,
+    SessionLimitError,
+    SessionNotFoundError,
+    UnavailableError,
+)
+from service.runtime import Signature
+
+REDIS_URL = os.environ.get("LSTM_TEST_REDIS", "redis://127.0.0.1:6379/0")
+SIG = Signature(features=3, outputs=2, layers=2, hidden=8)
+SIGS = {"m/1": SIG, "m/2": SIG}
+Factory = Callable[..., Any]
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[Factory]:
+    """Stores of one backend; Redis ones share a fresh key prefix per test (so they act as replicas)."""
+    prefix = f"lstm-test-{uuid.uuid4().hex[:8]}:"
+    made: list[SessionStore] = []
+
+    async def make(**kw: Any) -> tuple[SessionStore, list[tuple[str, str]]]:
+        args: dict[str, Any] = {"ttl": 30.0, "max_sessions": 100, **kw}
+        store: SessionStore
+        if request.param == "memory":
+            store = MemorySessionStore(SIGS, wall=time.time, **args)
+        else:
+            store = RedisSessionStore(REDIS_URL, SIGS, prefix=prefix, **args)
+        removed: list[tuple[str, str]] = []
+        store.set_removal_listener(lambda key, reason: removed.append((key, reason)))
+        await store.start()
+        assert store.healthy, f"no Redis answers at {REDIS_URL}: start one (make redis)"
+        made.append(store)
+        return store, removed
+
+    yield make
+    for store in made:
+        await store.close()
+    if request.param == "redis":
+        r = aioredis.Redis.from_url(REDIS_URL)
+        keys = [k async for k in r.scan_iter(match=prefix + "*")]
+        if keys:
+            await r.delete(*keys)
+        await r.aclose()
+
+
+def commits(leases: list[Any], steps: list[int], replays: list[Replay | None] | None = None) -> list[Commit]:
+    out = []
+    for n, lease in enumerate(leases):
+        assert isinstance(lease, Lease), lease
+        out.append(Commit(lease, lease.steps + steps[n], lease.seq + 1, (replays or [None] * len(leases))[n]))
+    return out
+
+
+async def test_create_info_delete_and_unknown_ids(make_store: Factory) -> None:
+    """A created session is found with Unix times and counted; after delete it is gone with a clear error."""
+    s, removed = await make_store()
+    info = await s.create("m/1", None, now())
+    assert len(info.session_id) == 32
+    assert (info.model, info.version, info.steps, info.seq) == ("m", "1", 0, 0)
+    assert abs(info.created - time.time()) < 5
+    assert info.expires == pytest.approx(info.last_used + 30)
+    assert (await s.info(info.session_id, now())).session_id == info.session_id
+    assert await s.count() == 1
+    assert await s.count("m/2") == 0
+    await s.delete(info.session_id)
+    assert await s.count() == 0
+    assert removed == [("m/1", "deleted")]
+    with pytest.raises(SessionNotFoundError, match="no session"):
+        await s.info(info.session_id, now())
+    with pytest.raises(SessionNotFoundError):
+        await s.delete(info.session_id)
+
+
+async def test_client_chosen_ids_are_validated_and_unique(make_store: Factory) -> None:
+    s, _ = await make_store()
+    await s.create("m/1", "sensor-7", now())
+    with pytest.raises(SessionExistsError, match="already exists"):
+        await s.create("m/2", "sensor-7", now())
+    for bad in ("", "x" * 10_000, "has space", "../etc"):
+        with pytest.raises(InvalidInputError, match="invalid session id"):
+            await s.create("m/1", bad, now())
+
+
+async def test_idle_sessions_expire_once_and_say_so(make_store: Factory) -> None:
+    """Idle past the TTL, a session is gone; the sweep reports the expiry once, and the error says why."""
+    s, removed = await make_store(ttl=0.4)
+    a = (await s.create("m/1", "idle", now())).session_id
+    await s.create("m/1", "busy", now())
+    for _ in range(4):
+        await asyncio.sleep(0.2)
+        leases, _, _ = await s.gather("m/1", ["busy"], now())  # NOTE: use keeps "busy" alive
+        assert isinstance(leases[0], Lease)
+    await s.expire(now())
+    assert removed == [("m/1", "expired")]
+    assert await s.expire(now()) == 0  # reported once
+    with pytest.raises(SessionNotFoundError, match=r"expired after 0\.4 s idle"):
+        await s.info(a, now())
+    assert await s.count() == 1
+
+
+async def test_the_cap_rejects_or_evicts_the_least_recently_used(make_store: Factory) -> None:
+    """At max_sessions, 'reject' refuses; 'evict_lru' removes the least recently used, across models."""
+    s, _ = await make_store(max_sessions=2)
+    await s.create("m/1", "a", now())
+    await s.create("m/2", "b", now())
+    with pytest.raises(SessionLimitError, match="maximum of 2 sessions"):
+        await s.create("m/1", "c", now())
+    await s.delete("a")
+    await s.create("m/1", "c", now())
+    for sid in ("b", "c"):
+        await s.delete(sid)  # NOTE: Redis stores of one test share their keys, as replicas do
+
+    e, removed = await make_store(max_sessions=2, cap_policy="evict_lru")
+    await e.create("m/1", "old", now())
+    await asyncio.sleep(0.01)
+    await e.create("m/2", "new", now())
+    await asyncio.sleep(0.01)
+    leases, _, _ = await e.gather("m/1", ["old"], now())  # a step touches "old": "new" is now least recent
+    assert isinstance(leases[0], Lease)
+    await e.create("m/1", "newest", now())
+    assert removed == [("m/2", "evicted")]
+    with pytest.raises(SessionNotFoundError, match="was evicted"):
+        await e.info("new", now())
+    assert await e.count() == 2
+
+
+async def test_gather_and_commit_move_state_counters_and_replays(make_store: Factory) -> None:
+    """Rows of gather line up with the ids asked (zeros for a failure); commit writes state and counters."""
+    s, _ = await make_store()
+    for sid in ("a", "b"):
+        await s.create("m/1", sid, now())
+    leases, h, _ = await s.gather("m/1", ["b", "a"], now())
+    assert h.shape == (2, 2, 8)
+    assert not h.any()
+    hn = np.arange(32, dtype=np.float32).reshape(2, 2, 8)
+    replay = Replay(1, b"d" * 16, np.ones((1, 2), np.float32))
+    ok = await s.commit("m/1", commits(leases, [3, 1], [None, replay]), hn, -hn, now())
+    assert ok == [CommitStatus.COMMITTED, CommitStatus.COMMITTED]
+    again, h2, c2 = await s.gather("m/1", ["a", "b", "missing"], now())
+    np.testing.assert_array_equal(h2[:, 0], hn[:, 1])
+    np.testing.assert_array_equal(h2[:, 1], hn[:, 0])
+    assert not h2[:, 2].any()
+    np.testing.assert_array_equal(c2, -h2)
+    assert isinstance(again[2], SessionNotFoundError)
+    assert ((await s.info("b", now())).steps, (await s.info("b", now())).seq) == (3, 1)
+    a = again[0]
+    assert isinstance(a, Lease)
+    assert a.replay is not None
+    assert (a.replay.seq, a.replay.digest) == (1, b"d" * 16)
+    np.testing.assert_array_equal(a.replay.outputs, replay.outputs)  # type: ignore[arg-type]
+
+
+async def test_commit_is_a_compare_and_set_stale_after_a_change_gone_after_removal(make_store: Factory) -> None:
+    """A reset or another commit between gather and commit wins (STALE); a deleted or re-created session is
+    GONE; nothing of either is written."""
+    s, _ = await make_store()
+    for sid in ("a", "b", "c", "d"):
+        await s.create("m/1", sid, now())
+    leases, _, _ = await s.gather("m/1", ["a", "b", "c", "d"], now())
+    await s.reset("a", now())
+    await s.delete("b")
+    one = np.ones((2, 1, 8), np.float32)
+    assert await s.commit("m/1", commits(leases[2:3], [1]), one, one, now()) == [CommitStatus.COMMITTED]
+    await s.delete("d")
+    await s.create("m/1", "d", now())  # the same id, another life
+    sevens = np.full((2, 4, 8), 7.0, np.float32)
+    ok = await s.commit("m/1", commits(leases, [1, 1, 1, 1]), sevens, sevens, now())
+    assert ok == [CommitStatus.STALE, CommitStatus.GONE, CommitStatus.STALE, CommitStatus.GONE]
+    _, h, _ = await s.gather("m/1", ["a", "c", "d"], now())
+    assert not h[:, 0].any()
+    assert (h[:, 1] == 1.0).all()
+    assert not h[:, 2].any()
+    assert ((await s.info("c", now())).seq, (await s.info("d", now())).seq) == (1, 0)
+
+
+async def test_export_restore_round_trip_and_model_mismatch(make_store: Factory) -> None:
+    s, _ = await make_store()
+    await s.create("m/1", "a", now())
+    leases, _, _ = await s.gather("m/1", ["a"], now())
+    state = np.random.default_rng(0).standard_normal((2, 1, 8)).astype(np.float32)
+    await s.commit("m/1", commits(leases, [5]), state, state * 2, now())
+    snap = await s.export("a", now())
+    assert (snap.model, snap.version, snap.steps, snap.seq) == ("m", "1", 5, 1)
+    info, created = await s.restore("copy", "m/1", snap, now())
+    assert (info.steps, info.seq, created) == (5, 1, True)
+    assert not (await s.restore("copy", "m/1", snap, now()))[1]
+    with pytest.raises(InvalidInputError, match="between 0 and"):
+        await s.restore("huge", "m/1", Snapshot("m", "1", 2**63, 0, snap.h, snap.c), now())
+    with pytest.raises(SessionNotFoundError):
+        await s.info("huge", now())
+    _, h, c = await s.gather("m/1", ["copy"], now())
+    np.testing.assert_array_equal(h[:, 0], state[:, 0])
+    np.testing.assert_array_equal(c[:, 0], state[:, 0] * 2)
+    await s.create("m/2", "x", now())
+    with pytest.raises(InvalidInputError, match="runs m/2"):
+        await s.restore("x", "m/1", Snapshot("m", "1", 0, 0, snap.h, snap.c), now())
+
+
+async def test_detach_moves_ownership_without_failing_a_step_in_flight(make_store: Factory) -> None:
+    """After detach, a delete by the old incarnation is refused, and a lease taken before it still commits."""
+    s, _ = await make_store()
+    info = await s.create("m/1", "owned", now())
+    leases, _, _ = await s.gather("m/1", ["owned"], now())
+    detached = await s.detach("owned", now())
+    assert detached.incarnation != info.incarnation
+    one = np.ones((2, 1, 8), np.float32)
+    assert await s.commit("m/1", commits(leases, [1]), one, one, now()) == [CommitStatus.COMMITTED]
+    with pytest.raises(SessionNotFoundError, match="replaced"):
+        await s.delete("owned", info.incarnation)
+    await s.delete("owned", detached.incarnation)
+    assert await s.count() == 0
+
+
+async def test_two_redis_stores_share_sessions_state_and_the_cap() -> None:
+    """Two stores on one Redis (two replicas): a session made on one is stepped on the other, their commits
+    are compare-and-set against each other, and the cap counts both."""
+    prefix = f"lstm-test-{uuid.uuid4().hex[:8]}:"
+    a = RedisSessionStore(REDIS_URL, SIGS, ttl=30, max_sessions=2, prefix=prefix)
+    b = RedisSessionStore(REDIS_URL, SIGS, ttl=30, max_sessions=2, prefix=prefix)
+    for st in (a, b):
+        await st.start()
+    try:
+        await a.create("m/1", "shared", now())
+        la, _, _ = await a.gather("m/1", ["shared"], now())
+        lb, _, _ = await b.gather("m/1", ["shared"], now())
+        one = np.ones((2, 1, 8), np.float32)
+        assert await b.commit("m/1", commits(lb, [1]), one, one, now()) == [CommitStatus.COMMITTED]
+        assert await a.commit("m/1", commits(la, [1]), one * 2, one * 2, now()) == [CommitStatus.STALE]
+        _, h, _ = await a.gather("m/1", ["shared"], now())
+        assert (h == 1.0).all()
+        await b.create("m/2", "second", now())
+        with pytest.raises(SessionLimitError):
+            await a.create("m/1", "third", now())
+        assert await a.count() == await b.count() == 2
+    finally:
+        for st in (a, b):
+            await st.close()
+        r = aioredis.Redis.from_url(REDIS_URL)
+        keys = [k async for k in r.scan_iter(match=prefix + "*")]
+        await r.delete(*keys)
+        await r.aclose()
+
+
+async def test_a_redis_session_costs_its_raw_state_plus_a_small_header() -> None:
+    """Measured by Redis (MEMORY USAGE): a session of the shipped model's size costs 2*L*H*4 bytes plus under
+    256 bytes: a 91-byte header (counters, model key, digest), the key (53 characters here) and Redis's own
+    bookkeeping, with the allocator rounding the value up to its size class (measured: 616 for 384 raw). The
+    index entry in the sorted set comes on top (measured separately: 140 bytes with a 32-character id)."""
+    prefix = f"lstm-test-{uuid.uuid4().hex[:8]}:"
+    sig = Signature(features=4, outputs=7, layers=1, hidden=48)
+    s = RedisSessionStore(REDIS_URL, {"seattle-weather/1": sig}, ttl=30, max_sessions=10_000, prefix=prefix)
+    await s.start()
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        ids = [(await s.create("seattle-weather/1", None, now())).session_id for _ in range(200)]
+        raw = 2 * 1 * 48 * 4
+        used = [await s.memory_usage(sid) for sid in ids]
+        assert raw <= max(used) < raw + 256, used[:5]
+        index = await r.memory_usage(prefix + "idx:seattle-weather/1", samples=0)
+        assert index / len(ids) < 160
+    finally:
+        await s.close()
+        keys = [k async for k in r.scan_iter(match=prefix + "*")]
+        await r.delete(*keys)
+        await r.aclose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_redis_that_goes_away_is_unavailable_fast_and_recovers_by_itself() -> None:
+    """With Redis killed, calls fail within the timeout as 'unavailable' and the store is unhealthy; when a
+    Redis answers again on the same address, the store is healthy again without a restart."""
+    server = shutil.which("redis-server")
+    assert server, "redis-server is needed for this test (apt-get install redis-server)"
+    port = free_port()
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no"],
+                                stdout=subprocess.DEVNULL)  # fmt: skip
+
+    proc = start()
+    s = RedisSessionStore(f"redis://127.0.0.1:{port}/0", SIGS, ttl=30, max_sessions=10, timeout=0.3,
+                          health_interval=0.1)  # fmt: skip
+    try:
+        for _ in range(50):
+            await s.start()
+            if s.healthy:
+                break
+            await s.close()
+            s = RedisSessionStore(f"redis://127.0.0.1:{port}/0", SIGS, ttl=30, max_sessions=10, timeout=0.3,
+                                  health_interval=0.1)  # fmt: skip
+            await asyncio.sleep(0.1)
+        assert s.healthy
+        await s.create("m/1", "before", now())
+        proc.kill()
+        proc.wait()
+        t0 = time.perf_counter()
+        with pytest.raises(UnavailableError, match="unavailable; retry"):
+            await s.info("before", now())
+        assert time.perf_counter() - t0 < 2.0
+        assert not s.healthy
+        proc = start()
+        deadline = time.monotonic() + 10
+        while not s.healthy:
+            assert time.monotonic() < deadline, "the store did not recover"
+            await asyncio.sleep(0.1)
+        await s.create("m/1", "after", now())  # a fresh Redis: the old session went with the process
+        assert (await s.info("after", now())).session_id == "after"
+    finally:
+        await s.close()
+        proc.kill()
+        proc.wait()
