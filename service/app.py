@@ -81,6 +81,7 @@ class Server:
                 max_steps_per_call=settings.max_steps_per_call,
                 session_ttl=settings.session_ttl_s,
                 stream_open_timeout=settings.stream_open_timeout_s,
+                default_deadline=settings.default_queue_timeout_s,
             ),
         )
         self.rest_app = create_app(self.dataplane, self.metrics, settings.max_body_bytes)

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         1024 * 1024, ge=1024, description="largest REST body or WebSocket message (parsed on the event loop)"
     )
     grpc_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest gRPC message")
+    default_queue_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="a step that waited this long in the queue is answered 504 without running (0: never); "
+        "clients set their own with the gRPC deadline or the REST header Request-Timeout",
+    )
     stream_open_timeout_s: float = Field(
         30.0, gt=0, description="a stream (gRPC or WebSocket) must send its first message within this time"
     )

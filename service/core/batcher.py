@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 
 from service.core.sessions import Commit, CommitStatus, Lease, Replay, SessionStore
 from service.errors import (
+    DeadlineExceededError,
     ModelError,
     OverloadedError,
     SeqConflictError,
@@ -67,6 +68,7 @@ class _Work:
     x: F32  # [T, F]
     seq: int | None
     future: asyncio.Future[StepOutcome]
+    deadline: float | None = None  # perf_counter time by which it must have started, or None
     enqueued: float = field(default_factory=time.perf_counter)
 
     def resolve(self, outcome: StepOutcome | ServeError) -> None:
@@ -144,8 +146,11 @@ class Batcher:
         return len(self._pending)
 
     # --- submission --------------------------------------------------------------------------------
-    async def submit(self, session_id: str | None, x: F32, seq: int | None) -> StepOutcome:
-        """Queue a validated [T, F] call and wait for its outcome."""
+    async def submit(
+        self, session_id: str | None, x: F32, seq: int | None, deadline: float | None = None
+    ) -> StepOutcome:
+        """Queue a validated [T, F] call and wait for its outcome; past `deadline` (perf_counter) it is
+        answered deadline_exceeded without running."""
         if self._stopped:
             raise UnavailableError("the server has stopped; retry on another replica or after restart")
         if len(self._pending) >= self.max_queue:
@@ -155,7 +160,7 @@ class Batcher:
         fut: asyncio.Future[StepOutcome] = asyncio.get_running_loop().create_future()
         if session_id is not None:
             self._awaiting.pop(session_id, None)
-        self._pending.append(_Work(session_id, x, seq, fut))
+        self._pending.append(_Work(session_id, x, seq, fut, deadline))
         self._depth.inc()
         self._idle.clear()
         self._wake.set()
@@ -241,6 +246,16 @@ class Batcher:
         started = time.perf_counter()
         for w in batch:
             self._queue_wait.observe(started - w.enqueued)
+        late = [w for w in batch if w.deadline is not None and w.deadline < started]
+        if late:
+            for w in late:
+                w.resolve(
+                    DeadlineExceededError(
+                        f"the step waited {(started - w.enqueued) * 1000:.0f} ms in the queue, past its deadline; "
+                        "it was not run and the session is unchanged: retry, or allow more time"
+                    )
+                )
+            batch = [w for w in batch if w.deadline is None or w.deadline >= started]
         sessions = [w for w in batch if w.session_id is not None]
         try:
             leases, h_s, c_s = await self.store.gather(

@@ -43,6 +43,7 @@ class Limits:
     max_steps_per_call: int = 4096
     session_ttl: float = 600.0
     stream_open_timeout: float = 30.0  # a stream whose first message takes longer ends with deadline_exceeded
+    default_deadline: float = 0.0  # seconds a call may wait in the queue when it names no deadline (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -222,12 +223,21 @@ class DataPlane:
         return x32
 
     # --- stateless ---------------------------------------------------------------------------------
-    async def predict(self, name: str, version: str | None, inputs: np.ndarray) -> tuple[ModelVersion, F32]:
+    def deadline(self, queue_timeout: float | None) -> float | None:
+        """The perf_counter time by which a call must have started, from the client's timeout in seconds
+        (None: the server default; no deadline if that is 0)."""
+        if queue_timeout is None:
+            queue_timeout = self.limits.default_deadline or None
+        return None if queue_timeout is None else time.perf_counter() + queue_timeout
+
+    async def predict(
+        self, name: str, version: str | None, inputs: np.ndarray, queue_timeout: float | None = None
+    ) -> tuple[ModelVersion, F32]:
         """Run a whole sequence from a zero state; return the model used and outputs [T, O]."""
         self._accepting()
         model = self.get_model(name, version)
         x = self.validate_inputs(model, inputs)
-        out = await self._batchers[model.key].submit(None, x, None)
+        out = await self._batchers[model.key].submit(None, x, None, self.deadline(queue_timeout))
         return model, out.outputs
 
     # --- sessions ----------------------------------------------------------------------------------
@@ -281,8 +291,14 @@ class DataPlane:
         self.metrics.sessions_removed.labels(model_key, reason).inc()
 
     # --- steps -------------------------------------------------------------------------------------
-    async def step(self, session_id: str, inputs: np.ndarray, seq: int | None = None) -> StepResult:
-        """Apply 1..N steps to a session in arrival order; the answer holds the outputs of every step."""
+    async def step(
+        self, session_id: str, inputs: np.ndarray, seq: int | None = None, queue_timeout: float | None = None
+    ) -> StepResult:
+        """Apply 1..N steps to a session in arrival order; the answer holds the outputs of every step.
+
+        `queue_timeout`: seconds the call may wait in the queue; past it the call is answered deadline_exceeded
+        without running (the session unchanged).
+        """
         self._accepting()
         check_session_id(session_id)
         if seq is not None and seq < 1:
@@ -290,11 +306,11 @@ class DataPlane:
         key = await self.store.model_of(session_id, self.clock())
         batcher = self._batchers[key]
         x = self.validate_inputs(batcher.model, inputs)
-        out: StepOutcome = await batcher.submit(session_id, x, seq)
+        out: StepOutcome = await batcher.submit(session_id, x, seq, self.deadline(queue_timeout))
         return StepResult(session_id, out.outputs, out.steps, out.seq, out.replayed)
 
     async def step_batch(
-        self, items: Sequence[tuple[str, np.ndarray | ServeError, int | None]]
+        self, items: Sequence[tuple[str, np.ndarray | ServeError, int | None]], queue_timeout: float | None = None
     ) -> list[StepResult | ServeError]:
         """Steps for many sessions at once; they join the same batches. Each item succeeds or fails alone.
 
@@ -317,7 +333,7 @@ class DataPlane:
             if isinstance(x, ServeError):
                 return x
             try:
-                return await self.step(sid, x, seq)
+                return await self.step(sid, x, seq, queue_timeout)
             except ServeError as e:
                 return e
 

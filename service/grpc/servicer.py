@@ -81,7 +81,9 @@ class PredictorServicer(pb_grpc.PredictorServicer):
 
     @unary("Predict")
     async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
-        model, out = await self.dp.predict(request.model, request.version or None, cv.to_array(request.inputs))
+        model, out = await self.dp.predict(
+            request.model, request.version or None, cv.to_array(request.inputs), context.time_remaining()
+        )
         return pb.PredictResponse(model=model.name, version=model.version, outputs=cv.from_array(out))
 
     @unary("CreateSession")
@@ -96,7 +98,9 @@ class PredictorServicer(pb_grpc.PredictorServicer):
     @unary("Step")
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
         seq = request.seq if request.HasField("seq") else None
-        return cv.step_response(await self.dp.step(request.session_id, cv.to_array(request.inputs), seq))
+        return cv.step_response(
+            await self.dp.step(request.session_id, cv.to_array(request.inputs), seq, context.time_remaining())
+        )
 
     @unary("ResetSession")
     async def ResetSession(self, request: pb.SessionRef, context: Any) -> pb.SessionInfo:
@@ -121,7 +125,7 @@ class PredictorServicer(pb_grpc.PredictorServicer):
         items = [
             (s.session_id, cv.to_array_or_error(s.inputs), s.seq if s.HasField("seq") else None) for s in request.steps
         ]
-        results = await self.dp.step_batch(items)
+        results = await self.dp.step_batch(items, context.time_remaining())
         return pb.StepBatchResponse(
             results=[
                 pb.StepBatchResult(error=cv.error(r))

@@ -133,6 +133,24 @@ def _dataplane(request: Request) -> DataPlane:
 
 
 DataPlaneDep = Annotated[DataPlane, Depends(_dataplane)]
+TIMEOUT_HEADER = "Request-Timeout"
+
+
+def _queue_timeout(request: Request) -> float | None:
+    """The client's `Request-Timeout` header: seconds a step may wait in the queue (None: the server default)."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86_400:  # NOTE: also refuses nan and inf
+        raise InvalidInputError(f"{TIMEOUT_HEADER} must be a number of seconds above 0 (such as 0.5); got {raw[:40]!r}")
+    return value
+
+
+QueueTimeout = Annotated[float | None, Depends(_queue_timeout)]
 
 
 def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
@@ -225,11 +243,12 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
             ErrorCode.MODEL_NOT_FOUND,
             ErrorCode.OVERLOADED,
             ErrorCode.UNAVAILABLE,
+            ErrorCode.DEADLINE_EXCEEDED,
             ErrorCode.MODEL_ERROR,
         ),
     )
-    async def predict(name: str, body: s.PredictBody, d: DataPlaneDep) -> s.PredictReply:
-        m, out = await d.predict(name, body.version, s.matrix(body.inputs))
+    async def predict(name: str, body: s.PredictBody, d: DataPlaneDep, wait: QueueTimeout) -> s.PredictReply:
+        m, out = await d.predict(name, body.version, s.matrix(body.inputs), wait)
         return s.PredictReply(model=m.name, version=m.version, outputs=out.tolist())
 
     # --- sessions ----------------------------------------------------------------------------------
@@ -269,11 +288,12 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
             ErrorCode.SEQ_CONFLICT,
             ErrorCode.UNAVAILABLE,
             ErrorCode.OVERLOADED,
+            ErrorCode.DEADLINE_EXCEEDED,
             ErrorCode.MODEL_ERROR,
         ),
     )
-    async def step(session_id: str, body: s.StepBody, d: DataPlaneDep) -> s.StepReply:
-        return s.StepReply.of(await d.step(session_id, s.matrix(body.inputs), body.seq))
+    async def step(session_id: str, body: s.StepBody, d: DataPlaneDep, wait: QueueTimeout) -> s.StepReply:
+        return s.StepReply.of(await d.step(session_id, s.matrix(body.inputs), body.seq, wait))
 
     @sessions.post("/{session_id}/reset", summary="Reset a session's state to zero", responses=not_found)
     async def reset(session_id: str, d: DataPlaneDep) -> s.SessionReply:
@@ -298,11 +318,11 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
     @steps.post(
         "",
         summary="Steps for many sessions in one request (batched together; each item succeeds or fails alone)",
-        responses=_responses(ErrorCode.INVALID_INPUT, ErrorCode.UNAVAILABLE),
+        responses=_responses(ErrorCode.INVALID_INPUT, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED),
     )
-    async def step_batch(body: s.StepBatchBody, d: DataPlaneDep) -> s.StepBatchReply:
+    async def step_batch(body: s.StepBatchBody, d: DataPlaneDep, wait: QueueTimeout) -> s.StepBatchReply:
         items = [(it.session_id, s.matrix_or_error(it.inputs), it.seq) for it in body.steps]
-        results = await d.step_batch(items)
+        results = await d.step_batch(items, wait)
         return s.StepBatchReply(
             results=[
                 s.BatchResult(error=s.ErrorBody(error=r.message, code=r.code.value))

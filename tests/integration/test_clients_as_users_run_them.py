@@ -315,3 +315,37 @@ async def test_grpc_import_without_a_version_is_refused(server: Server) -> None:
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "snapshot.version is required" in (e.value.details() or "")
     assert await server.store.count() == 0
+
+
+async def test_deadlines_from_grpc_and_the_rest_header_keep_late_steps_from_running(
+    fake_slow_server: Server,
+) -> None:
+    """Behind a 0.5 s batch, a gRPC step with a 0.2 s deadline and a REST step with Request-Timeout: 0.2 are
+    not run (504 deadline_exceeded on REST): their sessions stay at 0 steps. A malformed header is a 400."""
+    srv = fake_slow_server
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=10) as rest,
+    ):
+        stub = pb_grpc.PredictorStub(channel)
+        sids = [(await stub.CreateSession(pb.CreateSessionRequest(model="fake"))).session_id for _ in range(3)]
+        x = pb.Matrix(rows=1, cols=3, data=[0.1, 0.2, 0.3])
+        blocker = asyncio.ensure_future(stub.Step(pb.StepRequest(session_id=sids[0], inputs=x)))
+        await until(lambda: sample(srv, "lstm_queue_depth", model="fake/1"), equals=1)
+        late_grpc = stub.Step(pb.StepRequest(session_id=sids[1], inputs=x), timeout=0.2)
+        late_rest = rest.post(f"/v1/sessions/{sids[2]}/steps", json={"inputs": [[0.1, 0.2, 0.3]]},
+                              headers={"Request-Timeout": "0.2"})  # fmt: skip
+        results = await asyncio.gather(late_grpc, late_rest, return_exceptions=True)
+        assert isinstance(results[0], grpc.aio.AioRpcError)
+        assert results[0].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        r = results[1]
+        assert isinstance(r, httpx.Response)
+        assert (r.status_code, r.json()["code"]) == (504, "deadline_exceeded")
+        await blocker
+        await until(lambda: sample(srv, "lstm_queue_depth", model="fake/1"), equals=0)
+        for sid in sids[1:]:
+            assert (await stub.GetSession(pb.SessionRef(session_id=sid))).steps == 0
+        bad = await rest.post(f"/v1/sessions/{sids[1]}/steps", json={"inputs": [[0.1, 0.2, 0.3]]},
+                              headers={"Request-Timeout": "soon"})  # fmt: skip
+        assert (bad.status_code, bad.json()["code"]) == (400, "invalid_input")
+        assert "Request-Timeout" in bad.json()["error"]

@@ -4,10 +4,14 @@ applied step (clients retry on the other with their seq and get the same outputs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -23,7 +27,7 @@ from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
 from tests.fixtures import reference_run
 from tests.integration.conftest import ServerFactory
-from tests.integration.test_session_stores import REDIS_URL
+from tests.integration.test_session_stores import REDIS_URL, free_port
 
 MODEL = "seattle-weather"
 ATOL = 1e-5
@@ -152,3 +156,52 @@ async def test_killing_a_replica_mid_traffic_loses_no_applied_step(prefix: str, 
             if proc.returncode is None:
                 proc.terminate()
                 await proc.wait()
+
+
+async def test_a_server_whose_redis_goes_away_answers_503_turns_unready_and_recovers(
+    make_server: ServerFactory, weather: np.ndarray
+) -> None:
+    """Redis killed under a running server: steps get 503 unavailable with Retry-After within the timeout (never
+    a 500 or a hang) and /readyz turns 503; with Redis back on its address, the server is ready again by itself."""
+    server = shutil.which("redis-server")
+    assert server, "redis-server is needed for this test (apt-get install redis-server)"
+    port = free_port()
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no"],
+                                stdout=subprocess.DEVNULL)  # fmt: skip
+
+    proc = start()
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(50):
+            with contextlib.suppress(Exception):
+                r = aioredis.Redis.from_url(url)
+                await r.ping()
+                await r.aclose()
+                break
+            await asyncio.sleep(0.1)
+        srv: Server = await make_server(state_store=url, redis_timeout_ms=300)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=10) as rest:
+            assert (await rest.get("/readyz")).status_code == 200
+            sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+            body = {"inputs": [weather[0].tolist()]}
+            assert (await rest.post(f"/v1/sessions/{sid}/steps", json=body)).status_code == 200
+            proc.kill()
+            proc.wait()
+            t0 = time.perf_counter()
+            r = await rest.post(f"/v1/sessions/{sid}/steps", json=body)
+            assert time.perf_counter() - t0 < 3
+            assert (r.status_code, r.json()["code"], r.headers["Retry-After"]) == (503, "unavailable", "1")
+            assert "Redis" in r.json()["error"]
+            assert (await rest.get("/readyz")).status_code == 503
+            proc = start()
+            deadline = time.monotonic() + 15
+            while (await rest.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, "the server did not become ready again"
+                await asyncio.sleep(0.1)
+            sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+            assert (await rest.post(f"/v1/sessions/{sid}/steps", json=body)).status_code == 200
+    finally:
+        proc.kill()
+        proc.wait()

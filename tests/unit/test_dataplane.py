@@ -487,3 +487,26 @@ async def test_a_session_whose_next_call_is_already_queued_is_not_awaited() -> N
     assert [r.seq for r in results] == list(range(1, 9))
     assert rt.calls == [1] * 8
     await dp.stop()
+
+
+async def test_a_step_that_waited_past_its_deadline_is_not_run() -> None:
+    """A call still queued when its deadline passes is answered deadline_exceeded and the session does not move;
+    the server default applies to calls that name no deadline."""
+    dp, rt = await make_dp(GatedRuntime(), default_deadline=0.05)
+    assert isinstance(rt, GatedRuntime)
+    blocker = (await dp.create_session("fake", None, None)).session_id
+    late = (await dp.create_session("fake", None, None)).session_id
+    running = asyncio.create_task(dp.step(blocker, rows(1, 1)[0], queue_timeout=10))
+    await asyncio.to_thread(rt.entered.wait, 5)
+    own = asyncio.create_task(dp.step(late, rows(2, 1)[0], seq=1, queue_timeout=0.05))
+    default = asyncio.create_task(dp.predict("fake", None, rows(3, 1)[0]))
+    patient = asyncio.create_task(dp.step(late, rows(4, 1)[0], queue_timeout=10))
+    await asyncio.sleep(0.2)
+    rt.release.set()
+    assert (await running).seq == 1
+    for task in (own, default):
+        with pytest.raises(DeadlineExceededError, match="past its deadline; it was not run"):
+            await task
+    assert (await patient).seq == 1  # the first step that ran on this session: the late one never applied
+    assert rt.calls == [1, 1]
+    await dp.stop()
