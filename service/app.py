@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from service.core.dataplane import DataPlane, Limits
 from service.core.redis_store import RedisSessionStore
-from service.core.sessions import MemorySessionStore, SessionStore
+from service.core.sessions import MemorySessionStore, SessionStore, read_snapshot, write_snapshot
 from service.grpc.server import GRPCServer
 from service.metrics import Metrics
 from service.repository import ModelRepository
@@ -115,8 +115,27 @@ class Server:
         sock.listen(2048)
         return sock
 
+    def _restore_snapshot(self) -> None:
+        """Load the sessions of the last shutdown (all or nothing), then remove the file so it is used once."""
+        path = self.settings.snapshot
+        if path is None or not path.exists():
+            return
+        assert isinstance(self.store, MemorySessionStore)
+        n = read_snapshot(self.store, path, self.dataplane.clock())
+        path.unlink()
+        log.info("restored %d sessions from %s", n, path)
+
+    def _write_snapshot(self) -> None:
+        path = self.settings.snapshot
+        if path is None:
+            return
+        assert isinstance(self.store, MemorySessionStore)
+        n = write_snapshot(self.store, path, self.dataplane.clock())
+        log.info("wrote %d sessions to %s", n, path)
+
     async def start(self) -> None:
         """Bind both ports, then start the core and the listeners; readiness turns true when all are up."""
+        self._restore_snapshot()
         sock = self._bind_http()
         try:
             self.grpc_port = await self.grpc.start()
@@ -149,7 +168,8 @@ class Server:
         )  # fmt: skip
 
     async def stop(self) -> None:
-        """Drain: readiness false first, in-flight steps finish (up to drain_seconds), then close."""
+        """Drain: readiness false first, in-flight steps finish (up to drain_seconds), then close; with
+        --snapshot, the sessions are written to it last."""
         deadline = time.monotonic() + self.settings.drain_seconds
         self.dataplane.begin_drain()
         await self.grpc.set_serving(False)
@@ -163,6 +183,7 @@ class Server:
             self._uvicorn.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
                 await self._uvicorn_task
+        self._write_snapshot()  # NOTE: after the transports stopped: nothing changes the sessions any more
         await self.dataplane.stop()
 
     async def run(self) -> None:

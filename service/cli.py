@@ -59,6 +59,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.app import serve
+    from service.core.sessions import SnapshotFileError
     from service.repository import ModelLoadError
     from service.settings import Settings
 
@@ -75,7 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         print(f"error: cannot load models: {e}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SnapshotFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     grpc_keepalive_timeout_s: float = Field(
         10.0, gt=0, description="gRPC: close a connection whose ping is not answered within this time"
     )
+    snapshot: Path | None = Field(
+        None,
+        description="memory store: on shutdown write every session to this file, and restore them from it at start "
+        "(then the file is removed)",
+    )
     drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight work may take to finish")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
@@ -71,6 +76,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"state_store {self.state_store!r} is neither 'memory' nor a Redis URL such as redis://localhost:6379/0"
             )
+        if self.snapshot is not None and self.state_store != "memory":
+            raise ValueError("--snapshot is for the memory store; with Redis the sessions already outlive the server")
         if not self.models.is_dir():
             raise ValueError(
                 f"model repository {str(self.models)!r} is not a directory; pass --models DIR "

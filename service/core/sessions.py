@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
+import os
 import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, cast
 
 import numpy as np
@@ -309,6 +312,13 @@ class MemorySessionStore:
         """Nothing to release: the memory goes with the process."""
 
     # --- lookups ---------------------------------------------------------------------------------
+    @staticmethod
+    def _slot_id(slab: _Slab, slot: int) -> str:
+        p, i = slab.at(slot)
+        sid = p.ids[i]
+        assert sid is not None
+        return sid
+
     def _where(self, session_id: str) -> tuple[str, _Slab, int] | None:
         where = self._index.get(session_id)
         if where is None:
@@ -577,3 +587,119 @@ class MemorySessionStore:
     def state_bytes(self) -> int:
         """Bytes held by the slabs (state arrays and counters), for capacity planning and tests."""
         return sum(s.nbytes() for s in self._slabs.values())
+
+
+SNAPSHOT_FORMAT = "lstm-serve-sessions"
+
+
+class SnapshotFileError(RuntimeError):
+    """A session snapshot file cannot be used; the message says why and what to do."""
+
+
+def write_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
+    """Write every session of the store to `path` atomically (temporary file, fsync, rename); return how many."""
+    arrays: dict[str, np.ndarray] = {}
+    models: dict[str, list[int]] = {}
+    total = 0
+    for k, (key, slab) in enumerate(store._slabs.items()):
+        sig = slab.sig
+        models[key] = [sig.features, sig.outputs, sig.layers, sig.hidden]
+        live = [n * PAGE + np.nonzero(p.live)[0] for n, p in enumerate(slab.pages)]
+        slots = np.concatenate(live).astype(np.int64) if live else np.zeros(0, np.int64)
+        ids = [store._slot_id(slab, int(s)) for s in slots]
+        h, c = slab.read(slots)
+        pick = [slab.at(int(s)) for s in slots]
+        outputs = [store._outputs.get(sid, b"") for sid in ids]
+        arrays.update({
+            f"ids_{k}": np.asarray(ids, dtype="<U128"),
+            f"h_{k}": h, f"c_{k}": c,
+            f"steps_{k}": np.asarray([p.steps[i] for p, i in pick], np.int64),
+            f"seq_{k}": np.asarray([p.seq[i] for p, i in pick], np.int64),
+            f"idle_{k}": np.asarray([now - p.last_used[i] for p, i in pick], np.float64),
+            f"created_{k}": np.asarray([p.created[i] - now for p, i in pick], np.float64),
+            f"digest_{k}": np.asarray([p.digest[i] for p, i in pick], np.uint8).reshape(-1, DIGEST_BYTES),
+            f"outlen_{k}": np.asarray([len(o) // 4 for o in outputs], np.int64),
+            f"outputs_{k}": np.frombuffer(b"".join(outputs), np.float32),
+        })  # fmt: skip
+        total += len(ids)
+    meta = {"format": SNAPSHOT_FORMAT, "version": 1, "models": models, "sessions": total}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return total
+
+
+def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
+    """Restore every session of a snapshot into an empty store, all or nothing; return how many.
+
+    A file that is not a snapshot, is damaged, or holds sessions of models this server does not serve with
+    the same dimensions is refused with a `SnapshotFileError` before anything is loaded.
+    """
+
+    def refuse(why: str) -> SnapshotFileError:
+        return SnapshotFileError(
+            f"session snapshot {path.name!r} cannot be restored: {why}; move it away to start without it"
+        )
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT or meta.get("version") != 1:
+                raise refuse("it is not an lstm-serve session snapshot (format 1)")
+            loaded = {name: z[name] for name in z.files}
+    except SnapshotFileError:
+        raise
+    except Exception as e:
+        raise refuse(f"the file is damaged or not a snapshot ({type(e).__name__})") from None
+    rows: list[tuple[str, str, F32, F32, int, int, float, float, bytes, bytes]] = []
+    try:
+        for k, (key, dims) in enumerate(meta["models"].items()):
+            slab = store._slabs.get(key)
+            if slab is None:
+                raise refuse(f"it holds sessions of {key}, which this server does not serve")
+            sig = slab.sig
+            if list(dims) != [sig.features, sig.outputs, sig.layers, sig.hidden]:
+                raise refuse(f"its sessions of {key} have other dimensions than the model served now")
+            ids = [str(v) for v in loaded[f"ids_{k}"]]
+            n = len(ids)
+            h, c = loaded[f"h_{k}"].astype(np.float32), loaded[f"c_{k}"].astype(np.float32)
+            if h.shape != (sig.layers, n, sig.hidden) or c.shape != h.shape or not np.isfinite(h).all():
+                raise refuse(f"the states of {key} have the wrong shape or are not finite")
+            outlen, outputs = loaded[f"outlen_{k}"], loaded[f"outputs_{k}"].astype(np.float32)
+            ends = np.cumsum(outlen)
+            if int(ends[-1] if n else 0) != outputs.size:
+                raise refuse(f"the kept outputs of {key} do not add up")
+            for i, sid in enumerate(ids):
+                check_session_id(sid)
+                out = outputs[int(ends[i] - outlen[i]) : int(ends[i])].tobytes()
+                rows.append((sid, key, h[:, i, :], c[:, i, :], int(loaded[f"steps_{k}"][i]),
+                             int(loaded[f"seq_{k}"][i]), float(loaded[f"idle_{k}"][i]),
+                             float(loaded[f"created_{k}"][i]), loaded[f"digest_{k}"][i].tobytes(), out))  # fmt: skip
+    except SnapshotFileError:
+        raise
+    except Exception as e:
+        raise refuse(f"its contents are inconsistent ({type(e).__name__})") from None
+    if len({r[0] for r in rows}) != len(rows) or any(sid in store._index for sid, *_ in rows):
+        raise refuse("it repeats session ids, or the store already holds some of them")
+    if len(rows) + len(store._index) > store.max_sessions:
+        raise refuse(f"it holds {len(rows)} sessions, over --max-sessions {store.max_sessions}")
+    for sid, key, h1, c1, steps, seq, idle, created, digest, out in rows:
+        slab = store._slabs[key]
+        slot = slab.alloc(sid, now - idle, next(store._births))
+        store._index[sid] = (store._key_index[key] << 40) | slot
+        p, i = slab.at(slot)
+        p.h[:, i, :], p.c[:, i, :] = h1, c1
+        p.steps[i], p.seq[i], p.created[i] = steps, seq, now + created
+        p.digest[i] = np.frombuffer(digest, np.uint8)
+        if out:
+            store._outputs[sid] = out
+    return len(rows)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,9 +19,29 @@ from model.data import default_csv_path, load_csv
 from service.app import Server
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from service.settings import Settings
-from tests.conftest import SHIPPED_REPO
+from tests.conftest import ROOT, SHIPPED_REPO
 
 ServerFactory = Callable[..., Any]
+
+
+async def start_serve_process(**env: str) -> tuple[asyncio.subprocess.Process, int, int]:
+    """The real entry point (`lstm-serve serve`) on ports 0 with the shipped models and LSTM_SERVE_* settings;
+    returns the process and its REST and gRPC ports once it serves."""
+    environ = {**os.environ, **{f"LSTM_SERVE_{k.upper()}": v for k, v in env.items()}}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve", "--models", str(SHIPPED_REPO), "--http-port", "0",
+        "--grpc-port", "0", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        env=environ,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    log = b""
+    while b"(gRPC)" not in log:
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line, log.decode()
+        log += line
+    http_port = int(re.findall(rb"http://127\.0\.0\.1:(\d+) \(REST", log)[0])
+    grpc_port = int(re.findall(rb"127\.0\.0\.1:(\d+) \(gRPC\)", log)[0])
+    return proc, http_port, grpc_port
 
 
 @pytest.fixture(scope="session")

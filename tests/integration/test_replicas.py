@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,9 +21,8 @@ import redis.asyncio as aioredis
 from service.app import Server
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
-from tests.conftest import ROOT
 from tests.fixtures import reference_run
-from tests.integration.conftest import ServerFactory
+from tests.integration.conftest import ServerFactory, start_serve_process
 from tests.integration.test_session_stores import REDIS_URL, free_port
 
 MODEL = "seattle-weather"
@@ -80,19 +76,9 @@ async def test_a_session_stepped_alternately_through_two_replicas_matches_one_of
 
 
 async def start_replica(prefix: str) -> tuple[asyncio.subprocess.Process, int]:
-    """The real entry point on port 0 with the Redis store; returns the process and its REST port."""
-    env = {**os.environ, "LSTM_SERVE_STATE_STORE": REDIS_URL, "LSTM_SERVE_REDIS_KEY_PREFIX": prefix}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "serve", "--models", str(ROOT / "models"), "--http-port", "0",
-        "--grpc-port", "0", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    log = b""
-    while b"(gRPC)" not in log:
-        line = await asyncio.wait_for(proc.stderr.readline(), 30)
-        assert line, log.decode()
-        log += line
-    return proc, int(re.findall(rb"http://127\.0\.0\.1:(\d+) \(REST", log)[0])
+    """The real entry point with the Redis store; returns the process and its REST port."""
+    proc, http_port, _ = await start_serve_process(state_store=REDIS_URL, redis_key_prefix=prefix)
+    return proc, http_port
 
 
 async def test_killing_a_replica_mid_traffic_loses_no_applied_step(prefix: str, weather: np.ndarray) -> None:

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.core.sessions import PAGE, Commit, CommitStatus, Lease, MemorySessionStore, Replay, Snapshot
+from service.core.sessions import (
+    PAGE,
+    Commit,
+    CommitStatus,
+    Lease,
+    MemorySessionStore,
+    Replay,
+    Snapshot,
+    SnapshotFileError,
+    read_snapshot,
+    write_snapshot,
+)
 from service.errors import InvalidInputError, SessionExistsError, SessionLimitError, SessionNotFoundError
 from service.runtime import Signature
 
@@ -252,3 +265,62 @@ async def test_sessions_that_send_seq_cost_their_state_plus_bounded_replay_memor
     raw = 2 * 1 * 48 * 4
     per_session = (after - before) / n
     assert raw <= per_session < raw + 256 + outputs.nbytes + 128, per_session
+
+
+async def test_a_snapshot_restores_every_session_exactly_and_is_written_atomically(tmp_path: Path) -> None:
+    """Sessions of two models, with state, counters, idle time and kept replays, come back as they were; the
+    file appears only whole (no temporary file is left behind)."""
+    sigs = {"m/1": SIG, "m/2": Signature(features=4, outputs=3, layers=1, hidden=5)}
+    s = MemorySessionStore(sigs, ttl=100, max_sessions=100)
+    rng = np.random.default_rng(0)
+    for key, sid in (("m/1", "a"), ("m/1", "b"), ("m/2", "c")):
+        await s.create(key, sid, 1.0)
+        leases, _, _ = await s.gather(key, [sid], 2.0)
+        sig = sigs[key]
+        state = rng.standard_normal((sig.layers, 1, sig.hidden)).astype(np.float32)
+        replay = Replay(1, rng.bytes(16), rng.standard_normal((2, sig.outputs)).astype(np.float32))
+        await s.commit(key, commits(leases, [2], [replay if sid != "b" else None]), state, -state, 2.0)
+    path = tmp_path / "sessions.snapshot"
+    assert write_snapshot(s, path, 10.0) == 3
+    assert os.listdir(tmp_path) == ["sessions.snapshot"]
+    t = MemorySessionStore(sigs, ttl=100, max_sessions=100)
+    assert read_snapshot(t, path, 50.0) == 3
+    assert (await t.info("a", 50.0)).last_used == 50.0 - 8.0  # idle time carried over (8 s at the snapshot)
+    for key, sid in (("m/1", "a"), ("m/1", "b"), ("m/2", "c")):
+        before, after = await s.export(sid, 10.0), await t.export(sid, 50.0)
+        assert (before.steps, before.seq) == (after.steps, after.seq) == (2, 1)
+        np.testing.assert_array_equal(before.h, after.h)
+        np.testing.assert_array_equal(before.c, after.c)
+        (la,), _, _ = await s.gather(key, [sid], 10.0)
+        (lb,), _, _ = await t.gather(key, [sid], 50.0)
+        assert isinstance(la, Lease)
+        assert isinstance(lb, Lease)
+        assert (la.replay is None) == (lb.replay is None) == (sid == "b")
+        if la.replay is not None and lb.replay is not None:
+            assert la.replay.digest == lb.replay.digest
+            np.testing.assert_array_equal(la.replay.outputs, lb.replay.outputs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "foreign model", "other dimensions", "not npz"])
+async def test_a_corrupt_or_foreign_snapshot_is_refused_and_nothing_is_loaded(tmp_path: Path, damage: str) -> None:
+    """A damaged file, or one of models this server does not serve as they are, is refused with what to do."""
+    s = MemorySessionStore({"m/1": SIG}, ttl=100, max_sessions=100)
+    for sid in ("a", "b"):
+        await s.create("m/1", sid, 1.0)
+    path = tmp_path / "sessions.snapshot"
+    write_snapshot(s, path, 2.0)
+    target = {"m/1": SIG}
+    if damage == "random bytes":
+        path.write_bytes(np.random.default_rng(1).bytes(4096))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-200])
+    elif damage == "foreign model":
+        target = {"other/1": SIG}
+    elif damage == "other dimensions":
+        target = {"m/1": Signature(features=3, outputs=2, layers=2, hidden=9)}
+    else:
+        path.write_text("hello")
+    t = MemorySessionStore(target, ttl=100, max_sessions=100)
+    with pytest.raises(SnapshotFileError, match=r"cannot be restored: .*; move it away to start without it"):
+        read_snapshot(t, path, 3.0)
+    assert await t.count() == 0
