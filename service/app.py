@@ -78,6 +78,7 @@ class Server:
                 max_batch_size=settings.max_batch_size,
                 max_queue_delay=settings.max_queue_delay_ms / 1000,
                 max_queue=settings.max_queue,
+                max_queue_wait=settings.max_queue_wait_ms / 1000,
                 max_steps_per_call=settings.max_steps_per_call,
                 session_ttl=settings.session_ttl_s,
                 stream_open_timeout=settings.stream_open_timeout_s,

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
         1.0, ge=0, le=1000, description="longest a step waits for others to batch with (never when idle)"
     )
     max_queue: int = Field(4096, ge=1, description="queued step calls per model before new ones get 503")
+    max_queue_wait_ms: float = Field(
+        1000.0, ge=0, description="refuse (503) a step expected to wait longer in the queue (0: only --max-queue)"
+    )
     session_ttl_s: float = Field(600.0, gt=0, description="an idle session expires after this many seconds")
     max_sessions: int = Field(100_000, ge=1, description="cap on open sessions across all models")
     session_cap_policy: Literal["reject", "evict_lru"] = Field(

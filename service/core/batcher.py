@@ -98,9 +98,14 @@ class Batcher:
         max_queue_delay: float,
         max_queue: int,
         clock: Callable[[], float] = time.monotonic,
+        max_queue_wait: float = 0.0,
     ) -> None:
         self.model, self.store, self.metrics, self.executor = model, store, metrics, executor
         self.max_batch_size, self.max_queue_delay, self.max_queue = max_batch_size, max_queue_delay, max_queue
+        # NOTE: shed load early: refuse a call whose expected wait (queued calls x the recent time per call)
+        # is over this (0: only max_queue bounds the queue)
+        self.max_queue_wait = max_queue_wait
+        self._per_call = 0.0  # moving average of batch time / calls in the batch (seconds), 0 until measured
         self.clock = clock
         self._pending: deque[_Work] = deque()
         self._running: list[_Work] = []  # the batch being executed
@@ -156,6 +161,11 @@ class Batcher:
         if len(self._pending) >= self.max_queue:
             raise OverloadedError(
                 f"{self.model.describe()} has its maximum of {self.max_queue} step calls queued; retry shortly"
+            )
+        if self.max_queue_wait and len(self._pending) * self._per_call > self.max_queue_wait:
+            raise OverloadedError(
+                f"{self.model.describe()} is overloaded: a step would wait about "
+                f"{len(self._pending) * self._per_call * 1000:.0f} ms in the queue; retry shortly"
             )
         fut: asyncio.Future[StepOutcome] = asyncio.get_running_loop().create_future()
         if session_id is not None:
@@ -222,6 +232,7 @@ class Batcher:
             if not batch:
                 continue
             self._running = batch
+            began = time.perf_counter()
             try:
                 await self._execute(batch)
             except Exception as e:  # pragma: no cover - _execute resolves its own errors
@@ -230,6 +241,8 @@ class Batcher:
                     w.resolve(e if isinstance(e, ServeError) else ModelError("inference failed"))
             self._running = []
             answered = time.perf_counter()
+            per_call = (answered - began) / len(batch)
+            self._per_call = per_call if not self._per_call else 0.8 * self._per_call + 0.2 * per_call
             queued = {w.session_id for w in self._pending}  # NOTE: their next call is already here
             for w in batch:
                 if w.session_id is not None and w.session_id not in queued:

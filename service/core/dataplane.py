@@ -40,6 +40,7 @@ class Limits:
     max_batch_size: int = 64
     max_queue_delay: float = 0.001
     max_queue: int = 4096
+    max_queue_wait: float = 0.0  # refuse a call expected to wait longer in the queue (0: only max_queue)
     max_steps_per_call: int = 4096
     session_ttl: float = 600.0
     stream_open_timeout: float = 30.0  # a stream whose first message takes longer ends with deadline_exceeded
@@ -120,6 +121,7 @@ class DataPlane:
                 limits.max_queue_delay,
                 limits.max_queue,
                 clock,
+                limits.max_queue_wait,
             )
             for m in repo.all()
         }

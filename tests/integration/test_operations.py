@@ -174,7 +174,9 @@ async def test_stream_command_explains_a_missing_server(tmp_path: Path) -> None:
 async def test_serve_command_drains_on_sigterm_and_exits_zero(weather: np.ndarray) -> None:
     """The real entry point serves on port 0; on SIGTERM readiness turns false first (REST and gRPC health)
     while queued work still runs, every step call the server had queued finishes with 200, and it exits 0."""
-    env = {**os.environ, "LSTM_SERVE_DRAIN_SECONDS": "20", "LSTM_SERVE_MAX_BATCH_SIZE": "1"}
+    # NOTE: no load shedding here (max queue wait 0): this test is about the drain of what was queued
+    env = {**os.environ, "LSTM_SERVE_DRAIN_SECONDS": "20", "LSTM_SERVE_MAX_BATCH_SIZE": "1",
+           "LSTM_SERVE_MAX_QUEUE_WAIT_MS": "0"}  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.cli", "serve", "--models", str(ROOT / "models"), "--http-port", "0",
         "--grpc-port", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,

@@ -510,3 +510,33 @@ async def test_a_step_that_waited_past_its_deadline_is_not_run() -> None:
     assert (await patient).seq == 1  # the first step that ran on this session: the late one never applied
     assert rt.calls == [1, 1]
     await dp.stop()
+
+
+async def test_overload_is_shed_at_once_and_accepted_steps_wait_boundedly() -> None:
+    """With 50 ms per call and a 0.2 s queue-wait bound, 20 calls at once: those expected to wait longer are
+    refused at once (overloaded, well under 20 ms), the accepted ones finish within the bound plus their own
+    run, and a call after the burst is served at once."""
+    dp, _ = await make_dp(FakeRuntime(delay=0.05), max_batch_size=1, max_queue_wait=0.2)
+    sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(21)]
+    await dp.step(sids[0], rows(0, 1)[0])  # NOTE: measures the time per call
+
+    messages: list[str] = []
+
+    async def timed(sid: str) -> tuple[bool, float]:
+        t0 = time.perf_counter()
+        try:
+            await dp.step(sid, rows(1, 1)[0])
+        except OverloadedError as e:
+            messages.append(e.message)
+            return False, time.perf_counter() - t0
+        return True, time.perf_counter() - t0
+
+    results = await asyncio.gather(*(timed(sid) for sid in sids[1:]))
+    accepted = [t for ok, t in results if ok]
+    refused = [t for ok, t in results if not ok]
+    assert all("is overloaded: a step would wait about" in m for m in messages)
+    assert 3 <= len(accepted) <= 7, results
+    assert max(refused) < 0.02
+    assert max(accepted) < 0.2 + 0.2  # the bound, plus a run and the batcher's own time
+    assert (await dp.step(sids[0], rows(2, 1)[0])).seq == 2
+    await dp.stop()
