@@ -331,6 +331,7 @@ class Batcher:
             else:
                 status = dict(zip(idx, outcome, strict=True))
         steps = 0
+        stale: list[tuple[_Work, Lease]] = []
         for i, (w, held, _) in enumerate(run):
             steps += w.x.shape[0]  # NOTE: computed even if not committed or its caller has gone meanwhile
             if not finite[i]:
@@ -342,12 +343,7 @@ class Batcher:
             elif status[i] is CommitStatus.COMMITTED:
                 w.resolve(StepOutcome(y[i], held.steps + w.x.shape[0], held.seq + 1))
             elif status[i] is CommitStatus.STALE:
-                w.resolve(
-                    SeqConflictError(
-                        f"session {held.session_id!r} was changed (reset, imported or stepped elsewhere) while this "
-                        "step ran; the step was not applied: read the session and resend"
-                    )
-                )
+                stale.append((w, held))
             else:
                 w.resolve(
                     SessionNotFoundError(
@@ -356,6 +352,19 @@ class Batcher:
                     )
                 )
         self._steps.inc(steps)
+        for w, held in stale:
+            w.resolve(await self._stale(held))
+
+    async def _stale(self, lease: Lease) -> ServeError:
+        """The answer to a step whose session changed while it ran: a conflict naming the seq to send now."""
+        try:
+            now = await self.store.info(lease.session_id, self.clock())
+        except ServeError as e:
+            return e
+        return SeqConflictError(
+            f"session {lease.session_id!r} was changed (reset, imported or stepped elsewhere) while this step ran; "
+            f"the step was not applied: expected seq {now.seq + 1}"
+        )
 
     def _store_failed(self, e: Exception) -> ServeError:
         """A store failure is the store's error if it has one, else 'unavailable' (retry with seq), never a

@@ -285,9 +285,13 @@ class DataPlane:
         return info
 
     async def _update_open(self) -> None:
-        """Set the open-sessions gauge from the store (for a shared store: all sessions, every replica)."""
-        for key in self._batchers:
-            self.metrics.sessions_open.labels(key).set(await self.store.count(key))
+        """Set the open-sessions gauge from the store (for a shared store: all sessions, every replica). Only a
+        gauge: a store that cannot answer now leaves it as it was, and the operation that called this stands."""
+        try:
+            for key in self._batchers:
+                self.metrics.sessions_open.labels(key).set(await self.store.count(key))
+        except ServeError as e:
+            log.warning("cannot count open sessions: %s", e.message)
 
     def _on_removed(self, model_key: str, reason: str) -> None:
         self.metrics.sessions_removed.labels(model_key, reason).inc()

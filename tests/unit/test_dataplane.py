@@ -336,7 +336,9 @@ async def test_a_step_racing_a_delete_or_reset_is_answered_with_what_won(race: s
         with pytest.raises(SessionNotFoundError, match="while this step ran; the step was not applied"):
             await running
         return
-    with pytest.raises(SeqConflictError, match=r"was changed .* while this step ran; the step was not applied"):
+    with pytest.raises(
+        SeqConflictError, match=r"was changed .* while this step ran; the step was not applied: expected seq 1$"
+    ):
         await running
     info = await dp.get_session(sid)
     assert (info.steps, info.seq) == (0, 0)
