@@ -9,7 +9,7 @@ GRPC_PORT ?= 50051
 
 REDIS_PORT ?= 6379
 
-.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev redis
+.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -66,6 +66,9 @@ pytest: $(VENV)/.dev redis
 	$(BIN)/pytest
 
 test: $(VENV)/.dev lint typecheck check-proto pytest  ## everything CI runs
+
+smoke: $(VENV)/.dev  ## build the image, run it, then the compose stack and two replicas (needs Docker)
+	bash deploy/smoke.sh
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +24,25 @@ from service.settings import Settings
 from tests.conftest import ROOT, SHIPPED_REPO
 
 ServerFactory = Callable[..., Any]
+
+
+def sample(srv: Server, name: str, **labels: str) -> float:
+    """A metric's value in a server's registry (0 when it has no sample yet)."""
+    return srv.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def until(predicate: Any, within: float = 10.0, equals: Any = True) -> None:
+    """Wait until predicate() (a value or an awaitable) equals `equals`: the server has processed what the
+    client did (no fixed sleeps). A gRPC client can see a status before the server's handler has finished."""
+    deadline = time.monotonic() + within
+    while True:
+        got = predicate()
+        if inspect.isawaitable(got):
+            got = await got
+        if got == equals:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for the server (last {got!r})"
+        await asyncio.sleep(0.01)
 
 
 async def start_serve_process(**env: str) -> tuple[asyncio.subprocess.Process, int, int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import inspect
 import json
 import statistics
 import time
@@ -26,31 +25,13 @@ from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 from tests.conftest import SHIPPED_REPO
 from tests.fixtures import FakeRuntime, fake_repo
-from tests.integration.conftest import ServerFactory
+from tests.integration.conftest import ServerFactory, sample, until
 
 MODEL = "seattle-weather"
 
 
 def matrix(row: np.ndarray) -> pb.Matrix:
     return pb.Matrix(rows=1, cols=4, data=[float(v) for v in row])
-
-
-def sample(srv: Server, name: str, **labels: str) -> float:
-    return srv.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def until(predicate: Any, within: float = 10.0, equals: Any = True) -> None:
-    """Wait until predicate() (a value or an awaitable) equals `equals`: the server has processed what the
-    client did (no fixed sleeps)."""
-    deadline = time.monotonic() + within
-    while True:
-        got = predicate()
-        if inspect.isawaitable(got):
-            got = await got
-        if got == equals:
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for the server (last {got!r})"
-        await asyncio.sleep(0.01)
 
 
 async def hanging_stream(stub: pb_grpc.PredictorStub, session_id: str, row: np.ndarray) -> Any:

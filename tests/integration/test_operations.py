@@ -26,6 +26,7 @@ from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
 from tests.fixtures import reference_run
+from tests.integration.conftest import sample, until
 
 MODEL = "seattle-weather"
 KEY = "seattle-weather/1"
@@ -60,6 +61,9 @@ async def test_metrics_count_exactly_the_traffic_sent(
         await stub.GetSession(pb.SessionRef(session_id="nobody"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     await rest.delete(f"/v1/sessions/{rest_ids[0]}")
+    # NOTE: a gRPC error reaches the client before its handler has counted it
+    await until(lambda: sample(server, "lstm_requests_total", protocol="grpc", method="GetSession", code="NOT_FOUND"),
+                equals=1)  # fmt: skip
     text = (await rest.get("/metrics")).text
     s = scrape(text)
     req = "lstm_requests_total"

@@ -95,3 +95,9 @@ def test_defaults_are_the_ones_the_readme_promises() -> None:
     assert (s.host, s.http_port, s.grpc_port) == ("127.0.0.1", 8000, 50051)
     with pytest.raises(ValueError, match="is not a directory"):
         Settings(models=ROOT / "no-such-dir")
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    """The Deploy section's table has a row for every setting, with its variable and flag."""
+    for name in Settings.model_fields:
+        assert f"| `LSTM_SERVE_{name.upper()}` | `--{name.replace('_', '-')}` |" in README, name
