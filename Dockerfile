@@ -27,8 +27,10 @@ RUN /opt/venv/bin/pip install --no-deps . \
 # --- training image: the CPU build of torch; retrains into a mounted model directory -------------
 #   docker run --rm -v "$PWD/models:/app/models" lstm-serve:train
 FROM deps AS train
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN /opt/venv/bin/pip install --index-url "${TORCH_INDEX}" "torch==2.13.0" \
+# NOTE: where the CPU build of torch comes from; a local wheel folder works too:
+#   --build-arg TORCH_PIP_ARGS="--find-links http://127.0.0.1:8765/"  (python -m http.server in that folder)
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+RUN /opt/venv/bin/pip install ${TORCH_PIP_ARGS} "torch==2.13.0" \
  && /opt/venv/bin/pip install "onnx>=1.16" "vega-datasets==0.9.0" "matplotlib>=3.8" "tqdm>=4.66"
 COPY README.md ./
 COPY service ./service
