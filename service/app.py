@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Generator
+from typing import Any
 
+import grpc
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from service.auth import ApiKeys
 from service.core.dataplane import DataPlane, Limits
 from service.core.redis_store import RedisSessionStore
 from service.core.sessions import MemorySessionStore, SessionStore, read_snapshot, write_snapshot
@@ -41,6 +46,28 @@ def make_store(settings: Settings, signatures: dict[str, Signature]) -> SessionS
         timeout=settings.redis_timeout_ms / 1000,
         prefix=settings.redis_key_prefix,
     )
+
+
+def grpc_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port, with client certificates required when a client CA is set (mutual TLS)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def uvicorn_tls(settings: Settings) -> dict[str, Any]:
+    """The same TLS (and mutual TLS) for the REST port."""
+    if settings.tls_cert is None:
+        return {}
+    out: dict[str, Any] = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+    if settings.tls_client_ca is not None:
+        out.update(ssl_ca_certs=str(settings.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return out
 
 
 class _Uvicorn(uvicorn.Server):
@@ -85,7 +112,11 @@ class Server:
                 default_deadline=settings.default_queue_timeout_s,
             ),
         )
-        self.rest_app = create_app(self.dataplane, self.metrics, settings.max_body_bytes)
+        # NOTE: keys from a file or the environment, never a flag (ps shows flags)
+        self.auth = ApiKeys.load(settings.api_keys_file, os.environ.get("LSTM_SERVE_API_KEYS"))
+        self.rest_app = create_app(
+            self.dataplane, self.metrics, settings.max_body_bytes, self.auth, settings.metrics_auth
+        )
         self.grpc = GRPCServer(
             self.dataplane,
             self.metrics,
@@ -93,6 +124,8 @@ class Server:
             settings.grpc_port,
             settings.grpc_max_message_bytes,
             keepalive=(settings.grpc_keepalive_s, settings.grpc_keepalive_timeout_s),
+            auth=self.auth,
+            tls=grpc_credentials(settings),
         )
         self._uvicorn: _Uvicorn | None = None
         self._uvicorn_task: asyncio.Task[None] | None = None
@@ -153,6 +186,7 @@ class Server:
             ws_max_size=2 * self.settings.max_body_bytes,
             access_log=False,
             timeout_graceful_shutdown=max(1, int(self.settings.drain_seconds)),
+            **uvicorn_tls(self.settings),
         )
         self._uvicorn = _Uvicorn(config)
         self._uvicorn_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]), name="uvicorn")
@@ -163,9 +197,10 @@ class Server:
             await asyncio.sleep(0.01)
         await self.grpc.set_serving(True)
         log.info(
-            "serving %s on http://%s:%d (REST, WebSocket, /metrics) and %s:%d (gRPC)",
-            ", ".join(m.key for m in self.repo.all()), self.settings.host, self.http_port, self.settings.host,
-            self.grpc_port,
+            "serving %s on %s://%s:%d (REST, WebSocket, /metrics) and %s:%d (gRPC%s)%s",
+            ", ".join(m.key for m in self.repo.all()), "https" if self.settings.tls_cert else "http",
+            self.settings.host, self.http_port, self.settings.host, self.grpc_port,
+            " with TLS" if self.settings.tls_cert else "", "; API keys required" if self.auth else "",
         )  # fmt: skip
 
     async def stop(self) -> None:

@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     MODEL_ERROR = "model_error"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "unauthenticated"
     ROUTE_NOT_FOUND = "route_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
 
@@ -53,6 +54,7 @@ ERROR_TABLE: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.DEADLINE_EXCEEDED: ErrorSpec(504, "DEADLINE_EXCEEDED"),
     ErrorCode.MODEL_ERROR: ErrorSpec(500, "INTERNAL"),
     ErrorCode.INTERNAL: ErrorSpec(500, "INTERNAL"),
+    ErrorCode.UNAUTHENTICATED: ErrorSpec(401, "UNAUTHENTICATED"),
     # NOTE: routing errors; gRPC answers an unknown method with UNIMPLEMENTED itself
     ErrorCode.ROUTE_NOT_FOUND: ErrorSpec(404, "UNIMPLEMENTED"),
     ErrorCode.METHOD_NOT_ALLOWED: ErrorSpec(405, "UNIMPLEMENTED"),
@@ -130,6 +132,10 @@ class ModelError(ServeError):
 
 class InternalError(ServeError):
     code = ErrorCode.INTERNAL
+
+
+class UnauthenticatedError(ServeError):
+    code = ErrorCode.UNAUTHENTICATED
 
 
 class RouteNotFoundError(ServeError):

@@ -70,6 +70,15 @@ class Settings(BaseSettings):
         description="memory store: on shutdown write every session to this file, and restore them from it at start "
         "(then the file is removed)",
     )
+    api_keys_file: Path | None = Field(
+        None, description="API keys, one per line: REST, WebSocket and gRPC then need 'Authorization: Bearer <key>'"
+    )
+    metrics_auth: bool = Field(False, description="with API keys, /metrics needs a key too (health stays open)")
+    tls_cert: Path | None = Field(None, description="TLS certificate (PEM) for REST and gRPC; with --tls-key")
+    tls_key: Path | None = Field(None, description="TLS private key (PEM)")
+    tls_client_ca: Path | None = Field(
+        None, description="CA (PEM) that client certificates must chain to: mutual TLS on both transports"
+    )
     drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight work may take to finish")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
@@ -79,6 +88,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"state_store {self.state_store!r} is neither 'memory' nor a Redis URL such as redis://localhost:6379/0"
             )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path.name!r} is not a readable file")
         if self.snapshot is not None and self.state_store != "memory":
             raise ValueError("--snapshot is for the memory store; with Redis the sessions already outlive the server")
         if not self.models.is_dir():

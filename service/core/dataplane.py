@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -243,29 +244,61 @@ class DataPlane:
         return model, out.outputs
 
     # --- sessions ----------------------------------------------------------------------------------
-    async def create_session(self, name: str, version: str | None, session_id: str | None) -> SessionInfo:
+    # NOTE: `owner` (an API key's tag, "" without authentication) namespaces session ids: the store keys a
+    # session as "<owner>.<id>", so another key's session of the same id is simply not there (404). Clients
+    # only ever see their own id, in answers and in error messages.
+    @staticmethod
+    def _scoped(owner: str, session_id: str) -> str:
+        check_session_id(session_id)
+        return f"{owner}.{session_id}" if owner else session_id
+
+    @staticmethod
+    def _unscoped(owner: str, info: SessionInfo) -> SessionInfo:
+        return replace(info, session_id=info.session_id[len(owner) + 1 :]) if owner else info
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _as_client(owner: str, session_id: str) -> Iterator[None]:
+        """Errors name the session as the client knows it, never by its namespaced key."""
+        try:
+            yield
+        except ServeError as e:
+            if owner:
+                e.message = e.message.replace(repr(f"{owner}.{session_id}"), repr(session_id))
+                e.args = (e.message,)
+            raise
+
+    async def create_session(
+        self, name: str, version: str | None, session_id: str | None, owner: str = ""
+    ) -> SessionInfo:
         self._accepting()
         model = self.get_model(name, version)
-        info = await self.store.create(model.key, session_id or None, self.clock())
+        sid = session_id or uuid.uuid4().hex
+        with self._as_client(owner, sid):
+            info = await self.store.create(model.key, self._scoped(owner, sid), self.clock())
         self.metrics.sessions_created.labels(model.key).inc()
         await self._update_open()
-        return info
+        return self._unscoped(owner, info)
 
-    async def get_session(self, session_id: str) -> SessionInfo:
-        return await self.store.info(check_session_id(session_id), self.clock())
+    async def get_session(self, session_id: str, owner: str = "") -> SessionInfo:
+        with self._as_client(owner, session_id):
+            return self._unscoped(owner, await self.store.info(self._scoped(owner, session_id), self.clock()))
 
-    async def delete_session(self, session_id: str, incarnation: str | None = None) -> None:
+    async def delete_session(self, session_id: str, incarnation: str | None = None, owner: str = "") -> None:
         """Delete a session; with `incarnation`, only that life of the id (see `SessionInfo.incarnation`)."""
-        await self.store.delete(check_session_id(session_id), incarnation)
+        with self._as_client(owner, session_id):
+            await self.store.delete(self._scoped(owner, session_id), incarnation)
         await self._update_open()
 
-    async def reset_session(self, session_id: str) -> SessionInfo:
-        return await self.store.reset(check_session_id(session_id), self.clock())
+    async def reset_session(self, session_id: str, owner: str = "") -> SessionInfo:
+        with self._as_client(owner, session_id):
+            return self._unscoped(owner, await self.store.reset(self._scoped(owner, session_id), self.clock()))
 
-    async def export_session(self, session_id: str) -> Snapshot:
-        return await self.store.export(check_session_id(session_id), self.clock())
+    async def export_session(self, session_id: str, owner: str = "") -> Snapshot:
+        with self._as_client(owner, session_id):
+            return await self.store.export(self._scoped(owner, session_id), self.clock())
 
-    async def import_session(self, session_id: str, snapshot: Snapshot) -> SessionInfo:
+    async def import_session(self, session_id: str, snapshot: Snapshot, owner: str = "") -> SessionInfo:
         """Restore a snapshot into a session, creating it if needed; shapes are checked against the model."""
         self._accepting()
         model = self.get_model(snapshot.model, snapshot.version)
@@ -278,11 +311,12 @@ class DataPlane:
                 )
             if not np.isfinite(arr).all():
                 raise InvalidInputError(f"snapshot {name} holds non-finite values")
-        info, created = await self.store.restore(check_session_id(session_id), model.key, snapshot, self.clock())
+        with self._as_client(owner, session_id):
+            info, created = await self.store.restore(self._scoped(owner, session_id), model.key, snapshot, self.clock())
         if created:
             self.metrics.sessions_created.labels(model.key).inc()
         await self._update_open()
-        return info
+        return self._unscoped(owner, info)
 
     async def _update_open(self) -> None:
         """Set the open-sessions gauge from the store (for a shared store: all sessions, every replica). Only a
@@ -298,7 +332,12 @@ class DataPlane:
 
     # --- steps -------------------------------------------------------------------------------------
     async def step(
-        self, session_id: str, inputs: np.ndarray, seq: int | None = None, queue_timeout: float | None = None
+        self,
+        session_id: str,
+        inputs: np.ndarray,
+        seq: int | None = None,
+        queue_timeout: float | None = None,
+        owner: str = "",
     ) -> StepResult:
         """Apply 1..N steps to a session in arrival order; the answer holds the outputs of every step.
 
@@ -306,17 +345,21 @@ class DataPlane:
         without running (the session unchanged).
         """
         self._accepting()
-        check_session_id(session_id)
+        scoped = self._scoped(owner, session_id)
         if seq is not None and seq < 1:
             raise InvalidInputError(f"seq must be >= 1 (the first step call of a session is seq 1); got {seq}")
-        key = await self.store.model_of(session_id, self.clock())
-        batcher = self._batchers[key]
-        x = self.validate_inputs(batcher.model, inputs)
-        out: StepOutcome = await batcher.submit(session_id, x, seq, self.deadline(queue_timeout))
+        with self._as_client(owner, session_id):
+            key = await self.store.model_of(scoped, self.clock())
+            batcher = self._batchers[key]
+            x = self.validate_inputs(batcher.model, inputs)
+            out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout))
         return StepResult(session_id, out.outputs, out.steps, out.seq, out.replayed)
 
     async def step_batch(
-        self, items: Sequence[tuple[str, np.ndarray | ServeError, int | None]], queue_timeout: float | None = None
+        self,
+        items: Sequence[tuple[str, np.ndarray | ServeError, int | None]],
+        queue_timeout: float | None = None,
+        owner: str = "",
     ) -> list[StepResult | ServeError]:
         """Steps for many sessions at once; they join the same batches. Each item succeeds or fails alone.
 
@@ -339,14 +382,16 @@ class DataPlane:
             if isinstance(x, ServeError):
                 return x
             try:
-                return await self.step(sid, x, seq, queue_timeout)
+                return await self.step(sid, x, seq, queue_timeout, owner)
             except ServeError as e:
                 return e
 
         return list(await asyncio.gather(*(one(*item) for item in items)))
 
     # --- streams -----------------------------------------------------------------------------------
-    async def stream(self, messages: AsyncIterator[StreamMessage]) -> AsyncGenerator[StreamReply, None]:
+    async def stream(
+        self, messages: AsyncIterator[StreamMessage], owner: str = ""
+    ) -> AsyncGenerator[StreamReply, None]:
         """One session per stream: the first message opens or resumes it; one reply per message, in order.
 
         A failure to open the session raises (the stream ends with that error); later per-message
@@ -373,16 +418,18 @@ class DataPlane:
             )
         if opened.resume_session_id:
             # NOTE: the resumed session changes hands: the stream that opened it no longer closes it
-            info = await self.store.detach(check_session_id(opened.resume_session_id), self.clock())
+            rid = opened.resume_session_id
+            with self._as_client(owner, rid):
+                info = self._unscoped(owner, await self.store.detach(self._scoped(owner, rid), self.clock()))
             owned = False
         elif opened.model:
-            info = await self.create_session(opened.model, opened.version, opened.session_id)
+            info = await self.create_session(opened.model, opened.version, opened.session_id, owner)
             owned = not opened.keep
         else:
             raise InvalidInputError("the first stream message must name a model to open, or a session id to resume")
         sid = info.session_id
         try:
-            yield await self._stream_step(sid, first, info)
+            yield await self._stream_step(sid, first, info, owner)
             while True:
                 msg = await self._next_unless_draining(messages)
                 if msg is None:
@@ -393,11 +440,11 @@ class DataPlane:
                 if msg.open is not None:
                     yield StreamReply(sid, error=InvalidInputError("only the first stream message may open a session"))
                     continue
-                yield await self._stream_step(sid, msg, None)
+                yield await self._stream_step(sid, msg, None, owner)
         finally:
             if owned:  # NOTE: only the life of the id that this stream created, never a later one
                 with contextlib.suppress(SessionNotFoundError):
-                    await self.delete_session(sid, info.incarnation)
+                    await self.delete_session(sid, info.incarnation, owner)
 
     async def _next_unless_draining(self, messages: AsyncIterator[StreamMessage]) -> StreamMessage | None:
         """The next message, None at the end of the stream; a drain ends the wait with 'unavailable'."""
@@ -418,12 +465,12 @@ class DataPlane:
             raise UnavailableError(DRAINING_STREAM)
         return nxt.result()
 
-    async def _stream_step(self, sid: str, msg: StreamMessage, info: SessionInfo | None) -> StreamReply:
+    async def _stream_step(self, sid: str, msg: StreamMessage, info: SessionInfo | None, owner: str) -> StreamReply:
         if msg.open is not None and (msg.inputs is None or msg.inputs.size == 0):
             return StreamReply(sid, session=info)  # NOTE: an open without steps just reports the session
         inputs = msg.inputs if msg.inputs is not None else np.zeros((0, 0), np.float32)
         try:
-            result = await self.step(sid, inputs, msg.seq)
+            result = await self.step(sid, inputs, msg.seq, owner=owner)
         except ServeError as e:
             return StreamReply(sid, error=e, session=info)
         return StreamReply(sid, result=result, session=info)

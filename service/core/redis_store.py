@@ -48,7 +48,7 @@ from service.core.sessions import (
     Replay,
     SessionInfo,
     Snapshot,
-    check_session_id,
+    check_store_id,
 )
 from service.errors import (
     InvalidInputError,
@@ -382,7 +382,7 @@ class RedisSessionStore:
 
     # --- SessionStore ----------------------------------------------------------------------------------
     async def create(self, model_key: str, session_id: str | None, now: float) -> SessionInfo:
-        sid = uuid.uuid4().hex if session_id is None else check_session_id(session_id)
+        sid = uuid.uuid4().hex if session_id is None else check_store_id(session_id)
         sig = self.sigs[model_key]
         wall = time.time()
         zeros = np.zeros((sig.layers, sig.hidden), np.float32)
@@ -436,7 +436,7 @@ class RedisSessionStore:
         return Snapshot(name, version, st.steps, st.seq, st.h.copy(), st.c.copy())
 
     async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> tuple[SessionInfo, bool]:
-        check_session_id(session_id)
+        check_store_id(session_id)
         if not (0 <= snap.steps < MAX_COUNTER and 0 <= snap.seq < MAX_COUNTER):
             raise InvalidInputError(f"snapshot steps and seq must be between 0 and {MAX_COUNTER - 1}")
         created = False

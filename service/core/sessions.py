@@ -37,10 +37,19 @@ from service.errors import InvalidInputError, ServeError, SessionExistsError, Se
 from service.runtime import F32, Signature
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# NOTE: what a store keys sessions by: a client's id, or "<owner>.<id>" with API keys (see DataPlane)
+STORE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,159}")
 MAX_COUNTER = 2**62  # steps and seq stay far below int64 and uint64 overflow
 DIGEST_BYTES = 16  # blake2b digest of a call's inputs, kept for idempotent retries
 PAGE_BITS = 10
 PAGE = 1 << PAGE_BITS  # slots per page of state arrays
+
+
+def check_store_id(session_id: str) -> str:
+    """A store key: a checked client id, possibly behind an owner tag (so the client's rule applies)."""
+    if not STORE_ID.fullmatch(session_id):
+        return check_session_id(session_id)
+    return session_id
 
 
 def check_session_id(session_id: str) -> str:
@@ -424,7 +433,7 @@ class MemorySessionStore:
         if session_id is None:
             session_id = uuid.uuid4().hex
         else:
-            check_session_id(session_id)
+            check_store_id(session_id)
             if session_id in self._index:
                 try:
                     self._locate(session_id, now)  # NOTE: an expired holder of the id frees it
@@ -480,7 +489,7 @@ class MemorySessionStore:
 
     async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> tuple[SessionInfo, bool]:
         """Write a snapshot into a session, creating it if needed; returns the session and whether it is new."""
-        check_session_id(session_id)
+        check_store_id(session_id)
         if not (0 <= snap.steps < MAX_COUNTER and 0 <= snap.seq < MAX_COUNTER):
             raise InvalidInputError(f"snapshot steps and seq must be between 0 and {MAX_COUNTER - 1}")
         created = False
@@ -679,7 +688,7 @@ def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
             if int(ends[-1] if n else 0) != outputs.size:
                 raise refuse(f"the kept outputs of {key} do not add up")
             for i, sid in enumerate(ids):
-                check_session_id(sid)
+                check_store_id(sid)
                 out = outputs[int(ends[i] - outlen[i]) : int(ends[i])].tobytes()
                 rows.append((sid, key, h[:, i, :], c[:, i, :], int(loaded[f"steps_{k}"][i]),
                              int(loaded[f"seq_{k}"][i]), float(loaded[f"idle_{k}"][i]),

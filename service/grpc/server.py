@@ -7,10 +7,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # NOTE: untyped submodule
 from grpc_reflection.v1alpha import reflection
 
+from service.auth import ApiKeys
 from service.core.dataplane import DataPlane
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
-from service.grpc.servicer import PredictorServicer
+from service.grpc.servicer import AuthInterceptor, PredictorServicer
 from service.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Predictor"].full_name  # "lstm.v1.Predictor"
@@ -27,12 +28,17 @@ class GRPCServer:
         port: int,
         max_message_bytes: int,
         keepalive: tuple[float, float] = (30.0, 10.0),
+        auth: ApiKeys | None = None,
+        tls: grpc.ServerCredentials | None = None,
     ) -> None:
+        self.tls = tls
         self.host, self.requested_port = host, port
         every_ms, timeout_ms = (int(v * 1000) for v in keepalive)
         # NOTE: grpc core refuses messages over twice the limit with its own RESOURCE_EXHAUSTED; between the
         # limit and twice it, the servicer answers with our error (code trailer, advice) and streams go on
+        known = {f"/{SERVICE_NAME}/{m.name}" for m in pb.DESCRIPTOR.services_by_name["Predictor"].methods}
         self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(auth, metrics, known)] if auth else [],
             options=[
                 ("grpc.max_receive_message_length", 2 * max_message_bytes),
                 ("grpc.max_send_message_length", 2 * max_message_bytes),
@@ -45,9 +51,11 @@ class GRPCServer:
                 # NOTE: clients may ping as often as we do (grpc's default would answer them with GOAWAY)
                 ("grpc.http2.min_ping_interval_without_data_ms", min(every_ms, 10_000)),
                 ("grpc.http2.max_pings_without_data", 0),
-            ]
+            ],
         )
-        pb_grpc.add_PredictorServicer_to_server(PredictorServicer(dataplane, metrics, max_message_bytes), self.server)
+        pb_grpc.add_PredictorServicer_to_server(
+            PredictorServicer(dataplane, metrics, max_message_bytes, auth), self.server
+        )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -58,7 +66,11 @@ class GRPCServer:
 
     async def start(self) -> int:
         try:
-            self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+            address = f"{self.host}:{self.requested_port}"
+            if self.tls is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, self.tls)
         except RuntimeError:  # NOTE: grpcio reports a failed bind as RuntimeError
             self.port = 0
         if self.port == 0:

@@ -8,10 +8,11 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from service.auth import ApiKeys
 from service.core.dataplane import DataPlane, StreamMessage
 from service.errors import ERROR_TABLE, PayloadTooLargeError, ServeError, as_serve_error
 from service.grpc import converters as cv
@@ -31,6 +32,68 @@ def grpc_status(e: ServeError) -> grpc.StatusCode:
 async def abort(context: grpc.aio.ServicerContext[Any, Any], e: ServeError) -> None:
     context.set_trailing_metadata(((ERROR_CODE_KEY, e.code.value),))
     await context.abort(grpc_status(e), e.message)
+
+
+def metadata_value(metadata: Any, key: str) -> str | None:
+    for k, v in metadata or ():
+        if k == key:
+            return str(v)
+    return None
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]  # NOTE: generic in the stubs only
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class AuthInterceptor(_Interceptor):
+    """With API keys, every method but the health service needs `authorization: Bearer <key>` metadata;
+    others get UNAUTHENTICATED with our error code, counted, before any handler runs."""
+
+    OPEN = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, auth: ApiKeys, metrics: Metrics, known: set[str]) -> None:
+        self.auth, self.metrics, self.known = auth, metrics, known
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = details.method
+        if method.startswith(self.OPEN):
+            return await continuation(details)
+        try:
+            self.auth.owner(metadata_value(details.invocation_metadata, "authorization"))
+        except ServeError as e:
+            handler = await continuation(details)
+            if handler is None:
+                return handler  # NOTE: an unknown method: grpc answers UNIMPLEMENTED itself
+            name = method.rsplit("/", 1)[-1]
+            self.metrics.requests.labels("grpc", name if method in self.known else "other", grpc_status(e).name).inc()
+            return _denied(handler, e)
+        return await continuation(details)
+
+
+def _denied(handler: grpc.RpcMethodHandler[Any, Any], e: ServeError) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same shape as `handler` that aborts with `e`."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await abort(context, e)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await abort(context, e)
+        yield  # pragma: no cover - abort raises
+
+    codec = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **codec)
+    return grpc.stream_stream_rpc_method_handler(streaming, **codec)
 
 
 def cancelled_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -72,8 +135,20 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., 
 class PredictorServicer(pb_grpc.PredictorServicer):
     """Thin adapter: every method is decode -> one DataPlane call -> encode."""
 
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, max_message_bytes: int = 4 * 1024 * 1024) -> None:
-        self.dp, self.metrics, self.max_message_bytes = dataplane, metrics, max_message_bytes
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        metrics: Metrics,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        auth: ApiKeys | None = None,
+    ) -> None:
+        self.dp, self.metrics, self.max_message_bytes, self.auth = dataplane, metrics, max_message_bytes, auth
+
+    def owner(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The caller's owner tag ("" without API keys); the AuthInterceptor has already refused bad keys."""
+        if self.auth is None:
+            return ""
+        return self.auth.owner(metadata_value(context.invocation_metadata(), "authorization"))
 
     def check_size(self, request: Any) -> None:
         if request.ByteSize() > self.max_message_bytes:
@@ -88,44 +163,48 @@ class PredictorServicer(pb_grpc.PredictorServicer):
 
     @unary("CreateSession")
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.SessionInfo:
-        info = await self.dp.create_session(request.model, request.version or None, request.session_id or None)
+        info = await self.dp.create_session(
+            request.model, request.version or None, request.session_id or None, self.owner(context)
+        )
         return cv.session_info(info)
 
     @unary("GetSession")
     async def GetSession(self, request: pb.SessionRef, context: Any) -> pb.SessionInfo:
-        return cv.session_info(await self.dp.get_session(request.session_id))
+        return cv.session_info(await self.dp.get_session(request.session_id, self.owner(context)))
 
     @unary("Step")
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
         seq = request.seq if request.HasField("seq") else None
         return cv.step_response(
-            await self.dp.step(request.session_id, cv.to_array(request.inputs), seq, context.time_remaining())
+            await self.dp.step(
+                request.session_id, cv.to_array(request.inputs), seq, context.time_remaining(), self.owner(context)
+            )
         )
 
     @unary("ResetSession")
     async def ResetSession(self, request: pb.SessionRef, context: Any) -> pb.SessionInfo:
-        return cv.session_info(await self.dp.reset_session(request.session_id))
+        return cv.session_info(await self.dp.reset_session(request.session_id, self.owner(context)))
 
     @unary("DeleteSession")
     async def DeleteSession(self, request: pb.SessionRef, context: Any) -> pb.DeleteSessionResponse:
-        await self.dp.delete_session(request.session_id)
+        await self.dp.delete_session(request.session_id, owner=self.owner(context))
         return pb.DeleteSessionResponse(session_id=request.session_id)
 
     @unary("ExportSession")
     async def ExportSession(self, request: pb.SessionRef, context: Any) -> pb.SessionSnapshot:
-        return cv.snapshot_to_pb(await self.dp.export_session(request.session_id))
+        return cv.snapshot_to_pb(await self.dp.export_session(request.session_id, self.owner(context)))
 
     @unary("ImportSession")
     async def ImportSession(self, request: pb.ImportSessionRequest, context: Any) -> pb.SessionInfo:
         snap = cv.snapshot_from_pb(request.snapshot)
-        return cv.session_info(await self.dp.import_session(request.session_id, snap))
+        return cv.session_info(await self.dp.import_session(request.session_id, snap, self.owner(context)))
 
     @unary("StepBatch")
     async def StepBatch(self, request: pb.StepBatchRequest, context: Any) -> pb.StepBatchResponse:
         items = [
             (s.session_id, cv.to_array_or_error(s.inputs), s.seq if s.HasField("seq") else None) for s in request.steps
         ]
-        results = await self.dp.step_batch(items, context.time_remaining())
+        results = await self.dp.step_batch(items, context.time_remaining(), self.owner(context))
         return pb.StepBatchResponse(
             results=[
                 pb.StepBatchResult(error=cv.error(r))
@@ -161,7 +240,7 @@ class PredictorServicer(pb_grpc.PredictorServicer):
 
         try:
             # NOTE: aclosing: when the client goes away, the session is closed now, not at garbage collection
-            async with contextlib.aclosing(self.dp.stream(messages())) as replies:
+            async with contextlib.aclosing(self.dp.stream(messages(), self.owner(context))) as replies:
                 async for reply in replies:
                     self.metrics.stream_messages.labels("grpc", reply.error.code.value if reply.error else "ok").inc()
                     yield cv.stream_response(reply)

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.auth import CHALLENGE, ApiKeys
 from service.core.dataplane import DataPlane, StreamMessage, StreamOpen, StreamReply
 from service.errors import (
     ERROR_TABLE,
@@ -42,7 +43,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 def error_response(e: ServeError) -> JSONResponse:
     spec = ERROR_TABLE[e.code]
-    headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after else None
+    headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after else {}
+    if e.code is ErrorCode.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = CHALLENGE
     return JSONResponse({"error": e.message, "code": e.code.value}, status_code=spec.http_status, headers=headers)
 
 
@@ -133,6 +136,15 @@ def _dataplane(request: Request) -> DataPlane:
 
 
 DataPlaneDep = Annotated[DataPlane, Depends(_dataplane)]
+
+
+def _owner(request: Request) -> str:
+    """The caller's owner tag from its API key ("" when authentication is off); 401 without a valid key."""
+    auth: ApiKeys | None = request.app.state.auth
+    return "" if auth is None else auth.owner(request.headers.get("authorization"))
+
+
+Owner = Annotated[str, Depends(_owner)]
 TIMEOUT_HEADER = "Request-Timeout"
 
 
@@ -167,7 +179,13 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
     return receive
 
 
-def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> FastAPI:
+def create_app(
+    dataplane: DataPlane,
+    metrics: Metrics,
+    max_body_bytes: int,
+    auth: ApiKeys | None = None,
+    metrics_auth: bool = False,
+) -> FastAPI:
     """Build the REST app over one DataPlane."""
     app = FastAPI(
         title="lstm-serve",
@@ -176,6 +194,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
         '`{"error": message, "code": machine_code}`.',
     )
     app.state.dataplane = dataplane
+    app.state.auth = auth
     dp = dataplane
 
     # --- errors ------------------------------------------------------------------------------------
@@ -216,15 +235,22 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
     async def readyz(d: DataPlaneDep) -> JSONResponse:
         if d.ready:
             return JSONResponse({"status": "ready", "models": [m.key for m in d.repo.all()]})
-        reason = "draining" if d.draining else "starting"
+        reason = "draining" if d.draining else "starting" if not d.started else "session store unavailable"
         return JSONResponse({"status": "not ready", "error": reason, "code": "unavailable"}, status_code=503)
 
-    @ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @ops.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        dependencies=[Depends(_owner)] if metrics_auth else [],
+        responses=_responses(ErrorCode.UNAUTHENTICATED) if metrics_auth else None,
+    )
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # --- models ------------------------------------------------------------------------------------
-    models = APIRouter(prefix="/v1/models", tags=["models"])
+    guarded = {"dependencies": [Depends(_owner)], "responses": _responses(ErrorCode.UNAUTHENTICATED)} if auth else {}
+    models = APIRouter(prefix="/v1/models", tags=["models"], **guarded)  # type: ignore[arg-type]
 
     @models.get("", summary="List models (newest version of each)")
     async def list_models(d: DataPlaneDep) -> s.ModelsReply:
@@ -252,7 +278,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
         return s.PredictReply(model=m.name, version=m.version, outputs=out.tolist())
 
     # --- sessions ----------------------------------------------------------------------------------
-    sessions = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+    sessions = APIRouter(prefix="/v1/sessions", tags=["sessions"], **guarded)  # type: ignore[arg-type]
     not_found = _responses(ErrorCode.INVALID_INPUT, ErrorCode.SESSION_NOT_FOUND)
 
     @sessions.post(
@@ -267,16 +293,16 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
             ErrorCode.UNAVAILABLE,
         ),
     )
-    async def create_session(body: s.CreateSessionBody, d: DataPlaneDep) -> s.SessionReply:
-        return s.SessionReply.of(await d.create_session(body.model, body.version, body.session_id))
+    async def create_session(body: s.CreateSessionBody, d: DataPlaneDep, owner: Owner) -> s.SessionReply:
+        return s.SessionReply.of(await d.create_session(body.model, body.version, body.session_id, owner))
 
     @sessions.get("/{session_id}", summary="Describe a session", responses=not_found)
-    async def get_session(session_id: str, d: DataPlaneDep) -> s.SessionReply:
-        return s.SessionReply.of(await d.get_session(session_id))
+    async def get_session(session_id: str, d: DataPlaneDep, owner: Owner) -> s.SessionReply:
+        return s.SessionReply.of(await d.get_session(session_id, owner))
 
     @sessions.delete("/{session_id}", summary="Delete a session", responses=not_found)
-    async def delete_session(session_id: str, d: DataPlaneDep) -> s.DeleteReply:
-        await d.delete_session(session_id)
+    async def delete_session(session_id: str, d: DataPlaneDep, owner: Owner) -> s.DeleteReply:
+        await d.delete_session(session_id, owner=owner)
         return s.DeleteReply(session_id=session_id)
 
     @sessions.post(
@@ -292,16 +318,16 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
             ErrorCode.MODEL_ERROR,
         ),
     )
-    async def step(session_id: str, body: s.StepBody, d: DataPlaneDep, wait: QueueTimeout) -> s.StepReply:
-        return s.StepReply.of(await d.step(session_id, s.matrix(body.inputs), body.seq, wait))
+    async def step(session_id: str, body: s.StepBody, d: DataPlaneDep, wait: QueueTimeout, owner: Owner) -> s.StepReply:
+        return s.StepReply.of(await d.step(session_id, s.matrix(body.inputs), body.seq, wait, owner))
 
     @sessions.post("/{session_id}/reset", summary="Reset a session's state to zero", responses=not_found)
-    async def reset(session_id: str, d: DataPlaneDep) -> s.SessionReply:
-        return s.SessionReply.of(await d.reset_session(session_id))
+    async def reset(session_id: str, d: DataPlaneDep, owner: Owner) -> s.SessionReply:
+        return s.SessionReply.of(await d.reset_session(session_id, owner))
 
     @sessions.get("/{session_id}/state", summary="Export a portable snapshot", responses=not_found)
-    async def export_state(session_id: str, d: DataPlaneDep) -> s.SnapshotBody:
-        return s.SnapshotBody.of(await d.export_session(session_id))
+    async def export_state(session_id: str, d: DataPlaneDep, owner: Owner) -> s.SnapshotBody:
+        return s.SnapshotBody.of(await d.export_session(session_id, owner))
 
     @sessions.post(
         "/{session_id}/state",
@@ -310,19 +336,19 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
             ErrorCode.INVALID_INPUT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.SESSION_LIMIT, ErrorCode.UNAVAILABLE
         ),
     )
-    async def import_state(session_id: str, body: s.SnapshotBody, d: DataPlaneDep) -> s.SessionReply:
-        return s.SessionReply.of(await d.import_session(session_id, body.to_snapshot()))
+    async def import_state(session_id: str, body: s.SnapshotBody, d: DataPlaneDep, owner: Owner) -> s.SessionReply:
+        return s.SessionReply.of(await d.import_session(session_id, body.to_snapshot(), owner))
 
-    steps = APIRouter(prefix="/v1/steps", tags=["sessions"])
+    steps = APIRouter(prefix="/v1/steps", tags=["sessions"], **guarded)  # type: ignore[arg-type]
 
     @steps.post(
         "",
         summary="Steps for many sessions in one request (batched together; each item succeeds or fails alone)",
         responses=_responses(ErrorCode.INVALID_INPUT, ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED),
     )
-    async def step_batch(body: s.StepBatchBody, d: DataPlaneDep, wait: QueueTimeout) -> s.StepBatchReply:
+    async def step_batch(body: s.StepBatchBody, d: DataPlaneDep, wait: QueueTimeout, owner: Owner) -> s.StepBatchReply:
         items = [(it.session_id, s.matrix_or_error(it.inputs), it.seq) for it in body.steps]
-        results = await d.step_batch(items, wait)
+        results = await d.step_batch(items, wait, owner)
         return s.StepBatchReply(
             results=[
                 s.BatchResult(error=s.ErrorBody(error=r.message, code=r.code.value))
@@ -337,6 +363,14 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
     async def stream(ws: WebSocket) -> None:
         """Same semantics as the gRPC Stream: JSON messages, one reply per message, errors in-band."""
         await ws.accept()
+        try:
+            owner = "" if auth is None else auth.owner(ws.headers.get("authorization"))
+        except ServeError as denied:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await ws.send_text(json.dumps({"error": denied.message, "code": denied.code.value}))
+                await ws.close(code=1008, reason=denied.code.value)
+            metrics.requests.labels("websocket", "stream", denied.code.value).inc()
+            return
         t0 = time.perf_counter()
         code = "ok"
 
@@ -354,7 +388,7 @@ def create_app(dataplane: DataPlane, metrics: Metrics, max_body_bytes: int) -> F
                 first = False
 
         try:
-            async with contextlib.aclosing(dp.stream(messages())) as replies:
+            async with contextlib.aclosing(dp.stream(messages(), owner)) as replies:
                 async for reply in replies:
                     metrics.stream_messages.labels("websocket", reply.error.code.value if reply.error else "ok").inc()
                     await ws.send_text(json.dumps(ws_reply(reply)))

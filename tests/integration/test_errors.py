@@ -52,6 +52,7 @@ EXPECTED: dict[ErrorCode, tuple[int, grpc.StatusCode]] = {
     ErrorCode.DEADLINE_EXCEEDED: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
     ErrorCode.MODEL_ERROR: (500, grpc.StatusCode.INTERNAL),
     ErrorCode.INTERNAL: (500, grpc.StatusCode.INTERNAL),
+    ErrorCode.UNAUTHENTICATED: (401, grpc.StatusCode.UNAUTHENTICATED),
     ErrorCode.ROUTE_NOT_FOUND: (404, grpc.StatusCode.UNIMPLEMENTED),
     ErrorCode.METHOD_NOT_ALLOWED: (405, grpc.StatusCode.UNIMPLEMENTED),
 }
