@@ -10,8 +10,7 @@ from grpc_reflection.v1alpha import reflection
 from service.auth import ApiKeys
 from service.core.dataplane import DataPlane
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
-from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
-from service.grpc.servicer import AuthInterceptor, PredictorServicer
+from service.grpc.servicer import AuthInterceptor, PredictorServicer, add_predictor
 from service.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Predictor"].full_name  # "lstm.v1.Predictor"
@@ -53,9 +52,7 @@ class GRPCServer:
                 ("grpc.http2.max_pings_without_data", 0),
             ],
         )
-        pb_grpc.add_PredictorServicer_to_server(
-            PredictorServicer(dataplane, metrics, max_message_bytes, auth), self.server
-        )
+        add_predictor(PredictorServicer(dataplane, metrics, max_message_bytes, auth), self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

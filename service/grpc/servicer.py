@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from service.auth import ApiKeys
 from service.core.dataplane import DataPlane, StreamMessage
-from service.errors import ERROR_TABLE, PayloadTooLargeError, ServeError, as_serve_error
+from service.errors import ERROR_TABLE, MalformedRequestError, PayloadTooLargeError, ServeError, as_serve_error
 from service.grpc import converters as cv
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
@@ -32,6 +33,68 @@ def grpc_status(e: ServeError) -> grpc.StatusCode:
 async def abort(context: grpc.aio.ServicerContext[Any, Any], e: ServeError) -> None:
     context.set_trailing_metadata(((ERROR_CODE_KEY, e.code.value),))
     await context.abort(grpc_status(e), e.message)
+
+
+class Undecodable:
+    """Stands in for a request that protobuf could not decode, so that the handler answers it with our error
+    (INVALID_ARGUMENT, malformed_request) instead of grpcio's UNKNOWN and a traceback per call."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self) -> MalformedRequestError:
+        return MalformedRequestError(f"the request is not a valid {self.type_name} message; send protobuf bytes")
+
+
+class _RefusalLog:
+    """Logs undecodable requests at most once per interval (with a count), so that no client floods the log."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval, self.last, self.count = interval, -float("inf"), 0
+
+    def note(self, type_name: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            log.warning("refused %d undecodable gRPC request(s) (last: %s)", self.count, type_name)
+            self.last, self.count = now, 0
+
+
+REFUSALS = _RefusalLog()
+
+
+def lenient(message: type[Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that returns Undecodable instead of raising on bytes that are not the message."""
+    name = message.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            REFUSALS.note(name)
+            return Undecodable(name)
+
+    return deserialize
+
+
+def add_predictor(servicer: PredictorServicer, server: grpc.aio.Server) -> None:
+    """Register the Predictor like the generated `add_PredictorServicer_to_server`, with lenient request
+    deserializers (the method shapes and types come from the service descriptor)."""
+    service = pb.DESCRIPTOR.services_by_name["Predictor"]
+    handlers = {}
+    for method in service.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=lenient(request),
+                                     response_serializer=response.SerializeToString)  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def metadata_value(metadata: Any, key: str) -> str | None:
@@ -151,6 +214,8 @@ class PredictorServicer(pb_grpc.PredictorServicer):
         return self.auth.owner(metadata_value(context.invocation_metadata(), "authorization"))
 
     def check_size(self, request: Any) -> None:
+        if isinstance(request, Undecodable):
+            raise request.error()
         if request.ByteSize() > self.max_message_bytes:
             raise PayloadTooLargeError.over(self.max_message_bytes)
 
