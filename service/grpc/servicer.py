@@ -319,5 +319,7 @@ class PredictorServicer(pb_grpc.PredictorServicer):
             code = grpc_status(e).name
             await abort(context, e)
         finally:
+            if code == "OK" and context.cancelled():  # NOTE: a client cancel can look like the end of its requests
+                code = cancelled_code(context)
             self.metrics.requests.labels("grpc", "Stream", code).inc()
             self.metrics.stream_duration.labels("grpc").observe(time.perf_counter() - t0)
