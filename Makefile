@@ -9,7 +9,7 @@ GRPC_PORT ?= 50051
 
 REDIS_PORT ?= 6379
 
-.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke
+.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke soak
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -48,8 +48,8 @@ check-proto: $(VENV)/.dev  ## fail if the generated gRPC code is out of date
 	  || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
 
 lint: $(VENV)/.dev  ## ruff (lint + format check)
-	$(BIN)/ruff check service model tests
-	$(BIN)/ruff format --check service model tests
+	$(BIN)/ruff check service model tests bench deploy
+	$(BIN)/ruff format --check service model tests bench deploy
 
 typecheck: $(VENV)/.dev  ## mypy --strict on service and model
 	$(BIN)/mypy
@@ -66,6 +66,10 @@ pytest: $(VENV)/.dev redis
 	$(BIN)/pytest
 
 test: $(VENV)/.dev lint typecheck check-proto pytest  ## everything CI runs
+
+soak: $(VENV)/.dev redis  ## 10 minutes of mixed traffic with session churn, once per session store
+	$(PY) bench/soak.py --seconds 600 --store memory
+	$(PY) bench/soak.py --seconds 600 --store redis
 
 smoke: $(VENV)/.dev  ## build the image, run it, then the compose stack and two replicas (needs Docker)
 	bash deploy/smoke.sh
