@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
@@ -179,6 +180,18 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
     return receive
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route takes on this path (from the OpenAPI document, where all routes are)."""
+    templates: list[tuple[re.Pattern[str], list[str]]] | None = getattr(app.state, "allow_templates", None)
+    if templates is None:
+        templates = [
+            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(t)) + "$"), [m.upper() for m in ops])
+            for t, ops in app.openapi()["paths"].items()
+        ]
+        app.state.allow_templates = templates
+    return sorted({m for pattern, methods in templates if pattern.match(path) for m in methods})
+
+
 def create_app(
     dataplane: DataPlane,
     metrics: Metrics,
@@ -212,7 +225,11 @@ def create_app(
         if e.status_code == 404:
             return error_response(RouteNotFoundError(f"no route {request.url.path!r}; the API is listed at /docs"))
         if e.status_code == 405:
-            return error_response(MethodNotAllowedError(f"{request.url.path!r} does not take {request.method}"))
+            answer = error_response(MethodNotAllowedError(f"{request.url.path!r} does not take {request.method}"))
+            allow = allowed_methods(app, request.url.path)
+            if allow:
+                answer.headers["Allow"] = ", ".join(allow)  # NOTE: RFC 9110: a 405 says what the path takes
+            return answer
         if e.status_code == 400:
             return error_response(MalformedRequestError(s.NOT_JSON))
         log.warning("unmapped HTTP error %d: %s", e.status_code, e.detail)

@@ -426,3 +426,11 @@ async def test_random_bytes_as_grpc_requests_get_invalid_argument_and_no_traceba
     assert trailers <= {"malformed_request", "invalid_input"}
     assert not [r for r in caplog.records if r.exc_info]
     assert len([r for r in caplog.records if "undecodable" in r.getMessage()]) <= 2
+
+
+async def test_a_method_the_path_does_not_take_is_405_with_allow(rest: httpx.AsyncClient) -> None:
+    """TRACE or PUT on a session path: 405 method_not_allowed, and Allow lists the methods it takes."""
+    for method in ("PUT", "TRACE", "PATCH"):
+        r = await rest.request(method, "/v1/sessions/demo")
+        assert (r.status_code, r.json()["code"]) == (405, "method_not_allowed")
+        assert r.headers["Allow"] == "DELETE, GET", r.headers
