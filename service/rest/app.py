@@ -435,11 +435,27 @@ def create_app(
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document without its default 422 responses: validation errors are 400 here."""
+        """FastAPI's document without its default 422 responses (validation errors are 400 here), with the
+        served model names and a valid example, so that clients and generators can open real sessions."""
         schema = generate()
-        for operations in schema.get("paths", {}).values():
+        names = dp.repo.names()
+        first = dp.get_model(names[0])
+        example_row = [0.0] * first.signature.features
+        for path, operations in schema.get("paths", {}).items():
             for op in operations.values():
                 op.get("responses", {}).pop("422", None)
+                for param in op.get("parameters", []):
+                    if path.startswith("/v1/models/") and param["name"] == "name":
+                        param["schema"]["enum"] = names
+                    if param["name"] == "session_id" and param["in"] == "path":
+                        param["schema"].update(s.SESSION_ID_SCHEMA)
+        bodies = schema.get("components", {}).get("schemas", {})
+        if "CreateSessionBody" in bodies:
+            bodies["CreateSessionBody"]["properties"]["model"]["enum"] = names
+            bodies["CreateSessionBody"]["examples"] = [{"model": names[0]}]
+        for body in ("StepBody", "PredictBody"):
+            if body in bodies:
+                bodies[body]["examples"] = [{"inputs": [example_row]}]
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.app import Server
 from service.core.dataplane import DataPlane, Limits
 from service.core.sessions import MemorySessionStore
 from service.metrics import Metrics
@@ -54,3 +55,23 @@ async def test_models_and_readiness_in_process(client: httpx.AsyncClient) -> Non
         models[0]["card"]["metrics"]["test"]["lstm"]["mae_h1"] < models[0]["card"]["metrics"]["test"]["ridge"]["mae_h1"]
     )
     assert (await client.get("/readyz")).json()["status"] == "ready"
+
+
+async def test_openapi_states_the_constraints_the_server_enforces(server: Server) -> None:
+    """Session ids (pattern, 1-128 characters), at least one step of at least one value, the served model names
+    and valid examples are in the document, so that conforming clients and generators are not refused."""
+    schema = server.rest_app.openapi()
+    bodies = schema["components"]["schemas"]
+    sid = bodies["CreateSessionBody"]["properties"]["session_id"]
+    assert (sid["pattern"], sid["maxLength"], sid["minLength"]) == ("^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", 128, 1)
+    assert bodies["CreateSessionBody"]["properties"]["model"]["enum"] == ["seattle-weather"]
+    steps = bodies["StepBody"]["properties"]["inputs"]
+    assert (steps["minItems"], steps["items"]["minItems"]) == (1, 1)
+    assert bodies["StepBody"]["examples"] == [{"inputs": [[0.0, 0.0, 0.0, 0.0]]}]
+    assert bodies["StepBatchBody"]["properties"]["steps"]["minItems"] == 1
+    params = schema["paths"]["/v1/sessions/{session_id}/steps"]["post"]["parameters"]
+    path_sid = next(p for p in params if p["name"] == "session_id")
+    assert path_sid["schema"]["maxLength"] == 128
+    model = next(p for p in schema["paths"]["/v1/models/{name}"]["get"]["parameters"] if p["name"] == "name")
+    assert model["schema"]["enum"] == ["seattle-weather"]
+    assert not any("422" in op.get("responses", {}) for ops in schema["paths"].values() for op in ops.values())
