@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from service.core.sessions import Commit, CommitStatus, Lease, Replay, SessionStore
+from service.core.sessions import MAX_COUNTER, Commit, CommitStatus, Lease, Replay, SessionStore
 from service.errors import (
     DeadlineExceededError,
     ModelError,
@@ -383,8 +383,15 @@ class Batcher:
         return Replay(w.seq, w.digest, y.copy() if y.nbytes <= REPLAY_MAX_BYTES else None)
 
     def _check_seq(self, w: _Work, lease: Lease) -> StepOutcome | ServeError | None:
-        """None: apply the call. A StepOutcome: replay of the last applied seq. An error: a seq conflict."""
+        """None: apply the call. A StepOutcome: replay of the last applied seq. An error: a seq conflict, or
+        counters that would pass their maximum."""
         if w.seq is None or w.seq == lease.seq + 1:
+            if lease.seq + 1 >= MAX_COUNTER or lease.steps + w.x.shape[0] >= MAX_COUNTER:
+                # NOTE: a conflict with the session's state (409), not a malformed request
+                return SeqConflictError(
+                    f"session {lease.session_id!r} has reached the largest step count or seq ({MAX_COUNTER - 1}); "
+                    "reset it, or import it with smaller counters"
+                )
             return None
         if w.seq == lease.seq and lease.replay is not None and lease.replay.seq == w.seq:
             if lease.replay.digest != w.digest:

@@ -273,7 +273,7 @@ class DataPlane:
     ) -> SessionInfo:
         self._accepting()
         model = self.get_model(name, version)
-        sid = session_id or uuid.uuid4().hex
+        sid = uuid.uuid4().hex if session_id is None else session_id  # NOTE: "" is an invalid id, not "generate"
         with self._as_client(owner, sid):
             info = await self.store.create(model.key, self._scoped(owner, sid), self.clock())
         self.metrics.sessions_created.labels(model.key).inc()
@@ -368,8 +368,13 @@ class DataPlane:
         """
         self._accepting()
         ids = [sid for sid, _, _ in items]
-        if len(set(ids)) != len(ids):
-            raise InvalidInputError("a step batch may hold at most one item per session")
+        if not ids:
+            raise InvalidInputError("the step batch holds no items; send at least one {session_id, inputs}")
+        seen: set[str] = set()
+        repeated: list[bool] = []
+        for sid in ids:
+            repeated.append(sid in seen)
+            seen.add(sid)
         # NOTE: every item counts at least one step, failed ones too, so that the answer stays bounded
         total = sum(max(1, x.shape[0]) if isinstance(x, np.ndarray) and x.ndim >= 1 else 1 for _, x, _ in items)
         if total > self.limits.max_steps_per_call:
@@ -378,7 +383,9 @@ class DataPlane:
                 f"is {self.limits.max_steps_per_call}: split it"
             )
 
-        async def one(sid: str, x: np.ndarray | ServeError, seq: int | None) -> StepResult | ServeError:
+        async def one(sid: str, x: np.ndarray | ServeError, seq: int | None, again: bool) -> StepResult | ServeError:
+            if again:  # NOTE: a later item of a session already in the batch fails alone; the first one runs
+                return InvalidInputError(f"session {sid!r} is in this step batch already: one item per session")
             if isinstance(x, ServeError):
                 return x
             try:
@@ -386,7 +393,7 @@ class DataPlane:
             except ServeError as e:
                 return e
 
-        return list(await asyncio.gather(*(one(*item) for item in items)))
+        return list(await asyncio.gather(*(one(*item, again) for item, again in zip(items, repeated, strict=True))))
 
     # --- streams -----------------------------------------------------------------------------------
     async def stream(

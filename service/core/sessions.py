@@ -39,7 +39,7 @@ from service.runtime import F32, Signature
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # NOTE: what a store keys sessions by: a client's id, or "<owner>.<id>" with API keys (see DataPlane)
 STORE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,159}")
-MAX_COUNTER = 2**62  # steps and seq stay far below int64 and uint64 overflow
+MAX_COUNTER = 2**53  # steps and seq: exact in JSON numbers (and far below int64 and uint64 overflow)
 DIGEST_BYTES = 16  # blake2b digest of a call's inputs, kept for idempotent retries
 PAGE_BITS = 10
 PAGE = 1 << PAGE_BITS  # slots per page of state arrays

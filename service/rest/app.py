@@ -456,6 +456,20 @@ def create_app(
         for body in ("StepBody", "PredictBody"):
             if body in bodies:
                 bodies[body]["examples"] = [{"inputs": [example_row]}]
+        # NOTE: dimensions are stated when every served model shares them (one model, or versions alike)
+        sigs = {m.signature for m in dp.repo.all()}
+        if len(sigs) == 1:
+            (sig,) = sigs
+            row = {"minItems": sig.features, "maxItems": sig.features}
+            for body, field in (("StepBody", "inputs"), ("PredictBody", "inputs")):
+                if body in bodies:
+                    bodies[body]["properties"][field]["items"].update(row)
+            if "SnapshotBody" in bodies:
+                for field in ("h", "c"):
+                    bodies["SnapshotBody"]["properties"][field].update(
+                        minItems=sig.layers, maxItems=sig.layers,
+                        items={"type": "array", "items": s.NUMBER, "minItems": sig.hidden, "maxItems": sig.hidden},
+                    )  # fmt: skip
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.config import JsonDict
 
 from service.core.dataplane import StepResult
-from service.core.sessions import SESSION_ID, SessionInfo, Snapshot
+from service.core.sessions import MAX_COUNTER, SESSION_ID, SessionInfo, Snapshot
 from service.errors import InvalidInputError, MalformedRequestError, ServeError
 from service.repository import ModelVersion
 
 Steps = list[list[float]]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 3.0: accept a float with no fraction as an int, nothing else."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Count = Annotated[int, BeforeValidator(_integral)]
 # NOTE: constraints the server enforces, stated in the OpenAPI document for clients and generators; the server's
 # own checks (with their messages) apply them, so pydantic is not asked to
 SESSION_ID_SCHEMA: JsonDict = {"pattern": f"^{SESSION_ID.pattern}$", "minLength": 1, "maxLength": 128}
-STEPS_SCHEMA: JsonDict = {"minItems": 1, "items": {"type": "array", "minItems": 1, "items": {"type": "number"}}}
+# NOTE: inputs become float32: a magnitude from this one up rounds to infinity and is refused
+FLOAT32_LIMIT = 3.4028235677973366e38
+NUMBER: JsonDict = {"type": "number", "exclusiveMinimum": -FLOAT32_LIMIT, "exclusiveMaximum": FLOAT32_LIMIT}
+COUNTER: JsonDict = {"minimum": 0, "maximum": MAX_COUNTER - 1}
+STEPS_SCHEMA: JsonDict = {"minItems": 1, "items": {"type": "array", "minItems": 1, "items": NUMBER}}
 NOT_JSON = "request body is not valid JSON (or nested too deeply)"
 
 
@@ -77,8 +89,10 @@ class StepBody(Strict):
     inputs: Steps = Field(
         description="[T, F] raw feature values, 1 <= T <= the server's limit", json_schema_extra=STEPS_SCHEMA
     )
-    seq: int | None = Field(
-        None, description="idempotency: seq + 1 applies, the last applied seq replays, anything else is 409"
+    seq: Count | None = Field(
+        None,
+        description="idempotency: seq + 1 applies, the last applied seq replays, anything else is 409",
+        json_schema_extra={"minimum": 1, "maximum": MAX_COUNTER - 1},
     )
 
 
@@ -103,13 +117,15 @@ class StreamBody(Strict):
     resume: str | None = None
     keep: bool = False
     inputs: Steps = Field(default_factory=list)
-    seq: int | None = None
+    seq: Count | None = None
 
 
 class BatchItem(Strict):
-    session_id: str = Field(json_schema_extra=SESSION_ID_SCHEMA)
-    inputs: Steps = Field(json_schema_extra=STEPS_SCHEMA)
-    seq: int | None = None
+    """One session's steps; items are checked one by one, and a malformed item fails alone in the answer."""
+
+    session_id: str = Field(description="checked per item, like inputs")
+    inputs: Steps = Field(description="[T, F] as for one session's steps; checked per item")
+    seq: Count | None = Field(None, description="checked per item, like inputs")
 
 
 class StepBatchBody(Strict):
@@ -130,8 +146,8 @@ class SnapshotBody(Strict):
 
     model: str
     version: str
-    steps: int = Field(ge=0)
-    seq: int = Field(ge=0)
+    steps: Count = Field(ge=0, json_schema_extra=COUNTER)
+    seq: Count = Field(ge=0, json_schema_extra=COUNTER)
     h: Steps
     c: Steps
 

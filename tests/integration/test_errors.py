@@ -240,9 +240,12 @@ async def test_malformed_json_is_400_not_422(rest: httpx.AsyncClient) -> None:
     r = await rest.post("/v1/sessions/x/steps", content=deep, headers={"content-type": "application/json"})
     assert (r.status_code, r.json()["code"]) == (400, "malformed_request")
     for body in ({"inputs": [[True, False, True, 4]]}, {"inputs": [[1, 2, 3, 4]], "seq": True},
-                 {"inputs": [[1, 2, 3, 4]], "seq": "2"}, {"inputs": [[1, 2, 3, 4]], "seq": 3.0}):  # fmt: skip
+                 {"inputs": [[1, 2, 3, 4]], "seq": "2"}, {"inputs": [[1, 2, 3, 4]], "seq": 3.5}):  # fmt: skip
         r = await rest.post("/v1/sessions/x/steps", json=body)
         assert (r.status_code, r.json()["code"]) == (400, "invalid_input"), body
+    # NOTE: JSON has one number type, and JSON Schema's integer includes 3.0: it is seq 3 (here: no session x)
+    r = await rest.post("/v1/sessions/x/steps", json={"inputs": [[1, 2, 3, 4]], "seq": 3.0})
+    assert (r.status_code, r.json()["code"]) == (404, "session_not_found")
 
 
 async def test_routing_errors_come_from_the_table_and_method_labels_stay_bounded(
@@ -434,3 +437,16 @@ async def test_a_method_the_path_does_not_take_is_405_with_allow(rest: httpx.Asy
         r = await rest.request(method, "/v1/sessions/demo")
         assert (r.status_code, r.json()["code"]) == (405, "method_not_allowed")
         assert r.headers["Allow"] == "DELETE, GET", r.headers
+
+
+async def test_a_step_batch_needs_items_and_a_repeated_session_fails_alone(rest: httpx.AsyncClient) -> None:
+    """An empty batch is 400; a second item for the same session gets its own error, the first one runs."""
+    r = await rest.post("/v1/steps", json={"steps": []})
+    assert (r.status_code, r.json()["code"]) == (400, "invalid_input")
+    sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+    item = {"session_id": sid, "inputs": [[0, 1, 2, 3]]}
+    results = (await rest.post("/v1/steps", json={"steps": [item, item]})).json()["results"]
+    assert results[0]["result"]["steps"] == 1
+    assert results[1]["error"]["code"] == "invalid_input"
+    assert "one item per session" in results[1]["error"]["error"]
+    assert (await rest.get(f"/v1/sessions/{sid}")).json()["steps"] == 1

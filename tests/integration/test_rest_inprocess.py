@@ -66,7 +66,10 @@ async def test_openapi_states_the_constraints_the_server_enforces(server: Server
     assert (sid["pattern"], sid["maxLength"], sid["minLength"]) == ("^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", 128, 1)
     assert bodies["CreateSessionBody"]["properties"]["model"]["enum"] == ["seattle-weather"]
     steps = bodies["StepBody"]["properties"]["inputs"]
-    assert (steps["minItems"], steps["items"]["minItems"]) == (1, 1)
+    assert (steps["minItems"], steps["items"]["minItems"], steps["items"]["maxItems"]) == (1, 4, 4)  # F of the model
+    assert steps["items"]["items"]["exclusiveMaximum"] == 3.4028235677973366e38  # what float32 keeps finite
+    h = bodies["SnapshotBody"]["properties"]["h"]
+    assert (h["minItems"], h["items"]["minItems"]) == (1, 48)  # [L, H] of the model
     assert bodies["StepBody"]["examples"] == [{"inputs": [[0.0, 0.0, 0.0, 0.0]]}]
     assert bodies["StepBatchBody"]["properties"]["steps"]["minItems"] == 1
     params = schema["paths"]["/v1/sessions/{session_id}/steps"]["post"]["parameters"]

@@ -542,3 +542,19 @@ async def test_overload_is_shed_at_once_and_accepted_steps_wait_boundedly() -> N
     assert max(accepted) < 0.2 + 0.2  # the bound, plus a run and the batcher's own time
     assert (await dp.step(sids[0], rows(2, 1)[0])).seq == 2
     await dp.stop()
+
+
+async def test_counters_never_pass_their_maximum() -> None:
+    """A session imported at the largest seq refuses a further step (reset it) instead of overflowing the
+    documented range; after a reset it steps again."""
+    from service.core.sessions import MAX_COUNTER, Snapshot
+
+    dp, _ = await make_dp()
+    zeros = np.zeros((1, 4), np.float32)
+    await dp.import_session("full", Snapshot("fake", "1", 0, MAX_COUNTER - 1, zeros, zeros))
+    with pytest.raises(SeqConflictError, match="largest step count or seq"):
+        await dp.step("full", rows(1, 1)[0])
+    assert (await dp.get_session("full")).seq == MAX_COUNTER - 1
+    await dp.reset_session("full")
+    assert (await dp.step("full", rows(1, 1)[0])).seq == 1
+    await dp.stop()
