@@ -450,3 +450,22 @@ async def test_a_step_batch_needs_items_and_a_repeated_session_fails_alone(rest:
     assert results[1]["error"]["code"] == "invalid_input"
     assert "one item per session" in results[1]["error"]["error"]
     assert (await rest.get(f"/v1/sessions/{sid}")).json()["steps"] == 1
+
+
+async def test_random_bytes_as_json_bodies_are_400_and_never_5xx(rest: httpx.AsyncClient) -> None:
+    """200 seeded random byte strings sent as application/json to every POST route: always a 4xx from the
+    table (malformed_request, or invalid_input if they happen to parse), never a 5xx; the server goes on."""
+    rng = np.random.default_rng(11)
+    sid = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+    paths = ["/v1/sessions", f"/v1/sessions/{sid}/steps", f"/v1/sessions/{sid}/state", f"/v1/models/{MODEL}/predict",
+             "/v1/steps", f"/v1/sessions/{sid}/reset"]  # fmt: skip
+    seen: dict[int, int] = {}
+    for n in range(200):
+        body = rng.bytes(int(rng.integers(1, 200)))
+        r = await rest.post(paths[n % len(paths)], content=body, headers={"content-type": "application/json"})
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (r.status_code, r.text)
+        if r.status_code >= 400:
+            assert r.json()["code"] in {"malformed_request", "invalid_input", "session_not_found"}, r.text
+    assert seen.get(400, 0) > 100, seen
+    assert (await rest.get(f"/v1/sessions/{sid}")).status_code == 200
