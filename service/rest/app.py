@@ -449,6 +449,14 @@ def create_app(
                         param["schema"]["enum"] = names
                     if param["name"] == "session_id" and param["in"] == "path":
                         param["schema"].update(s.SESSION_ID_SCHEMA)
+        if auth is not None:  # NOTE: the operations behind the keys say so (clients, generators, ignored-auth checks)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "an API key: Authorization: Bearer <key>"}
+            }
+            for path, operations in schema.get("paths", {}).items():
+                for op in operations.values():
+                    if path.startswith("/v1/") or (path == "/metrics" and metrics_auth):
+                        op["security"] = [{"bearer": []}]
         bodies = schema.get("components", {}).get("schemas", {})
         if "CreateSessionBody" in bodies:
             bodies["CreateSessionBody"]["properties"]["model"]["enum"] = names
