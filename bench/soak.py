@@ -1,13 +1,14 @@
 """Soak: the real entry point under mixed traffic with session churn; memory, descriptors and sessions must stay flat.
 
   .venv/bin/python bench/soak.py --seconds 600 --store memory        # `make soak` runs this for each store
-  .venv/bin/python bench/soak.py --seconds 60 --store redis          # the short version `make test` runs
+  .venv/bin/python bench/soak.py --seconds 60 --store redis          # the short version `make test` runs (with a 10 s probe)
 
 Clients create sessions, step them 1-100 times (REST keep-alive or a gRPC stream), then delete them or abandon
-them to expire (and abandon streams mid-way). The server's RSS and open file descriptors are sampled from
-/proc every second. Pass: RSS slope after warm-up < 1 MiB/min, open descriptors within +-10 of their
-post-warm-up median, open sessions back to 0 after the idle TTL, and only expected answers (2xx, and 404 for
-sessions that expired as planned). Prints a JSON summary; exits 1 on a failed check.
+them to expire (and abandon streams mid-way). The same clients first measure the capacity (steps/s without
+pacing, a few seconds); the soak then paces all their steps at half of it. The server's RSS and open file
+descriptors are sampled from /proc every second. Pass: RSS slope after warm-up < 1 MiB/min, open
+descriptors within +-10 of their post-warm-up median, open sessions back to 0 after the idle TTL, and only
+expected answers. Prints a JSON summary; exits 1 on a failed check.
 """
 
 from __future__ import annotations
@@ -73,6 +74,24 @@ async def drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
+class Pace:
+    """Shared pacing of every client's steps: unlimited while measuring capacity, then a fixed rate."""
+
+    def __init__(self) -> None:
+        self.rate: float | None = None  # steps per second for all clients together; None: as fast as possible
+        self.next = time.monotonic()
+        self.steps = 0
+
+    async def step(self) -> None:
+        self.steps += 1
+        if self.rate is None:
+            await asyncio.sleep(0)
+            return
+        now = time.monotonic()
+        self.next = max(self.next, now) + 1.0 / self.rate
+        await asyncio.sleep(max(0.0, self.next - now - 1.0 / self.rate))
+
+
 class Tally:
     def __init__(self) -> None:
         self.codes: dict[str, int] = {}
@@ -84,7 +103,7 @@ class Tally:
             self.unexpected.append(code)
 
 
-async def rest_client(http_port: int, stop: float, tally: Tally, rng: random.Random) -> None:
+async def rest_client(http_port: int, stop: float, tally: Tally, rng: random.Random, pace: Pace) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as rest:
         while time.monotonic() < stop:
             r = await rest.post("/v1/sessions", json={"model": MODEL})
@@ -94,14 +113,14 @@ async def rest_client(http_port: int, stop: float, tally: Tally, rng: random.Ran
                 x = [[rng.uniform(0, 20), rng.uniform(0, 30), rng.uniform(-5, 20), rng.uniform(0, 8)]]
                 r = await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": x, "seq": k + 1})
                 tally.add(str(r.status_code), r.status_code == 200)
-                await asyncio.sleep(rng.uniform(0, 0.01))  # NOTE: think time: a steady, moderate load
+                await pace.step()
             if rng.random() < 0.7:
                 r = await rest.delete(f"/v1/sessions/{sid}")
                 tally.add(str(r.status_code), r.status_code == 200)
             # else: abandoned, to expire after the TTL
 
 
-async def grpc_client(grpc_port: int, stop: float, tally: Tally, rng: random.Random) -> None:
+async def grpc_client(grpc_port: int, stop: float, tally: Tally, rng: random.Random, pace: Pace) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
         stub = pb_grpc.PredictorStub(ch)
         while time.monotonic() < stop:
@@ -113,7 +132,7 @@ async def grpc_client(grpc_port: int, stop: float, tally: Tally, rng: random.Ran
                 for _ in range(n):
                     row = [rng.uniform(0, 20), rng.uniform(0, 30), rng.uniform(-5, 20), rng.uniform(0, 8)]
                     yield pb.StreamRequest(inputs=pb.Matrix(rows=1, cols=4, data=row))
-                    await asyncio.sleep(rng.uniform(0, 0.01))
+                    await pace.step()
 
             call = stub.Stream(reqs())
             got = 0
@@ -138,20 +157,33 @@ async def soak(seconds: float, store: str, clients: int) -> dict[str, Any]:
     prefix = f"lstm-soak-{uuid.uuid4().hex[:8]}:"
     proc, http_port, grpc_port = await start_server(store, prefix)
     tally, samples = Tally(), []
-    t0 = time.monotonic()
-    stop = t0 + seconds
+    t0 = stop = 0.0
     rng = random.Random(7)
 
     async def sampler() -> None:
-        while time.monotonic() < stop:
+        while time.monotonic() < stop:  # NOTE: t0 and stop are set before the sampler starts
             rss, fds = proc_stats(proc.pid)
             samples.append((time.monotonic() - t0, rss, fds))
             await asyncio.sleep(1.0)
 
+    pace = Pace()
+
+    def clients_until(until: float) -> list[Any]:
+        out = [rest_client(http_port, until, tally, random.Random(rng.random()), pace) for _ in range(clients // 2)]
+        return out + [
+            grpc_client(grpc_port, until, tally, random.Random(rng.random()), pace) for _ in range(clients // 2)
+        ]
+
     try:
-        workers = [rest_client(http_port, stop, tally, random.Random(rng.random())) for _ in range(clients // 2)]
-        workers += [grpc_client(grpc_port, stop, tally, random.Random(rng.random())) for _ in range(clients // 2)]
-        await asyncio.gather(sampler(), *workers)
+        # NOTE: capacity first, with the same clients and no pacing; then the soak at half of it
+        probe = min(10.0, seconds / 6)
+        await asyncio.gather(*clients_until(time.monotonic() + probe))
+        capacity = pace.steps / probe
+        pace.rate, pace.steps = capacity / 2, 0
+        t0 = time.monotonic()
+        stop = t0 + seconds
+        await asyncio.gather(sampler(), *clients_until(stop))
+        achieved = pace.steps / seconds
         deadline = time.monotonic() + TTL + 10  # NOTE: the TTL, then a sweep (every TTL/4)
         left = await open_sessions(http_port)
         while left and time.monotonic() < deadline:
@@ -172,7 +204,8 @@ async def soak(seconds: float, store: str, clients: int) -> dict[str, Any]:
         "traffic happened": sum(tally.codes.values()) > 100,
     }
     return {
-        "store": store, "seconds": seconds, "answers": tally.codes, "unexpected": tally.unexpected,
+        "store": store, "seconds": seconds, "capacity_steps_per_s": round(capacity),
+        "load_steps_per_s": round(achieved), "answers": tally.codes, "unexpected": tally.unexpected,
         "rss_mib": [round(float(rss.min()), 1), round(float(rss.max()), 1)], "rss_slope_mib_per_min": round(slope, 3),
         "fds": [int(fds.min()), int(fds.max())], "sessions_left": left, "checks": checks,
         "passed": all(checks.values()),
