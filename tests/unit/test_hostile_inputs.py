@@ -17,6 +17,8 @@ from hypothesis.extra import numpy as hnp
 from service.core.dataplane import DataPlane, Limits, StreamMessage, StreamOpen
 from service.core.sessions import MemorySessionStore, Snapshot
 from service.errors import ServeError
+from service.grpc import converters as cv
+from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.metrics import Metrics
 from tests.fixtures import F32, FakeRuntime, fake_repo
 
@@ -145,3 +147,40 @@ def test_any_stream_of_messages_gets_replies_or_our_error(msgs: list[StreamMessa
         assert replies == len(msgs)  # NOTE: one reply per message once the stream is open
 
     assert run(body) == []
+
+
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+matrices = st.builds(
+    pb.Matrix, rows=st.integers(0, 2**31 - 1) | st.integers(0, 8), cols=st.integers(0, 2**31 - 1) | st.integers(0, 8),
+    data=st.lists(floats, max_size=40),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=matrices, seq=st.none() | st.integers(0, 2**64 - 1), keep=st.booleans(),
+       start=st.sampled_from(["none", "open", "resume"]), sid=st.text(max_size=20))  # fmt: skip
+def test_any_grpc_message_decodes_to_a_shaped_array_or_our_error(
+    m: pb.Matrix, seq: int | None, keep: bool, start: str, sid: str
+) -> None:
+    """Matrices with any declared shape and data, and stream requests built from them, become an array of
+    exactly the declared shape or a ServeError (no other exception, no allocation from the declared shape)."""
+    try:
+        x = cv.to_array(m)
+    except ServeError:
+        pass
+    else:
+        assert x.shape == (m.rows, m.cols)
+        assert x.dtype == np.float32
+    req = pb.StreamRequest(inputs=m, keep=keep)
+    if seq is not None:
+        req.seq = seq
+    if start == "open":
+        req.open.CopyFrom(pb.CreateSessionRequest(model="fake", session_id=sid))
+    elif start == "resume":
+        req.resume_session_id = sid
+    try:
+        msg = cv.stream_message(req)
+    except ServeError:
+        return
+    assert msg.inputs is not None
+    assert msg.inputs.shape == (m.rows, m.cols)
