@@ -40,7 +40,6 @@ from redis.exceptions import NoScriptError, RedisError
 
 from service.core.sessions import (
     DIGEST_BYTES,
-    MAX_COUNTER,
     Commit,
     CommitStatus,
     Lease,
@@ -48,6 +47,7 @@ from service.core.sessions import (
     Replay,
     SessionInfo,
     Snapshot,
+    check_counters,
     check_store_id,
 )
 from service.errors import (
@@ -437,8 +437,7 @@ class RedisSessionStore:
 
     async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> tuple[SessionInfo, bool]:
         check_store_id(session_id)
-        if not (0 <= snap.steps < MAX_COUNTER and 0 <= snap.seq < MAX_COUNTER):
-            raise InvalidInputError(f"snapshot steps and seq must be between 0 and {MAX_COUNTER - 1}")
+        check_counters(snap)
         created = False
         try:
             current = await self._load(session_id)

@@ -45,6 +45,12 @@ PAGE_BITS = 10
 PAGE = 1 << PAGE_BITS  # slots per page of state arrays
 
 
+def check_counters(snap: Snapshot) -> None:
+    """A snapshot's steps and seq must be in the range every store keeps exactly."""
+    if not (0 <= snap.steps < MAX_COUNTER and 0 <= snap.seq < MAX_COUNTER):
+        raise InvalidInputError(f"snapshot steps and seq must be between 0 and {MAX_COUNTER - 1}")
+
+
 def check_store_id(session_id: str) -> str:
     """A store key: a checked client id, possibly behind an owner tag (so the client's rule applies)."""
     if not STORE_ID.fullmatch(session_id):
@@ -490,8 +496,7 @@ class MemorySessionStore:
     async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> tuple[SessionInfo, bool]:
         """Write a snapshot into a session, creating it if needed; returns the session and whether it is new."""
         check_store_id(session_id)
-        if not (0 <= snap.steps < MAX_COUNTER and 0 <= snap.seq < MAX_COUNTER):
-            raise InvalidInputError(f"snapshot steps and seq must be between 0 and {MAX_COUNTER - 1}")
+        check_counters(snap)
         created = False
         try:
             key, slab, slot = self._locate(session_id, now)

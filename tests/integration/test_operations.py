@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import os
-import re
 import signal
 import sys
 import time
@@ -26,7 +24,7 @@ from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
 from tests.fixtures import reference_run
-from tests.integration.conftest import sample, until
+from tests.integration.conftest import sample, start_serve_process, until
 
 MODEL = "seattle-weather"
 KEY = "seattle-weather/1"
@@ -179,20 +177,10 @@ async def test_serve_command_drains_on_sigterm_and_exits_zero(weather: np.ndarra
     """The real entry point serves on port 0; on SIGTERM readiness turns false first (REST and gRPC health)
     while queued work still runs, every step call the server had queued finishes with 200, and it exits 0."""
     # NOTE: no load shedding here (max queue wait 0): this test is about the drain of what was queued
-    env = {**os.environ, "LSTM_SERVE_DRAIN_SECONDS": "20", "LSTM_SERVE_MAX_BATCH_SIZE": "1",
-           "LSTM_SERVE_MAX_QUEUE_WAIT_MS": "0"}  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "serve", "--models", str(ROOT / "models"), "--http-port", "0",
-        "--grpc-port", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
-    )  # fmt: skip
+    proc, http_port, grpc_port = await start_serve_process(
+        drain_seconds="20", max_batch_size="1", max_queue_wait_ms="0"
+    )
     assert proc.stderr is not None
-    log = b""
-    while b"(gRPC)" not in log:
-        line = await asyncio.wait_for(proc.stderr.readline(), 30)
-        assert line, log.decode()
-        log += line
-    http_port = int(re.findall(rb"http://127\.0\.0\.1:(\d+) \(REST", log)[0])
-    grpc_port = int(re.findall(rb"127\.0\.0\.1:(\d+) \(gRPC\)", log)[0])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
         watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""))
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
@@ -221,7 +209,7 @@ async def test_serve_command_drains_on_sigterm_and_exits_zero(weather: np.ndarra
             assert all(r.json()["code"] == "unavailable" for r in results if r.status_code == 503)
             assert any(at > unready_at for at in finished)  # work was still running after readiness turned false
     assert await asyncio.wait_for(proc.wait(), 30) == 0
-    rest_log = (log + await proc.stderr.read()).decode()
+    rest_log = (await proc.stderr.read()).decode()
     assert "shutting down" in rest_log
     assert "stopped" in rest_log
     assert "Traceback" not in rest_log

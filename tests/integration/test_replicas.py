@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +21,7 @@ from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from tests.fixtures import reference_run
 from tests.integration.conftest import ServerFactory, start_serve_process
-from tests.integration.test_session_stores import REDIS_URL, free_port
+from tests.integration.test_session_stores import REDIS_URL, free_port, private_redis
 
 MODEL = "seattle-weather"
 ATOL = 1e-5
@@ -149,14 +147,8 @@ async def test_a_server_whose_redis_goes_away_answers_503_turns_unready_and_reco
 ) -> None:
     """Redis killed under a running server: steps get 503 unavailable with Retry-After within the timeout (never
     a 500 or a hang) and /readyz turns 503; with Redis back on its address, the server is ready again by itself."""
-    server = shutil.which("redis-server")
-    assert server, "redis-server is needed for this test (apt-get install redis-server)"
     port = free_port()
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL)  # fmt: skip
-
+    start = private_redis(port)
     proc = start()
     try:
         url = f"redis://127.0.0.1:{port}/0"

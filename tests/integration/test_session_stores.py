@@ -305,17 +305,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_a_redis_that_goes_away_is_unavailable_fast_and_recovers_by_itself() -> None:
-    """With Redis killed, calls fail within the timeout as 'unavailable' and the store is unhealthy; when a
-    Redis answers again on the same address, the store is healthy again without a restart."""
+def private_redis(port: int) -> Callable[[], subprocess.Popen[bytes]]:
+    """A function that starts a redis-server of the test's own on `port` (to kill and restart it)."""
     server = shutil.which("redis-server")
     assert server, "redis-server is needed for this test (apt-get install redis-server)"
-    port = free_port()
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no"],
                                 stdout=subprocess.DEVNULL)  # fmt: skip
 
+    return start
+
+
+async def test_a_redis_that_goes_away_is_unavailable_fast_and_recovers_by_itself() -> None:
+    """With Redis killed, calls fail within the timeout as 'unavailable' and the store is unhealthy; when a
+    Redis answers again on the same address, the store is healthy again without a restart."""
+    port = free_port()
+    start = private_redis(port)
     proc = start()
     s = RedisSessionStore(f"redis://127.0.0.1:{port}/0", SIGS, ttl=30, max_sessions=10, timeout=0.3,
                           health_interval=0.1)  # fmt: skip
