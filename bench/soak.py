@@ -1,7 +1,7 @@
 """Soak: the real entry point under mixed traffic with session churn; memory, descriptors and sessions must stay flat.
 
   .venv/bin/python bench/soak.py --seconds 600 --store memory        # `make soak` runs this for each store
-  .venv/bin/python bench/soak.py --seconds 60 --store redis          # the short version `make test` runs (with a 10 s probe)
+  .venv/bin/python bench/soak.py --seconds 60 --store redis          # the short version in `make test`
 
 Clients create sessions, step them 1-100 times (REST keep-alive or a gRPC stream), then delete them or abandon
 them to expire (and abandon streams mid-way). The same clients first measure the capacity (steps/s without
