@@ -318,7 +318,7 @@ class Batcher:
         idx: list[int] = []
         for i, (w, held, _) in enumerate(run):
             if held is not None and finite[i]:
-                commits.append(Commit(held, held.steps + w.x.shape[0], held.seq + 1, self._replay(w, held, y[i])))
+                commits.append(Commit(held, held.steps + w.x.shape[0], held.seq + 1, self._replay(w, y[i])))
                 idx.append(i)
         status: dict[int, CommitStatus] = {}
         if commits:
@@ -375,7 +375,7 @@ class Batcher:
         return UnavailableError("the session store did not answer; retry (with seq, a retry is safe)")
 
     @staticmethod
-    def _replay(w: _Work, lease: Lease, y: F32) -> Replay | None:
+    def _replay(w: _Work, y: F32) -> Replay | None:
         """What to keep for a retry of this call: nothing without seq; outputs only when small."""
         if w.seq is None:
             return None

@@ -49,6 +49,7 @@ from service.core.sessions import (
     Snapshot,
     check_counters,
     check_store_id,
+    session_gone,
 )
 from service.errors import (
     InvalidInputError,
@@ -338,14 +339,7 @@ class RedisSessionStore:
     # --- reads -----------------------------------------------------------------------------------------
     async def _not_found(self, sid: str) -> SessionNotFoundError:
         reason = await self._call(lambda: self.redis.get(self.gp + sid))
-        if reason:
-            text = (
-                f"expired after {self.ttl:g} s idle"
-                if reason == b"expired"
-                else "evicted to stay under the session cap"
-            )
-            return SessionNotFoundError(f"session {sid!r} was {text}; create a new one")
-        return SessionNotFoundError(f"no session {sid!r}; create one first (it may have been deleted)")
+        return session_gone(sid, cast(bytes, reason).decode() if reason else None, self.ttl)
 
     async def _load(self, sid: str) -> _State:
         raw = await self._call(lambda: self.redis.get(self.kp + sid))

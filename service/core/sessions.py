@@ -45,6 +45,17 @@ PAGE_BITS = 10
 PAGE = 1 << PAGE_BITS  # slots per page of state arrays
 
 
+def session_gone(session_id: str, reason: str | None, ttl: float) -> SessionNotFoundError:
+    """The one answer, for every store, to a session that is not there: why, when it is known."""
+    if reason == "expired":
+        return SessionNotFoundError(f"session {session_id!r} was expired after {ttl:g} s idle; create a new one")
+    if reason == "evicted":
+        return SessionNotFoundError(
+            f"session {session_id!r} was evicted to stay under the session cap; create a new one"
+        )
+    return SessionNotFoundError(f"no session {session_id!r}; create one first (it may have been deleted)")
+
+
 def check_counters(snap: Snapshot) -> None:
     """A snapshot's steps and seq must be in the range every store keeps exactly."""
     if not (0 <= snap.steps < MAX_COUNTER and 0 <= snap.seq < MAX_COUNTER):
@@ -275,6 +286,11 @@ class _Slab:
         return sum(p.nbytes() for p in self.pages)
 
 
+def _incarnation(p: _Page, i: int) -> str:
+    """Which life of the id holds the slot, and who owns it now (see SessionInfo.incarnation)."""
+    return f"{int(p.born[i])}.{int(p.owner[i])}"
+
+
 def _token(slot: int, version: int, born: int) -> tuple[int, int, int]:
     """The memory store's lease token: where the session is, its version, and which life of the id it is."""
     return slot, version, born
@@ -305,7 +321,7 @@ class MemorySessionStore:
         # NOTE: one int per session, (model index << 40) | slot, keeps the index to a dict entry and the id
         self._index: dict[str, int] = {}
         self._outputs: dict[str, bytes] = {}  # replay outputs, only for sessions that send seq
-        self._gone: OrderedDict[str, str] = OrderedDict()  # recently expired/evicted ids -> reason
+        self._gone: OrderedDict[str, str] = OrderedDict()  # recently expired/evicted ids -> "expired" | "evicted"
         # NOTE: (session id, version, last use) of the oldest sessions at the last scan, oldest last
         self._evict_candidates: list[tuple[str, int, float]] = []
         self._births = itertools.count(1)
@@ -344,15 +360,12 @@ class MemorySessionStore:
     def _locate(self, session_id: str, now: float) -> tuple[str, _Slab, int]:
         found = self._where(session_id)
         if found is None:
-            reason = self._gone.get(session_id)
-            if reason:
-                raise SessionNotFoundError(f"session {session_id!r} was {reason}; create a new one")
-            raise SessionNotFoundError(f"no session {session_id!r}; create one first (it may have been deleted)")
+            raise session_gone(session_id, self._gone.get(session_id), self.ttl)
         _, slab, slot = found
         p, i = slab.at(slot)
         if now - p.last_used[i] > self.ttl:
             self._remove(session_id, "expired")
-            raise SessionNotFoundError(f"session {session_id!r} was {self._gone[session_id]}; create a new one")
+            raise session_gone(session_id, "expired", self.ttl)
         return found
 
     def _info(self, session_id: str, key: str, slab: _Slab, slot: int, now: float) -> SessionInfo:
@@ -369,19 +382,18 @@ class MemorySessionStore:
             created=float(p.created[i]) + offset,
             last_used=last,
             expires=last + self.ttl,
-            incarnation=f"{int(p.born[i])}.{int(p.owner[i])}",
+            incarnation=_incarnation(p, i),
         )
 
     def _remove(self, session_id: str, reason: str) -> None:
-        key, slab, slot = self._where(session_id) or ("", None, 0)
-        assert slab is not None
+        found = self._where(session_id)
+        assert found is not None
+        key, slab, slot = found
         del self._index[session_id]
         slab.release(slot)
         self._outputs.pop(session_id, None)
         if reason != "deleted":
-            self._gone[session_id] = (
-                f"expired after {self.ttl:g} s idle" if reason == "expired" else "evicted to stay under the session cap"
-            )
+            self._gone[session_id] = reason
             while len(self._gone) > 10_000:
                 self._gone.popitem(last=False)
         self._on_removed(key, reason)
@@ -467,7 +479,7 @@ class MemorySessionStore:
         _, slab, slot = self._locate(session_id, float("-inf"))  # NOTE: -inf: deleting an idle one is no expiry
         if incarnation is not None:
             p, i = slab.at(slot)
-            if f"{int(p.born[i])}.{int(p.owner[i])}" != incarnation:
+            if _incarnation(p, i) != incarnation:
                 raise SessionNotFoundError(f"session {session_id!r} was replaced by a newer one of the same id")
         self._remove(session_id, "deleted")
 
