@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,8 @@ class DataPlane:
         }
         self._expiry_task: asyncio.Task[None] | None = None
         self.draining = False
-        self._drain_event = asyncio.Event()
+        self._waiting: set[asyncio.Task[Any]] = set()  # stream tasks waiting for their next message
+        self._drained: set[asyncio.Task[Any]] = set()  # of those, the ones a drain cancelled
         self.started = False
         for m in repo.all():
             self.metrics.model_info.labels(m.name, m.version, ",".join(m.card.features), str(m.card.horizon)).set(1)
@@ -150,7 +152,9 @@ class DataPlane:
     def begin_drain(self) -> None:
         """Refuse new work from now on; work already queued still runs; open streams end."""
         self.draining = True
-        self._drain_event.set()
+        for task in self._waiting:  # NOTE: streams waiting for their next message end now (see below)
+            self._drained.add(task)
+            task.cancel()
         self.metrics.ready.set(0)
 
     async def wait_idle(self) -> None:
@@ -454,23 +458,26 @@ class DataPlane:
                     await self.delete_session(sid, info.incarnation, owner)
 
     async def _next_unless_draining(self, messages: AsyncIterator[StreamMessage]) -> StreamMessage | None:
-        """The next message, None at the end of the stream; a drain ends the wait with 'unavailable'."""
+        """The next message, None at the end of the stream; a drain ends the wait with 'unavailable'.
+
+        The wait runs in the stream's own task (no task per message): `begin_drain` cancels the tasks that
+        are waiting here, and the cancel becomes 'unavailable'. A message still in transit when the drain
+        starts is neither applied nor answered."""
         if self.draining:
             raise UnavailableError(DRAINING_STREAM)
-        nxt = asyncio.ensure_future(anext(messages, None))
-        drain = asyncio.ensure_future(self._drain_event.wait())
-        arrived = False
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
         try:
-            await asyncio.wait((nxt, drain), return_when=asyncio.FIRST_COMPLETED)
-            arrived = nxt.done()
+            return await anext(messages, None)
+        except asyncio.CancelledError:
+            if task not in self._drained:
+                raise
+            self._drained.discard(task)
+            task.uncancel()
+            raise UnavailableError(DRAINING_STREAM) from None
         finally:
-            drain.cancel()
-            if not nxt.done():
-                # NOTE: a message still in transit when the drain starts is neither applied nor answered
-                nxt.cancel()
-        if not arrived:
-            raise UnavailableError(DRAINING_STREAM)
-        return nxt.result()
+            self._waiting.discard(task)
 
     async def _stream_step(self, sid: str, msg: StreamMessage, info: SessionInfo | None, owner: str) -> StreamReply:
         if msg.open is not None and (msg.inputs is None or msg.inputs.size == 0):
