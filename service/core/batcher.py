@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 # NOTE: outputs of a call with seq are kept for a retry only up to this size (about 36 steps of 7 outputs);
 # a retry of a larger call is refused with advice, so a session's replay memory stays bounded
 REPLAY_MAX_BYTES = 1024
+# NOTE: a batch expected to run for less than this runs on the event loop: handing it to a thread and back
+# costs more than the run itself (the default model runs one step in ~25 µs); longer runs go to the executor
+INLINE_RUN_SECONDS = 0.0005
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class Batcher:
         # is over this (0: only max_queue bounds the queue)
         self.max_queue_wait = max_queue_wait
         self._per_call = 0.0  # moving average of batch time / calls in the batch (seconds), 0 until measured
+        self._per_step = 0.0  # moving average of ONNX Runtime time per session-step (seconds), 0 until measured
         self.clock = clock
         self._pending: deque[_Work] = deque()
         self._running: list[_Work] = []  # the batch being executed
@@ -303,13 +307,20 @@ class Batcher:
             h[:, stateful, :] = h_s[:, [run[i][2] for i in stateful], :]
             c[:, stateful, :] = c_s[:, [run[i][2] for i in stateful], :]
         try:
-            y, hn, cn, took = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, x, h, c)
+            if self._per_step and self._per_step * x.shape[0] * x.shape[1] < INLINE_RUN_SECONDS:
+                y, hn, cn, took = self._timed_run(x, h, c)
+            else:
+                y, hn, cn, took = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._timed_run, x, h, c
+                )
         except Exception:
             log.exception("ONNX Runtime failed on %s", self.model.key)
             for w, _, _ in run:
                 w.resolve(ModelError(f"{self.model.describe()} failed to run this batch"))
             return
         self._inference.observe(took)
+        per_step = took / (x.shape[0] * x.shape[1])
+        self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
         self._batch_size.observe(len(run))
         finite: NDArray[np.bool_] = np.asarray(
             np.isfinite(y).all(axis=(1, 2)) & np.isfinite(hn).all(axis=(0, 2)) & np.isfinite(cn).all(axis=(0, 2))
