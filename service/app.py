@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import uvicorn
+import uvloop
 from prometheus_client import CollectorRegistry
 
 from service.auth import ApiKeys
@@ -243,4 +244,5 @@ def serve(settings: Settings) -> None:
         # NOTE: built inside the running loop: grpc.aio binds its server to the loop that creates it
         await Server(settings).run()
 
-    asyncio.run(main())
+    # NOTE: uvloop under both transports: fewer CPU cycles per message than asyncio's loop (make bench)
+    uvloop.run(main())
