@@ -276,6 +276,10 @@ class _Slab:
 
     def write(self, slots: NDArray[np.int64], h: F32, c: F32) -> None:
         pages, offs = slots >> PAGE_BITS, slots & (PAGE - 1)
+        if len(self.pages) == 1:
+            p = self.pages[0]
+            p.h[:, offs, :], p.c[:, offs, :] = h, c
+            return
         for page in np.unique(pages):
             m = pages == page
             p = self.pages[int(page)]
@@ -533,16 +537,18 @@ class MemorySessionStore:
     ) -> tuple[list[Lease | ServeError], F32, F32]:
         slab = self._slabs[model_key]
         leases: list[Lease | ServeError] = []
-        slots = np.zeros(len(session_ids), np.int64)
-        ok = np.zeros(len(session_ids), np.bool_)
+        slots = [0] * len(session_ids)
+        missing: list[int] = []
         for n, sid in enumerate(session_ids):
             try:
                 key, _, slot = self._locate(sid, now)
             except ServeError as e:
                 leases.append(e)
+                missing.append(n)
                 continue
             if key != model_key:  # NOTE: deleted and re-created on another model while this call was queued
                 leases.append(SessionNotFoundError(f"session {sid!r} now runs {key}; resend the step"))
+                missing.append(n)
                 continue
             p, i = slab.at(slot)
             p.last_used[i] = now  # NOTE: a queued step keeps its session from expiring mid-batch
@@ -554,10 +560,11 @@ class MemorySessionStore:
             leases.append(
                 Lease(sid, _token(slot, int(p.version[i]), int(p.born[i])), int(p.steps[i]), int(p.seq[i]), replay)
             )
-            slots[n], ok[n] = slot, True
-        h, c = slab.read(slots)
-        h[:, ~ok, :] = 0.0
-        c[:, ~ok, :] = 0.0
+            slots[n] = slot
+        h, c = slab.read(np.asarray(slots, np.int64))
+        if missing:
+            h[:, missing, :] = 0.0
+            c[:, missing, :] = 0.0
         return leases, h, c
 
     async def commit(self, model_key: str, commits: list[Commit], hn: F32, cn: F32, now: float) -> list[CommitStatus]:
