@@ -113,7 +113,9 @@ class Batcher:
         self.clock = clock
         self._pending: deque[_Work] = deque()
         self._running: list[_Work] = []  # the batch being executed
-        self._wake = asyncio.Event()
+        # NOTE: the loop is looked up once: asyncio.get_running_loop() makes a getpid() system call on Python 3.11
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None  # the batch loop sleeps on this until work arrives
         self._task: asyncio.Task[None] | None = None
         # NOTE: sessions answered within the last max_queue_delay whose next call has not come yet, oldest first
         self._awaiting: OrderedDict[str, float] = OrderedDict()
@@ -130,6 +132,7 @@ class Batcher:
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._stopped = False
+        self._loop_ref = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._loop(), name=f"batcher:{self.model.key}")
 
     async def stop(self) -> None:
@@ -171,16 +174,34 @@ class Batcher:
                 f"{self.model.describe()} is overloaded: a step would wait about "
                 f"{len(self._pending) * self._per_call * 1000:.0f} ms in the queue; retry shortly"
             )
-        fut: asyncio.Future[StepOutcome] = asyncio.get_running_loop().create_future()
+        assert self._loop_ref is not None, "start() the batcher first"
+        fut: asyncio.Future[StepOutcome] = self._loop_ref.create_future()
         if session_id is not None:
             self._awaiting.pop(session_id, None)
         self._pending.append(_Work(session_id, x, seq, fut, deadline))
         self._depth.inc()
         self._idle.clear()
-        self._wake.set()
+        self._wake()
         return await fut
 
     # --- the loop ----------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        """Wake the batch loop if it sleeps."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _sleep(self, at_most: float | None) -> None:
+        """Sleep until `_wake` (or `at_most` seconds)."""
+        assert self._loop_ref is not None
+        self._waiter = self._loop_ref.create_future()
+        timer = None if at_most is None else self._loop_ref.call_later(at_most, self._wake)
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
     def _select(self) -> list[_Work]:
         """Take up to max_batch_size calls with the first call's T, one per session, keeping session order."""
         taken: list[_Work] = []
@@ -220,16 +241,13 @@ class Batcher:
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), left)
+            await self._sleep(left)
 
     async def _loop(self) -> None:
         while True:
             if not self._pending:
                 self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
+                await self._sleep(None)
                 continue
             await self._gather_company()
             batch = self._select()
@@ -299,8 +317,11 @@ class Batcher:
         sig = self.model.signature
         x = np.stack([w.x for w, _, _ in run])  # [B, T, F]
         stateful = [i for i, (_, held, _) in enumerate(run) if held is not None]
-        if len(stateful) == len(run):
-            h, c = h_s[:, [r for _, _, r in run], :], c_s[:, [r for _, _, r in run], :]
+        rows = [r for _, _, r in run]
+        if len(stateful) == len(run) and rows == list(range(h_s.shape[1])):
+            h, c = h_s, c_s  # NOTE: the usual case, every gathered session runs: no copy
+        elif len(stateful) == len(run):
+            h, c = h_s[:, rows, :], c_s[:, rows, :]
         else:
             h = np.zeros((sig.layers, len(run), sig.hidden), np.float32)  # NOTE: stateless rows start at zero
             c = np.zeros_like(h)
@@ -310,7 +331,8 @@ class Batcher:
             if self._per_step and self._per_step * x.shape[0] * x.shape[1] < INLINE_RUN_SECONDS:
                 y, hn, cn, took = self._timed_run(x, h, c)
             else:
-                y, hn, cn, took = await asyncio.get_running_loop().run_in_executor(
+                assert self._loop_ref is not None
+                y, hn, cn, took = await self._loop_ref.run_in_executor(
                     self.executor, self._timed_run, x, h, c
                 )
         except Exception:
@@ -322,19 +344,19 @@ class Batcher:
         per_step = took / (x.shape[0] * x.shape[1])
         self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
         self._batch_size.observe(len(run))
-        finite: NDArray[np.bool_] = np.asarray(
-            np.isfinite(y).all(axis=(1, 2)) & np.isfinite(hn).all(axis=(0, 2)) & np.isfinite(cn).all(axis=(0, 2))
-        )
+        finite = self._finite_rows(y, hn, cn)
         commits: list[Commit] = []
         idx: list[int] = []
         for i, (w, held, _) in enumerate(run):
             if held is not None and finite[i]:
                 commits.append(Commit(held, held.steps + w.x.shape[0], held.seq + 1, self._replay(w, y[i])))
                 idx.append(i)
+        every = len(idx) == len(run)
         status: dict[int, CommitStatus] = {}
         if commits:
             try:
-                outcome = await self.store.commit(self.model.key, commits, hn[:, idx, :], cn[:, idx, :], self.clock())
+                h_new, c_new = (hn, cn) if every else (hn[:, idx, :], cn[:, idx, :])
+                outcome = await self.store.commit(self.model.key, commits, h_new, c_new, self.clock())
             except Exception as e:
                 for i in idx:
                     run[i][0].resolve(self._store_failed(e))  # NOTE: answered here; GONE below does not overwrite
@@ -365,6 +387,17 @@ class Batcher:
         self._steps.inc(steps)
         for w, held in stale:
             w.resolve(await self._stale(held))
+
+    @staticmethod
+    def _finite_rows(y: F32, hn: F32, cn: F32) -> NDArray[np.bool_] | list[bool]:
+        """Per batch row: are its outputs and new state all finite? A finite sum of everything says yes for
+        every row at once (a NaN or an infinity anywhere makes it non-finite); only otherwise row by row."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(float(y.sum()) + float(hn.sum()) + float(cn.sum())):
+                return [True] * y.shape[0]
+        return np.asarray(
+            np.isfinite(y).all(axis=(1, 2)) & np.isfinite(hn).all(axis=(0, 2)) & np.isfinite(cn).all(axis=(0, 2))
+        )
 
     async def _stale(self, lease: Lease) -> ServeError:
         """The answer to a step whose session changed while it ran: a conflict naming the seq to send now."""
