@@ -217,10 +217,13 @@ class DataPlane:
                 f"each step must have {sig.features} feature values ({', '.join(model.card.features)}) for "
                 f"{model.describe()}; got {f}"
             )
-        if not np.issubdtype(x.dtype, np.number):
+        if x.dtype != np.float32 and not np.issubdtype(x.dtype, np.number):
             raise InvalidInputError("inputs must be numbers")
         x32 = np.ascontiguousarray(x, dtype=np.float32)
-        bad = ~np.isfinite(x32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(x32.sum()):  # NOTE: one reduction says "all finite" in the usual case
+                return x32
+        bad = ~np.isfinite(x32)  # NOTE: a NaN or an infinity, or only a sum that overflowed
         if bad.any():
             step, feat = (int(v) for v in np.argwhere(bad)[0])
             raise InvalidInputError(
@@ -439,10 +442,11 @@ class DataPlane:
         else:
             raise InvalidInputError("the first stream message must name a model to open, or a session id to resume")
         sid = info.session_id
+        me = asyncio.current_task()
         try:
             yield await self._stream_step(sid, first, info, owner)
             while True:
-                msg = await self._next_unless_draining(messages)
+                msg = await self._next_unless_draining(messages, me)
                 if msg is None:
                     return
                 if msg.error is not None:
@@ -457,7 +461,9 @@ class DataPlane:
                 with contextlib.suppress(SessionNotFoundError):
                     await self.delete_session(sid, info.incarnation, owner)
 
-    async def _next_unless_draining(self, messages: AsyncIterator[StreamMessage]) -> StreamMessage | None:
+    async def _next_unless_draining(
+        self, messages: AsyncIterator[StreamMessage], task: asyncio.Task[Any] | None = None
+    ) -> StreamMessage | None:
         """The next message, None at the end of the stream; a drain ends the wait with 'unavailable'.
 
         The wait runs in the stream's own task (no task per message): `begin_drain` cancels the tasks that
@@ -465,8 +471,9 @@ class DataPlane:
         starts is neither applied nor answered."""
         if self.draining:
             raise UnavailableError(DRAINING_STREAM)
-        task = asyncio.current_task()
-        assert task is not None
+        if task is None:  # NOTE: the running task, once per stream: each lookup is a getpid() on Python 3.11
+            task = asyncio.current_task()
+            assert task is not None
         self._waiting.add(task)
         try:
             return await anext(messages, None)

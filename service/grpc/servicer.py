@@ -206,6 +206,8 @@ class PredictorServicer(pb_grpc.PredictorServicer):
         auth: ApiKeys | None = None,
     ) -> None:
         self.dp, self.metrics, self.max_message_bytes, self.auth = dataplane, metrics, max_message_bytes, auth
+        # NOTE: labelled children looked up once per label value, not per message (.labels() is measurable)
+        self._stream_messages = functools.cache(functools.partial(metrics.stream_messages.labels, "grpc"))
 
     def owner(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The caller's owner tag ("" without API keys); the AuthInterceptor has already refused bad keys."""
@@ -307,7 +309,7 @@ class PredictorServicer(pb_grpc.PredictorServicer):
             # NOTE: aclosing: when the client goes away, the session is closed now, not at garbage collection
             async with contextlib.aclosing(self.dp.stream(messages(), self.owner(context))) as replies:
                 async for reply in replies:
-                    self.metrics.stream_messages.labels("grpc", reply.error.code.value if reply.error else "ok").inc()
+                    self._stream_messages(reply.error.code.value if reply.error else "ok").inc()
                     yield cv.stream_response(reply)
         except asyncio.CancelledError:
             code = cancelled_code(context)
