@@ -9,7 +9,8 @@ GRPC_PORT ?= 50051
 
 REDIS_PORT ?= 6379
 
-.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke soak
+.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke soak \
+	bench bench-smoke
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -65,11 +66,17 @@ redis: $(VENV)/.dev  ## make sure a Redis answers on 127.0.0.1:$(REDIS_PORT) (st
 pytest: $(VENV)/.dev redis
 	$(BIN)/pytest
 
-test: $(VENV)/.dev lint typecheck check-proto pytest  ## everything CI runs
+test: $(VENV)/.dev lint typecheck check-proto pytest bench-smoke  ## everything CI runs
 
 soak: $(VENV)/.dev redis  ## 10 minutes of mixed traffic with session churn, once per session store
 	$(PY) bench/soak.py --seconds 600 --store memory
 	$(PY) bench/soak.py --seconds 600 --store redis
+
+bench: $(VENV)/.dev  ## the benchmark: every target against its floor, in one run (~25 min); writes bench/results/
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-smoke: $(VENV)/.dev  ## every part of the benchmark once, tiny: checks that the harness works, not the numbers
+	$(PY) bench/run.py --smoke
 
 smoke: $(VENV)/.dev  ## build the image, run it, then the compose stack and two replicas (needs Docker)
 	bash deploy/smoke.sh

@@ -134,6 +134,16 @@ def rest_echo_app(outputs: int) -> Any:
 
 
 # --- naive: FastAPI + ONNX Runtime per request ------------------------------------------------------------
+class CreateBody(BaseModel):
+    model: str
+    session_id: str | None = None
+
+
+class StepBody(BaseModel):
+    inputs: list[list[float]]
+    seq: int | None = None
+
+
 def naive_app(model: Path) -> Any:
     """What a tutorial gives: pydantic bodies, a dict of states, one ONNX Runtime call per request."""
     import uuid
@@ -147,14 +157,6 @@ def naive_app(model: Path) -> Any:
     layers, hidden = int(shape["h0"][0]), int(shape["h0"][2])
     states: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     app = FastAPI()
-
-    class CreateBody(BaseModel):
-        model: str
-        session_id: str | None = None
-
-    class StepBody(BaseModel):
-        inputs: list[list[float]]
-        seq: int | None = None
 
     @app.post("/v1/sessions", status_code=201)
     def create(body: CreateBody) -> dict[str, Any]:

@@ -1,0 +1,516 @@
+"""`make bench`: our server against its floors, measured in one run with one driver; prints the eight targets.
+
+  .venv/bin/python bench/run.py                  # the full run (~25 min): JSON lines, markdown, PNG
+  .venv/bin/python bench/run.py --readme         # ... and rewrite the README's performance section from it
+  .venv/bin/python bench/run.py --smoke          # `make bench-smoke`: every part once, tiny, checks it works
+
+Every figure is a ratio to a floor measured minutes apart by the same driver (bench/driver.py, its own
+process) over loopback, because absolute numbers drift by tens of percent on shared machines:
+  - transport floors: a bare grpc.aio echo server and a bare FastAPI echo server speaking our shapes
+    (bench/floors.py); compute floor and limit: ONNX Runtime in-process at batch 1 and 256 (one thread);
+  - a naive FastAPI + ONNX Runtime server, as a tutorial writes it, for scale.
+A point measured while other load used more than --disturbed of a core is measured again (twice at most) and
+flagged if it stays disturbed. Results go to bench/results/ (latest.jsonl, latest.md, latest.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PY = sys.executable
+RESULTS = ROOT / "bench" / "results"
+DEFAULT_MODELS = ROOT / "models"
+BENCH_MODELS = ROOT / "build" / "bench-models"
+README = ROOT / "README.md"
+PARTS = ["sweep", "memory", "overload"]
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+@dataclass
+class Proc:
+    popen: subprocess.Popen[str]
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def start_floor(kind: str, *extra: str) -> Proc:
+    p = subprocess.Popen([PY, str(ROOT / "bench" / "floors.py"), kind, *extra], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    if not line.startswith("PORT "):
+        p.kill()
+        raise RuntimeError(f"floor {kind} did not start")
+    return Proc(p, {"port": int(line.split()[1])})
+
+
+def start_ours(models: Path, *extra: str, env: dict[str, str] | None = None) -> Proc:
+    """Our server, the real entry point, on free ports; the ports come from its log line."""
+    import re
+
+    cmd = [PY, "-m", "service.cli", "serve", "--models", str(models), "--http-port", "0", "--grpc-port", "0", *extra]
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "LSTM_SERVE_LOG_LEVEL": "info", **(env or {})},
+    )  # fmt: skip
+    assert p.stderr is not None
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = p.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = re.search(r":(\d+) \(REST.*:(\d+) \(gRPC", line)
+        if m:
+            # NOTE: keep reading the log in the background, or a full pipe would block the server
+            import threading
+
+            threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()  # type: ignore[union-attr]
+            return Proc(p, {"http": int(m[1]), "grpc": int(m[2])})
+    p.kill()
+    raise RuntimeError("our server did not start:\n" + "".join(seen[-20:]))
+
+
+def drive(workload: str, port: int, pid: int, clients: int, seconds: float, warmup: float, model: str,
+          features: int, rate: float = 0.0, batch: int = 0) -> dict[str, Any]:  # fmt: skip
+    cmd = [PY, str(ROOT / "bench" / "driver.py"), "--workload", workload, "--port", str(port), "--clients",
+           str(clients), "--seconds", str(seconds), "--warmup", str(warmup), "--server-pid", str(pid), "--model",
+           model, "--features", str(features), "--rate", str(rate), "--batch", str(batch)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 300)
+    if out.returncode != 0:
+        raise RuntimeError(f"driver failed ({workload}, C={clients}):\n{out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+# --- the bench model ---------------------------------------------------------------------------------------
+def bench_model() -> Path:
+    """A 4-feature, 64-hidden, 2-layer LSTM with 7 outputs, trained briefly by our own code on the default data
+    (its quality does not matter here, only its size)."""
+    if not list(BENCH_MODELS.glob("*/*/model.onnx")):
+        log("training the 4x64x2 bench model (one epoch)...")
+        subprocess.run(
+            [PY, "-m", "service.cli", "train", "--name", "bench-4x64x2", "--version", "1", "--models",
+             str(BENCH_MODELS), "--hidden-size", "64", "--num-layers", "2", "--epochs", "1", "--min-epochs", "1",
+             "--allow-worse", "--no-progress"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    return BENCH_MODELS
+
+
+def model_of(models: Path) -> tuple[str, int, int, int, int, Path]:
+    """(name, features, hidden, layers, outputs, onnx path) of the one model in a repository."""
+    card_path = next(models.glob("*/*/model.json"))
+    card = json.loads(card_path.read_text())
+    return (card_path.parent.parent.name, len(card["features"]), card["hidden_size"], card["num_layers"],
+            len(card["targets"]), card_path.parent / "model.onnx")  # fmt: skip
+
+
+def ort_limits(onnx: Path, seconds: float) -> dict[int, float]:
+    """ONNX Runtime alone, in this process, one thread: session-steps per second at batch 1 and 256."""
+    from service.runtime import OnnxRuntime
+
+    rt = OnnxRuntime(onnx, threads=1)
+    sig = rt.signature
+    out = {}
+    for b in (1, 256):
+        x = np.random.default_rng(0).uniform(0, 10, (b, 1, sig.features)).astype(np.float32)
+        h = np.zeros((sig.layers, b, sig.hidden), np.float32)
+        for _ in range(20):
+            rt.run(x, h, h)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            rt.run(x, h, h)
+            n += 1
+        out[b] = n * b / (time.perf_counter() - t0)
+    return out
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.rows: list[dict[str, Any]] = []
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (RESULTS / ("smoke.jsonl" if a.smoke else "latest.jsonl")).open("w")
+
+    def record(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.rows.append(row)
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        return row
+
+    def point(self, server: str, proc: Proc, port: int, workload: str, clients: int, model: tuple[Any, ...],
+              **kw: Any) -> dict[str, Any]:  # fmt: skip
+        """One measurement, repeated while other load disturbed it (at most twice more)."""
+        a = self.a
+        tries = 0
+        while True:
+            tries += 1
+            r = drive(workload, port, proc.pid, clients, a.seconds, a.warmup, model[0], model[1], **kw)
+            disturbed = r.get("other_cpu_s", 0.0) / r["window_s"] > a.disturbed
+            if not disturbed or a.smoke or tries == 3:
+                break
+            log(f"  disturbed ({r['other_cpu_s'] / r['window_s']:.2f} cores of other load): again")
+        r.update(server=server, model=model[0], disturbed=disturbed, tries=tries)
+        log(
+            f"  {server:6s} {workload:11s} C={clients:<4d} {r['steps_per_s']:9.0f} steps/s  p50 {r['p50_ms'] or 0:7.3f}"
+            f"  p99 {r['p99_ms'] or 0:7.2f} ms  cpu/step {r.get('server_cpu_ms_per_step', 0):.3f} ms  {r['codes']}"
+        )
+        return self.record(r)
+
+
+def find(rows: list[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
+    for r in rows:
+        if all(r.get(k) == v for k, v in want.items()):
+            return r
+    return None
+
+
+@contextlib.contextmanager
+def running(*procs: Proc) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def sweep(b: Bench, models: Path, clients: list[int]) -> None:
+    """Every workload at every C against ours and its floor (and REST against the naive server)."""
+    model = model_of(models)
+    name, features, hidden, layers, outputs, onnx = model
+    log(f"model {name}: {features} features, hidden {hidden}, {layers} layer(s), {outputs} outputs")
+    limits = ort_limits(onnx, 1.0 if b.a.smoke else 3.0)
+    for batch, steps in limits.items():
+        b.record({"server": "ort", "model": name, "batch": batch, "steps_per_s": steps})
+    log(f"  ort    in-process          batch 1: {limits[1]:.0f} steps/s, batch 256: {limits[256]:.0f} steps/s")
+    ge, re_, naive = start_floor("grpc-echo", "--outputs", str(outputs)), start_floor("rest-echo", "--outputs",
+                                                                                       str(outputs)), None  # fmt: skip
+    ours = start_ours(models)
+    naive = start_floor("naive", "--model", str(onnx))
+    with running(ge, re_, ours, naive):
+        for workload in b.a.workloads:
+            for c in clients:
+                floor = ge if workload.startswith("grpc") else re_
+                b.point("floor", floor, floor.ports["port"], workload, c, model)
+                port = ours.ports["grpc" if workload.startswith("grpc") else "http"]
+                b.point("ours", ours, port, workload, c, model)
+                if workload == "rest-steps":
+                    b.point("naive", naive, naive.ports["port"], workload, c, model)
+        k = 64 if b.a.smoke else 1024
+        b.point("floor", ge, ge.ports["port"], "grpc-batch", 1, model, batch=k)
+        b.point("ours", ours, ours.ports["grpc"], "grpc-batch", 1, model, batch=k)
+
+
+def overload(b: Bench, models: Path) -> None:
+    """Open loop at twice the capacity (closed loop, C = 64): excess refused fast, accepted steps bounded, and
+    how long after the load stops a lone client is served at idle latency again."""
+    model = model_of(models)
+    plain = start_ours(models)
+    with running(plain):
+        caps = {wl: b.point("ours", plain, plain.ports[kind], wl, 64, model)
+                for wl, kind in (("grpc-stream", "grpc"), ("rest-steps", "http"))}  # fmt: skip
+    # NOTE: shed what would wait over 10 ms, so that refusals come back well within 20 ms
+    ours = start_ours(models, "--max-queue-wait-ms", "10")
+    with running(ours):
+        for workload, port in (("grpc-stream", ours.ports["grpc"]), ("rest-steps", ours.ports["http"])):
+            cap = caps[workload]
+            r = drive(workload, port, ours.pid, 256, b.a.seconds, b.a.warmup, model[0], model[1],
+                      rate=2 * cap["steps_per_s"])  # fmt: skip
+            ended = time.perf_counter()
+            r.update(server="ours", model=model[0], kind="overload", capacity=cap["steps_per_s"],
+                     recovered_after_s=recovery(workload, port, model[0], model[1], ended))  # fmt: skip
+            log(
+                f"  overload {workload}: offered {r['rate']:.0f}/s, {r['codes']}, accepted p99 from send "
+                f"{r['from_send_p99_ms']} ms, refusals p99 {r['refused_from_send_p99_ms']} ms, sends late by "
+                f"{r['send_late_p99_ms']} ms (p99), recovered after {r['recovered_after_s']} s"
+            )
+            b.record(r)
+
+
+def recovery(workload: str, port: int, model: str, features: int, since: float) -> float | None:
+    """Seconds from `since` until five steps in a row of one client each take under 5 ms (None: not in 30 s)."""
+    import http.client
+
+    import grpc
+
+    from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
+    from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+
+    x = [[1.0] * features]
+    if workload.startswith("grpc"):  # NOTE: unary Step calls on the same server as the streams
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.PredictorStub(channel)
+        sid = stub.CreateSession(pb.CreateSessionRequest(model=model)).session_id
+        req = pb.StepRequest(session_id=sid, inputs=pb.Matrix(rows=1, cols=features, data=x[0]))
+
+        def step() -> bool:
+            try:
+                stub.Step(req, timeout=5)
+            except grpc.RpcError:
+                return False
+            return True
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/v1/sessions", json.dumps({"model": model}), {"Content-Type": "application/json"})
+        sid = json.loads(conn.getresponse().read())["session_id"]
+        body = json.dumps({"inputs": x})
+
+        def step() -> bool:
+            conn.request("POST", f"/v1/sessions/{sid}/steps", body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            return r.status == 200
+
+    good = 0
+    while time.perf_counter() - since < 30:
+        t0 = time.perf_counter()
+        ok = step()
+        good = good + 1 if ok and time.perf_counter() - t0 < 0.005 else 0
+        if good == 5:
+            return round(time.perf_counter() - since, 2)
+        time.sleep(0.01)
+    return None
+
+
+# --- targets -------------------------------------------------------------------------------------------------
+def ratio(x: float | None, y: float | None) -> float | None:
+    return None if x is None or not y else x / y
+
+
+def targets(rows: list[dict[str, Any]], model: str, big: list[int]) -> list[tuple[str, str, float | None, bool]]:
+    """(target, what, worst measured ratio, pass) for one model."""
+    out = []
+
+    def pair(workload: str, c: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        want = {"model": model, "workload": workload, "clients": c, "mode": "closed"}
+        return find(rows, server="ours", **want), find(rows, server="floor", **want)
+
+    for n, workload, tput, cpu in ((1, "grpc-stream", 0.9, 1.25), (2, "rest-steps", 0.85, 1.3)):
+        rs, cs = [], []
+        for c in big:
+            o, f = pair(workload, c)
+            if o and f:
+                rs.append(ratio(o["steps_per_s"], f["steps_per_s"]) or 0.0)
+                cs.append(ratio(o["server_cpu_ms_per_step"], f["server_cpu_ms_per_step"]) or 99.0)
+        worst, cpu_worst = (min(rs) if rs else None), (max(cs) if cs else None)
+        ok = worst is not None and cpu_worst is not None and worst >= tput and cpu_worst <= cpu
+        out.append((f"{n}. {workload}, C >= 16", f"steps/s >= {tput} x floor; CPU/step <= {cpu} x "
+                    f"(worst CPU ratio {cpu_worst or 0:.2f})", worst, ok))  # fmt: skip
+    p50s, p99s = [], []
+    for workload in ("grpc-stream", "rest-steps"):
+        o, f = pair(workload, 1)
+        if o and f:
+            p50s.append(ratio(o["p50_ms"], f["p50_ms"]) or 99.0)
+            p99s.append(o["p99_ms"] or 99.0)
+    worst = max(p50s) if p50s else None
+    ok = worst is not None and worst <= 1.5 and max(p99s) <= 1.0
+    out.append(("3. C = 1, both transports", f"p50 <= 1.5 x floor; p99 <= 1 ms (worst p99 {max(p99s or [0]):.2f} ms)",
+                worst, ok))  # fmt: skip
+    p99r = []
+    for workload in ("grpc-stream", "rest-steps"):
+        for c in (64, 256):
+            o, f = pair(workload, c)
+            if o and f:
+                p99r.append(ratio(o["p99_ms"], f["p99_ms"]) or 99.0)
+    worst = max(p99r) if p99r else None
+    out.append(("4. p99 at C = 64, 256", "<= 1.2 x floor's p99", worst, worst is not None and worst <= 1.2))
+    sb = find(rows, server="ours", model=model, workload="grpc-batch")
+    lim = find(rows, server="ort", model=model, batch=256)
+    r = ratio(sb and sb["steps_per_s"], lim and lim["steps_per_s"])
+    out.append(("5. StepBatch, many sessions", f"session-steps/s >= 0.5 x ONNX Runtime at batch 256 "
+                f"(batch {sb['batch'] if sb else '?'})", r, r is not None and r >= 0.5))  # fmt: skip
+    return out
+
+
+def render(rows: list[dict[str, Any]], extra: list[tuple[str, str, float | None, bool]], machine: str) -> str:
+    lines = [f"Measured by `make bench` on {machine}.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows if r.get("model") and not r.get("kind")):
+        lines += [f"**{model}**", "", "| workload | C | floor steps/s | ours steps/s | ratio | floor p50 / p99 ms | "
+                  "ours p50 / p99 ms | CPU/step ours / floor ms | naive steps/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            if r.get("server") != "ours" or r.get("model") != model or r.get("mode") != "closed" or r.get("kind"):
+                continue
+            f = find(rows, server="floor", model=model, workload=r["workload"], clients=r["clients"], mode="closed",
+                     batch=r["batch"])  # fmt: skip
+            nv = find(rows, server="naive", model=model, workload=r["workload"], clients=r["clients"])
+            if f is None:
+                continue
+            flag = " (disturbed)" if r.get("disturbed") or f.get("disturbed") else ""
+            wl = r["workload"] + (f" x{r['batch']}" if r["batch"] else "")
+            lines.append(
+                f"| {wl} | {r['clients']} | {f['steps_per_s']:.0f} | {r['steps_per_s']:.0f}{flag} | "
+                f"{r['steps_per_s'] / f['steps_per_s']:.2f} | {f['p50_ms']:.2f} / {f['p99_ms']:.2f} | "
+                f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['server_cpu_ms_per_step']:.3f} / "
+                f"{f['server_cpu_ms_per_step']:.3f} | {nv['steps_per_s']:.0f} |" if nv else
+                f"| {wl} | {r['clients']} | {f['steps_per_s']:.0f} | {r['steps_per_s']:.0f}{flag} | "
+                f"{r['steps_per_s'] / f['steps_per_s']:.2f} | {f['p50_ms']:.2f} / {f['p99_ms']:.2f} | "
+                f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['server_cpu_ms_per_step']:.3f} / "
+                f"{f['server_cpu_ms_per_step']:.3f} | |"
+            )  # fmt: skip
+        ort = {r["batch"]: r["steps_per_s"] for r in rows if r.get("server") == "ort" and r.get("model") == model}
+        if ort:
+            lines += ["", f"ONNX Runtime alone (one thread): {ort.get(1, 0):.0f} steps/s at batch 1, "
+                      f"{ort.get(256, 0):.0f} at batch 256.", ""]  # fmt: skip
+    lines += ["| target | measured (worst case) | result |", "|---|---|---|"]
+    for name, what, value, ok in extra:
+        lines.append(f"| {name}: {what} | {'-' if value is None else f'{value:.2f}'} | {'PASS' if ok else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows if r.get("workload") and not r.get("kind")))
+    workloads = list(dict.fromkeys(r["workload"] for r in rows if r.get("workload") and r["workload"] != "grpc-batch"))
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
+    for j, model in enumerate(models):
+        for server, style in (("floor", "--"), ("ours", "-"), ("naive", ":")):
+            for k, wl in enumerate(workloads):
+                pts = sorted((r["clients"], r["steps_per_s"], r["p99_ms"] or 0) for r in rows
+                             if r.get("server") == server and r.get("model") == model and r.get("workload") == wl
+                             and r.get("mode") == "closed" and not r.get("kind"))  # fmt: skip
+                if not pts:
+                    continue
+                cs, tp, p99 = zip(*pts, strict=True)
+                color = f"C{k}"
+                axes[0][j].plot(cs, tp, style, color=color, marker="o", label=f"{wl} ({server})")
+                axes[1][j].plot(cs, p99, style, color=color, marker="o", label=f"{wl} ({server})")
+        axes[0][j].set(title=f"{model}: steps/s", xscale="log", xlabel="concurrent clients C")
+        axes[1][j].set(title=f"{model}: p99 latency (ms)", xscale="log", yscale="log", xlabel="concurrent clients C")
+        axes[0][j].legend(fontsize=7)
+    fig.suptitle("ours (solid) against the transport floors (dashed) and a naive server (dotted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    system = f"{platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {system}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="every part once, tiny (checks that the harness works)")
+    p.add_argument("--seconds", type=float, default=5.0, help="measured window per point")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--disturbed", type=float, default=0.3, help="cores of other load that make a point disturbed")
+    p.add_argument("--workloads", nargs="+", default=["grpc-stream", "grpc-step", "rest-steps", "ws-stream"])
+    p.add_argument("--readme", action="store_true", help="rewrite the README's performance section")
+    p.add_argument("--only-default", action="store_true", help="skip the 4x64x2 model")
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="what to measure (default: all)")
+    a = p.parse_args()
+    if a.smoke:
+        a.seconds, a.warmup = 0.5, 0.2
+    clients = [1, 4] if a.smoke else [1, 16, 64, 256]
+    big = [4] if a.smoke else [16, 64, 256]
+    b = Bench(a)
+    repos = [DEFAULT_MODELS] + ([] if a.only_default or a.smoke else [bench_model()])
+    results: list[tuple[str, str, float | None, bool]] = []
+    if "sweep" in a.parts:
+        for models in repos:
+            sweep(b, models, clients)
+        for models in repos:
+            name = model_of(models)[0]
+            results += [(f"{t} [{name}]", w, v, ok) for t, w, v, ok in targets(b.rows, name, big)]
+    if "memory" in a.parts:
+        results.append(memory(b))
+    if "overload" in a.parts:
+        overload(b, DEFAULT_MODELS)
+        results += overload_targets(b.rows)
+
+    text = render(b.rows, results, machine())
+    out = RESULTS / ("smoke.md" if a.smoke else "latest.md")
+    out.write_text(text)
+    plot(b.rows, out.with_suffix(".png"))
+    print(text)
+    if a.readme and not a.smoke:
+        body = README.read_text()
+        start, end = body.index(MARK_START) + len(MARK_START), body.index(MARK_END)
+        README.write_text(body[:start] + "\n" + text + "\n![bench](bench/results/latest.png)\n" + body[end:])
+        log("README performance section rewritten")
+    if a.smoke:
+        return 0  # NOTE: the smoke run checks that every part works, not the numbers
+    return 0 if all(ok for *_, ok in results) else 1
+
+
+def memory(b: Bench) -> tuple[str, str, float | None, bool]:
+    """Target 6, in a process of its own (bench/memory.py)."""
+    n = 20_000 if b.a.smoke else 1_000_000
+    out = subprocess.run([PY, str(ROOT / "bench" / "memory.py"), "--sessions", str(n)], capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    b.record({"kind": "memory", **r})
+    log(
+        f"  memory {n} sessions: {r['rss_bytes_per_session']:.0f} B each (budget {r['budget_bytes']}), {r['seconds']} s"
+    )
+    return (f"6. memory, {n:,} idle sessions", f"RSS per session <= raw state + 256 B = {r['budget_bytes']} B "
+            f"({r['rss_bytes_per_session']:.0f} B), opened in {r['seconds']} s (< 60 s)",
+            r["rss_bytes_per_session"] / r["budget_bytes"], bool(r["pass"]))  # fmt: skip
+
+
+def overload_targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, float | None, bool]]:
+    out = []
+    for r in rows:
+        if r.get("kind") != "overload":
+            continue
+        refused = sum(v for k, v in r["codes"].items() if k != "ok")
+        rp99, ap99, rec = r.get("refused_from_send_p99_ms"), r.get("from_send_p99_ms"), r.get("recovered_after_s")
+        late = r.get("send_late_p99_ms") or 0.0
+        ok = bool(refused and rp99 is not None and rp99 < 20 and ap99 is not None and ap99 < 50)
+        ok = ok and rec is not None and rec < 5
+        out.append((
+            f"7. overload, {r['workload']} at 2 x capacity ({r['rate']:.0f}/s offered)",
+            f"refusals p99 < 20 ms, accepted p99 < 50 ms, recovery < 5 s: {r['codes'].get('ok', 0)} accepted, "
+            f"{refused} refused, accepted p99 {ap99 or 0:.1f} ms, recovered after {rec} s"
+            + (f"; the driver itself fell behind by {late:.0f} ms (p99)" if late > 20 else ""),
+            rp99, ok,
+        ))  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
