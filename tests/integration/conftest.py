@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from model.data import default_csv_path, load_csv
@@ -22,6 +24,8 @@ from service.app import Server
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 from tests.conftest import ROOT, SHIPPED_REPO
+
+REDIS_URL = os.environ.get("LSTM_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 ServerFactory = Callable[..., Any]
 
@@ -106,3 +110,15 @@ async def rest(server: Server) -> AsyncIterator[httpx.AsyncClient]:
 async def stub(server: Server) -> AsyncIterator[pb_grpc.PredictorStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         yield pb_grpc.PredictorStub(channel)
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A key prefix of this test's own on the shared Redis, removed afterwards."""
+    p = f"lstm-test-{uuid.uuid4().hex[:8]}:"
+    yield p
+    r = aioredis.Redis.from_url(REDIS_URL)
+    keys = [k async for k in r.scan_iter(match=p + "*")]
+    if keys:
+        await r.delete(*keys)
+    await r.aclose()

@@ -7,13 +7,10 @@ import asyncio
 import contextlib
 import signal
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import grpc
 import httpx
 import numpy as np
-import pytest
 import redis.asyncio as aioredis
 
 from service.app import Server
@@ -25,18 +22,6 @@ from tests.integration.test_session_stores import REDIS_URL, free_port, private_
 
 MODEL = "seattle-weather"
 ATOL = 1e-5
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A key prefix of this test's own on the shared Redis, removed afterwards."""
-    p = f"lstm-test-{uuid.uuid4().hex[:8]}:"
-    yield p
-    r = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in r.scan_iter(match=p + "*")]
-    if keys:
-        await r.delete(*keys)
-    await r.aclose()
 
 
 def matrix(row: np.ndarray) -> pb.Matrix:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
@@ -35,8 +34,8 @@ from service.errors import (
     UnavailableError,
 )
 from service.runtime import Signature
+from tests.integration.conftest import REDIS_URL
 
-REDIS_URL = os.environ.get("LSTM_TEST_REDIS", "redis://127.0.0.1:6379/0")
 SIG = Signature(features=3, outputs=2, layers=2, hidden=8)
 SIGS = {"m/1": SIG, "m/2": SIG}
 Factory = Callable[..., Any]
