@@ -127,6 +127,7 @@ class Server:
             keepalive=(settings.grpc_keepalive_s, settings.grpc_keepalive_timeout_s),
             auth=self.auth,
             tls=grpc_credentials(settings),
+            reuse_port=settings.reuse_port,
         )
         self._uvicorn: _Uvicorn | None = None
         self._uvicorn_task: asyncio.Task[None] | None = None
@@ -141,6 +142,8 @@ class Server:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.settings.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((host, port))
@@ -236,9 +239,14 @@ class Server:
         log.info("stopped")
 
 
-def serve(settings: Settings) -> None:
-    """Run the service in this process (the `lstm-serve serve` command)."""
+def serve(settings: Settings) -> int:
+    """Run the service in this process (the `lstm-serve serve` command), or with --workers N > 1 as N worker
+    processes under this one."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        from service.workers import supervise
+
+        return supervise(settings)
 
     async def main() -> None:
         # NOTE: built inside the running loop: grpc.aio binds its server to the loop that creates it
@@ -246,3 +254,4 @@ def serve(settings: Settings) -> None:
 
     # NOTE: uvloop under both transports: fewer CPU cycles per message than asyncio's loop (make bench)
     uvloop.run(main())
+    return 0

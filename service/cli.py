@@ -72,14 +72,14 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"error: {'--' + where.replace('_', '-') + ': ' if where else ''}{err['msg']}", file=sys.stderr)
         return 2
     try:
-        serve(settings)
+        code = serve(settings)
     except ModelLoadError as e:
         print(f"error: cannot load models: {e}", file=sys.stderr)
         return 1
     except (OSError, ValueError, SnapshotFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STREAM_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
@@ -41,20 +46,39 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # NOTE: multiprocess_mode says how --workers processes add up (used only in Prometheus multiprocess mode)
         self.queue_depth = Gauge(
-            "lstm_queue_depth", "Step calls queued or running, per model version", ["model"], registry=r
-        )
+            "lstm_queue_depth", "Step calls queued or running, per model version", ["model"], registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.batch_size = Histogram(
             "lstm_batch_size", "Step calls per ONNX Runtime batch", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
         self.steps = Counter("lstm_steps", "Time steps computed (sessions and predictions)", ["model"], registry=r)
-        self.sessions_open = Gauge("lstm_sessions_open", "Open sessions", ["model"], registry=r)
+        # NOTE: counted in the store, which --workers share: every process reports the same number
+        self.sessions_open = Gauge(
+            "lstm_sessions_open", "Open sessions", ["model"], registry=r, multiprocess_mode="livemax"
+        )
         self.sessions_created = Counter("lstm_sessions_created", "Sessions created", ["model"], registry=r)
         self.sessions_removed = Counter(
             "lstm_sessions_removed", "Sessions removed, by reason (deleted, expired, evicted)", ["model", "reason"],
             registry=r,
         )  # fmt: skip
         self.model_info = Gauge(
-            "lstm_model_info", "Loaded models (value 1)", ["model", "version", "features", "horizon"], registry=r
-        )
-        self.ready = Gauge("lstm_ready", "1 when the server accepts new work, 0 while starting or draining", registry=r)
+            "lstm_model_info", "Loaded models (value 1)", ["model", "version", "features", "horizon"], registry=r,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.ready = Gauge(
+            "lstm_ready", "1 when the server accepts new work, 0 while starting or draining", registry=r,
+            multiprocess_mode="livemin",
+        )  # fmt: skip
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The /metrics text: this process's registry, or in Prometheus multiprocess mode (--workers) the sum over
+    every worker process."""
+    if os.environ.get(MULTIPROC_ENV):
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+    return generate_latest(registry)

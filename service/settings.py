@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = Field(
         None, description="CA (PEM) that client certificates must chain to: mutual TLS on both transports"
     )
+    workers: int = Field(
+        1, ge=1, le=64, description="serving processes on this host, sharing both ports (SO_REUSEPORT); more than "
+        "one needs a shared --state-store (Redis): a REST step or unary call may land on any of them",
+    )  # fmt: skip
+    reuse_port: bool = Field(
+        False, description="bind both ports with SO_REUSEPORT, so that several servers on this host share them "
+        "(--workers sets it for its processes)",
+    )  # fmt: skip
     drain_seconds: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight work may take to finish")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
@@ -98,6 +106,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"--{name.replace('_', '-')} {path.name!r} is not a readable file")
         if self.snapshot is not None and self.state_store != "memory":
             raise ValueError("--snapshot is for the memory store; with Redis the sessions already outlive the server")
+        if self.workers > 1 and self.state_store == "memory":
+            raise ValueError(
+                f"--workers {self.workers} needs a shared session store: a REST step or unary call may land on any "
+                "worker, and each worker's memory holds only its own sessions; add --state-store "
+                "redis://localhost:6379/0 (or run one worker)"
+            )
         if not self.models.is_dir():
             raise ValueError(
                 f"model repository {str(self.models)!r} is not a directory; pass --models DIR "

@@ -29,6 +29,7 @@ class GRPCServer:
         keepalive: tuple[float, float] = (30.0, 10.0),
         auth: ApiKeys | None = None,
         tls: grpc.ServerCredentials | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.tls = tls
         self.host, self.requested_port = host, port
@@ -41,7 +42,7 @@ class GRPCServer:
             options=[
                 ("grpc.max_receive_message_length", 2 * max_message_bytes),
                 ("grpc.max_send_message_length", 2 * max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(reuse_port)),
                 # NOTE: ping idle connections so that the streams of a peer that vanished (no FIN) end
                 ("grpc.keepalive_time_ms", every_ms),
                 ("grpc.keepalive_timeout_ms", timeout_ms),

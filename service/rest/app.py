@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,7 +31,7 @@ from service.errors import (
     ServeError,
     as_serve_error,
 )
-from service.metrics import Metrics
+from service.metrics import Metrics, exposition
 from service.rest import schemas as s
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def create_app(
         responses=_responses(ErrorCode.UNAUTHENTICATED) if metrics_auth else None,
     )
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # --- models ------------------------------------------------------------------------------------
     guarded = {"dependencies": [Depends(_owner)], "responses": _responses(ErrorCode.UNAUTHENTICATED)} if auth else {}
