@@ -38,7 +38,7 @@ RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODELS = ROOT / "models"
 BENCH_MODELS = ROOT / "build" / "bench-models"
 README = ROOT / "README.md"
-PARTS = ["sweep", "memory", "overload"]
+PARTS = ["sweep", "memory", "overload", "workers"]
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -399,6 +399,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows if r.get("workload") and not r.get("kind")))
+    if not models:
+        return
     workloads = list(dict.fromkeys(r["workload"] for r in rows if r.get("workload") and r["workload"] != "grpc-batch"))
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for j, model in enumerate(models):
@@ -461,6 +463,8 @@ def main() -> int:
     if "overload" in a.parts:
         overload(b, DEFAULT_MODELS)
         results += overload_targets(b.rows)
+    if "workers" in a.parts:
+        results.append(workers(b, DEFAULT_MODELS))
 
     text = render(b.rows, results, machine())
     out = RESULTS / ("smoke.md" if a.smoke else "latest.md")
@@ -475,6 +479,31 @@ def main() -> int:
     if a.smoke:
         return 0  # NOTE: the smoke run checks that every part works, not the numbers
     return 0 if all(ok for *_, ok in results) else 1
+
+
+def workers(b: Bench, models: Path) -> tuple[str, str, float | None, bool]:
+    """Target 8: steps/s of one and of two serving processes sharing their sessions through Redis (REST, C = 64,
+    so that steps of a session land on either worker)."""
+    import uuid
+
+    model = model_of(models)
+    redis_url = os.environ.get("LSTM_TEST_REDIS", "redis://127.0.0.1:6379/0")
+    got = {}
+    for n in (1, 2):
+        prefix = f"lstm-bench-{uuid.uuid4().hex[:8]}:"
+        proc = start_ours(models, "--workers", str(n), "--state-store", redis_url, "--redis-key-prefix", prefix)
+        with running(proc):
+            time.sleep(1.0)  # NOTE: every worker up
+            got[n] = b.point(f"w{n}", proc, proc.ports["http"], "rest-steps", 64, model)
+            got[n].update(kind="workers", workers=n)
+    r = got[2]["steps_per_s"] / got[1]["steps_per_s"]
+    errors = sum(v for g in got.values() for k, v in g["codes"].items() if k != "ok")
+    return (
+        "8. --workers 2 on Redis, rest-steps C = 64",
+        f">= 1.1 x one worker's steps/s, every step ok ({got[1]['steps_per_s']:.0f} -> "
+        f"{got[2]['steps_per_s']:.0f} steps/s, {errors} errors; the driver and Redis share the same cores)",
+        r, errors == 0 and r >= 1.1,
+    )  # fmt: skip
 
 
 def memory(b: Bench) -> tuple[str, str, float | None, bool]:
