@@ -11,9 +11,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,24 @@ class StreamReply:
     result: StepResult | None = None
     error: ServeError | None = None
     session: SessionInfo | None = None
+
+
+class _AsClient:
+    """A context in which errors that name a namespaced session id name it as its client knows it. A class, not
+    a generator: it is entered on every step."""
+
+    __slots__ = ("owner", "session_id")
+
+    def __init__(self, owner: str, session_id: str) -> None:
+        self.owner, self.session_id = owner, session_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self.owner and isinstance(e, ServeError):
+            e.message = e.message.replace(repr(f"{self.owner}.{self.session_id}"), repr(self.session_id))
+            e.args = (e.message,)
 
 
 class DataPlane:
@@ -264,16 +283,9 @@ class DataPlane:
         return replace(info, session_id=info.session_id[len(owner) + 1 :]) if owner else info
 
     @staticmethod
-    @contextlib.contextmanager
-    def _as_client(owner: str, session_id: str) -> Iterator[None]:
+    def _as_client(owner: str, session_id: str) -> _AsClient:
         """Errors name the session as the client knows it, never by its namespaced key."""
-        try:
-            yield
-        except ServeError as e:
-            if owner:
-                e.message = e.message.replace(repr(f"{owner}.{session_id}"), repr(session_id))
-                e.args = (e.message,)
-            raise
+        return _AsClient(owner, session_id)
 
     async def create_session(
         self, name: str, version: str | None, session_id: str | None, owner: str = ""
@@ -353,13 +365,19 @@ class DataPlane:
         """
         self._accepting()
         scoped = self._scoped(owner, session_id)
-        if seq is not None and seq < 1:
-            raise InvalidInputError(f"seq must be >= 1 (the first step call of a session is seq 1); got {seq}")
         with self._as_client(owner, session_id):
             key = await self.store.model_of(scoped, self.clock())
-            batcher = self._batchers[key]
-            x = self.validate_inputs(batcher.model, inputs)
-            out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout))
+            return await self._step(key, scoped, session_id, inputs, seq, queue_timeout)
+
+    async def _step(
+        self, key: str, scoped: str, session_id: str, inputs: np.ndarray, seq: int | None, queue_timeout: float | None
+    ) -> StepResult:
+        """A step of a session known to run model `key` (the batch checks it again: it may have changed since)."""
+        if seq is not None and seq < 1:
+            raise InvalidInputError(f"seq must be >= 1 (the first step call of a session is seq 1); got {seq}")
+        batcher = self._batchers[key]
+        x = self.validate_inputs(batcher.model, inputs)
+        out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout))
         return StepResult(session_id, out.outputs, out.steps, out.seq, out.replayed)
 
     async def step_batch(
@@ -443,8 +461,11 @@ class DataPlane:
             raise InvalidInputError("the first stream message must name a model to open, or a session id to resume")
         sid = info.session_id
         me = asyncio.current_task()
+        # NOTE: the stream knows its session's model and id: no lookup per message (each batch checks the session)
+        key = f"{info.model}/{info.version}"
+        scoped = self._scoped(owner, sid)
         try:
-            yield await self._stream_step(sid, first, info, owner)
+            yield await self._stream_step(sid, first, info, owner, key, scoped)
             while True:
                 msg = await self._next_unless_draining(messages, me)
                 if msg is None:
@@ -455,7 +476,7 @@ class DataPlane:
                 if msg.open is not None:
                     yield StreamReply(sid, error=InvalidInputError("only the first stream message may open a session"))
                     continue
-                yield await self._stream_step(sid, msg, None, owner)
+                yield await self._stream_step(sid, msg, None, owner, key, scoped)
         finally:
             if owned:  # NOTE: only the life of the id that this stream created, never a later one
                 with contextlib.suppress(SessionNotFoundError):
@@ -486,12 +507,16 @@ class DataPlane:
         finally:
             self._waiting.discard(task)
 
-    async def _stream_step(self, sid: str, msg: StreamMessage, info: SessionInfo | None, owner: str) -> StreamReply:
+    async def _stream_step(
+        self, sid: str, msg: StreamMessage, info: SessionInfo | None, owner: str, key: str, scoped: str
+    ) -> StreamReply:
         if msg.open is not None and (msg.inputs is None or msg.inputs.size == 0):
             return StreamReply(sid, session=info)  # NOTE: an open without steps just reports the session
         inputs = msg.inputs if msg.inputs is not None else np.zeros((0, 0), np.float32)
         try:
-            result = await self.step(sid, inputs, msg.seq, owner=owner)
+            self._accepting()
+            with self._as_client(owner, sid):
+                result = await self._step(key, scoped, sid, inputs, msg.seq, None)
         except ServeError as e:
             return StreamReply(sid, error=e, session=info)
         return StreamReply(sid, result=result, session=info)
