@@ -28,6 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -65,12 +66,56 @@ class StepOutcome:
     replayed: bool = False
 
 
+class _Answer(Protocol):
+    """Where a call's outcome goes: an asyncio future, or a member of a group (`submit_many`)."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: StepOutcome, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class _Group:
+    """The outcomes of many calls submitted together, and one asyncio future for all of them."""
+
+    __slots__ = ("future", "left", "outcomes")
+
+    def __init__(self, n: int, future: asyncio.Future[list[StepOutcome | ServeError]]) -> None:
+        self.outcomes: list[StepOutcome | ServeError | None] = [None] * n
+        self.left, self.future = n, future
+
+    def settle(self, i: int, outcome: StepOutcome | ServeError) -> None:
+        if self.outcomes[i] is None:
+            self.outcomes[i] = outcome
+            self.left -= 1
+            if not self.left and not self.future.done():
+                self.future.set_result(cast(list[StepOutcome | ServeError], self.outcomes))
+
+
+class _Member:
+    """One call of a group: answered into the group, with no future (or task) of its own."""
+
+    __slots__ = ("group", "i")
+
+    def __init__(self, group: _Group, i: int) -> None:
+        self.group, self.i = group, i
+
+    def done(self) -> bool:
+        return self.group.future.done() or self.group.outcomes[self.i] is not None
+
+    def set_result(self, result: StepOutcome, /) -> None:
+        self.group.settle(self.i, result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        assert isinstance(exception, ServeError)
+        self.group.settle(self.i, exception)
+
+
 @dataclass
 class _Work:
     session_id: str | None  # None: stateless prediction from a zero state
     x: F32  # [T, F]
     seq: int | None
-    future: asyncio.Future[StepOutcome]
+    future: _Answer
     deadline: float | None = None  # perf_counter time by which it must have started, or None
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -158,14 +203,11 @@ class Batcher:
         return len(self._pending)
 
     # --- submission --------------------------------------------------------------------------------
-    async def submit(
-        self, session_id: str | None, x: F32, seq: int | None, deadline: float | None = None
-    ) -> StepOutcome:
-        """Queue a validated [T, F] call and wait for its outcome; past `deadline` (perf_counter) it is
-        answered deadline_exceeded without running."""
+    def _admit(self, n: int) -> None:
+        """Refuse n more calls when stopped or overloaded."""
         if self._stopped:
             raise UnavailableError("the server has stopped; retry on another replica or after restart")
-        if len(self._pending) >= self.max_queue:
+        if len(self._pending) + n > self.max_queue:
             raise OverloadedError(
                 f"{self.model.describe()} has its maximum of {self.max_queue} step calls queued; retry shortly"
             )
@@ -174,6 +216,31 @@ class Batcher:
                 f"{self.model.describe()} is overloaded: a step would wait about "
                 f"{len(self._pending) * self._per_call * 1000:.0f} ms in the queue; retry shortly"
             )
+
+    async def submit_many(
+        self, calls: list[tuple[str, F32, int | None]], deadline: float | None = None
+    ) -> list[StepOutcome | ServeError]:
+        """Queue validated calls of distinct sessions together and wait for all their outcomes (in order): one
+        future for the lot, so that a step batch of a thousand sessions costs no thousand futures or tasks."""
+        if not calls:
+            return []
+        self._admit(len(calls))
+        assert self._loop_ref is not None, "start() the batcher first"
+        group = _Group(len(calls), self._loop_ref.create_future())
+        for i, (session_id, x, seq) in enumerate(calls):
+            self._awaiting.pop(session_id, None)
+            self._pending.append(_Work(session_id, x, seq, _Member(group, i), deadline))
+        self._depth.inc(len(calls))
+        self._idle.clear()
+        self._wake()
+        return await group.future
+
+    async def submit(
+        self, session_id: str | None, x: F32, seq: int | None, deadline: float | None = None
+    ) -> StepOutcome:
+        """Queue a validated [T, F] call and wait for its outcome; past `deadline` (perf_counter) it is
+        answered deadline_exceeded without running."""
+        self._admit(1)
         assert self._loop_ref is not None, "start() the batcher first"
         fut: asyncio.Future[StepOutcome] = self._loop_ref.create_future()
         if session_id is not None:
@@ -203,23 +270,26 @@ class Batcher:
                 timer.cancel()
 
     def _select(self) -> list[_Work]:
-        """Take up to max_batch_size calls with the first call's T, one per session, keeping session order."""
+        """Take up to max_batch_size calls with the first call's T, one per session, keeping session order.
+        Only the calls before the batch is full are looked at (a long queue costs nothing per batch)."""
         taken: list[_Work] = []
-        rest: deque[_Work] = deque()
+        skipped: list[_Work] = []
         seen: set[str] = set()
         steps: int | None = None
-        for w in self._pending:
+        pending = self._pending
+        while pending and len(taken) < self.max_batch_size:
+            w = pending.popleft()
             if w.future.done():  # cancelled by its caller before it ran
                 continue
-            fits = len(taken) < self.max_batch_size and (steps is None or w.x.shape[0] == steps)
+            fits = steps is None or w.x.shape[0] == steps
             if fits and (w.session_id is None or w.session_id not in seen):
                 taken.append(w)
                 steps = w.x.shape[0]
             else:
-                rest.append(w)
+                skipped.append(w)
             if w.session_id is not None:
                 seen.add(w.session_id)  # NOTE: a later call of a skipped session must not overtake it
-        self._pending = rest
+        pending.extendleft(reversed(skipped))  # NOTE: back in front, in their order
         return taken
 
     async def _gather_company(self) -> None:
@@ -265,10 +335,11 @@ class Batcher:
             answered = time.perf_counter()
             per_call = (answered - began) / len(batch)
             self._per_call = per_call if not self._per_call else 0.8 * self._per_call + 0.2 * per_call
-            queued = {w.session_id for w in self._pending}  # NOTE: their next call is already here
-            for w in batch:
-                if w.session_id is not None and w.session_id not in queued:
-                    self._awaiting[w.session_id] = answered
+            if len(self._pending) < self.max_batch_size:  # NOTE: with a full batch queued, nobody waits for company
+                queued = {w.session_id for w in self._pending}  # NOTE: their next call is already here
+                for w in batch:
+                    if w.session_id is not None and w.session_id not in queued:
+                        self._awaiting[w.session_id] = answered
             self._depth.set(len(self._pending))
 
     def _timed_run(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32, float]:
@@ -332,9 +403,7 @@ class Batcher:
                 y, hn, cn, took = self._timed_run(x, h, c)
             else:
                 assert self._loop_ref is not None
-                y, hn, cn, took = await self._loop_ref.run_in_executor(
-                    self.executor, self._timed_run, x, h, c
-                )
+                y, hn, cn, took = await self._loop_ref.run_in_executor(self.executor, self._timed_run, x, h, c)
         except Exception:
             log.exception("ONNX Runtime failed on %s", self.model.key)
             for w, _, _ in run:

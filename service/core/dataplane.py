@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -112,9 +112,14 @@ class _AsClient:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self.owner and isinstance(e, ServeError):
+        if isinstance(e, ServeError):
+            self.rename(e)
+
+    def rename(self, e: ServeError) -> ServeError:
+        if self.owner:
             e.message = e.message.replace(repr(f"{self.owner}.{self.session_id}"), repr(self.session_id))
             e.args = (e.message,)
+        return e
 
 
 class DataPlane:
@@ -408,17 +413,40 @@ class DataPlane:
                 f"is {self.limits.max_steps_per_call}: split it"
             )
 
-        async def one(sid: str, x: np.ndarray | ServeError, seq: int | None, again: bool) -> StepResult | ServeError:
-            if again:  # NOTE: a later item of a session already in the batch fails alone; the first one runs
-                return InvalidInputError(f"session {sid!r} is in this step batch already: one item per session")
-            if isinstance(x, ServeError):
-                return x
+        results: list[StepResult | ServeError | None] = [None] * len(items)
+        # NOTE: with one model version served, every session runs it (its batch checks that): no lookup per item
+        only = next(iter(self._batchers)) if len(self._batchers) == 1 else None
+        groups: dict[str, list[tuple[int, str, F32, int | None]]] = {}  # model key -> (item, scoped id, x, seq)
+        for i, ((sid, x, seq), again) in enumerate(zip(items, repeated, strict=True)):
             try:
-                return await self.step(sid, x, seq, queue_timeout, owner)
+                if again:  # NOTE: a later item of a session already in the batch fails alone; the first one runs
+                    raise InvalidInputError(f"session {sid!r} is in this step batch already: one item per session")
+                if isinstance(x, ServeError):
+                    raise x
+                scoped = self._scoped(owner, sid)
+                if seq is not None and seq < 1:
+                    raise InvalidInputError(f"seq must be >= 1 (the first step call of a session is seq 1); got {seq}")
+                with self._as_client(owner, sid):
+                    key = only or await self.store.model_of(scoped, self.clock())
+                x32 = self.validate_inputs(self._batchers[key].model, x)
+                groups.setdefault(key, []).append((i, scoped, x32, seq))
             except ServeError as e:
-                return e
-
-        return list(await asyncio.gather(*(one(*item, again) for item, again in zip(items, repeated, strict=True))))
+                results[i] = e
+        deadline = self.deadline(queue_timeout)
+        for key, calls in groups.items():
+            # NOTE: the items of a model go to its batcher together, with one future for all of them
+            try:
+                outcomes = await self._batchers[key].submit_many([(s, x, q) for _, s, x, q in calls], deadline)
+            except ServeError as e:
+                outcomes = [e] * len(calls)
+            for (i, _, _, _), out in zip(calls, outcomes, strict=True):
+                sid = items[i][0]
+                if isinstance(out, ServeError):
+                    results[i] = self._as_client(owner, sid).rename(out)
+                else:
+                    results[i] = StepResult(sid, out.outputs, out.steps, out.seq, out.replayed)
+        assert all(r is not None for r in results)  # NOTE: every item failed early or went to a batcher
+        return cast(list[StepResult | ServeError], results)
 
     # --- streams -----------------------------------------------------------------------------------
     async def stream(

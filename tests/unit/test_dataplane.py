@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.core.batcher import REPLAY_MAX_BYTES
-from service.core.dataplane import DataPlane, Limits, StreamMessage, StreamOpen
+from service.core.dataplane import DataPlane, Limits, StepResult, StreamMessage, StreamOpen
 from service.core.sessions import MemorySessionStore
 from service.errors import (
     DeadlineExceededError,
@@ -18,6 +18,7 @@ from service.errors import (
     ModelError,
     OverloadedError,
     SeqConflictError,
+    ServeError,
     SessionNotFoundError,
     UnavailableError,
 )
@@ -541,6 +542,37 @@ async def test_overload_is_shed_at_once_and_accepted_steps_wait_boundedly() -> N
     assert max(refused) < 0.02
     assert max(accepted) < 0.2 + 0.2  # the bound, plus a run and the batcher's own time
     assert (await dp.step(sids[0], rows(2, 1)[0])).seq == 2
+    await dp.stop()
+
+
+async def test_a_step_batch_of_many_sessions_runs_in_full_batches_and_each_item_gets_its_own_answer() -> None:
+    """300 sessions in one step batch (plus a bad item, a repeated session and an unknown one) run as full
+    batches of max_batch_size in order; each session gets the outputs of its own run from zero, each bad
+    item its own error, and a second batch with seq continues every session."""
+    dp, rt = await make_dp(max_batch_size=64)
+    sids = [(await dp.create_session("fake", None, f"s{i}")).session_id for i in range(300)]
+    xs = [rows(i, 1)[0] for i in range(300)]
+    items: list[tuple[str, np.ndarray | ServeError, int | None]] = [(s, x, None) for s, x in zip(sids, xs, strict=True)]
+    await dp.create_session("fake", None, "extra")
+    items += [("s0", xs[0], None), ("extra", np.zeros((1, 5), np.float32), None), ("nobody", xs[0], None)]
+    rt.calls.clear()
+    got = await dp.step_batch(items)
+    assert rt.calls == [64, 64, 64, 64, 44]  # NOTE: the unknown session fills a place of the last batch, not a run
+    for x, r in zip(xs, got[:300], strict=True):
+        assert isinstance(r, StepResult)
+        assert (r.steps, r.seq) == (1, 1)
+        np.testing.assert_allclose(r.outputs, expected([x]), atol=1e-6)
+    repeated, bad, unknown = got[300:]
+    assert isinstance(repeated, InvalidInputError)
+    assert "in this step batch already" in repeated.message
+    assert isinstance(bad, InvalidInputError)
+    assert "feature values" in bad.message
+    assert isinstance(unknown, SessionNotFoundError)
+    again = await dp.step_batch([(s, x, 2) for s, x in zip(sids, xs, strict=True)])
+    for x, r in zip(xs, again, strict=True):
+        assert isinstance(r, StepResult)
+        assert (r.steps, r.seq) == (2, 2)
+        np.testing.assert_allclose(r.outputs, expected([x, x])[1:], atol=1e-6)
     await dp.stop()
 
 
