@@ -173,7 +173,7 @@ class Bench:
         return row
 
     def point(self, server: str, proc: Proc, port: int, workload: str, clients: int, model: tuple[Any, ...],
-              **kw: Any) -> dict[str, Any]:  # fmt: skip
+              kind: str | None = None, **kw: Any) -> dict[str, Any]:  # fmt: skip
         """One measurement, repeated while other load disturbed it (at most twice more)."""
         a = self.a
         tries = 0
@@ -185,6 +185,8 @@ class Bench:
                 break
             log(f"  disturbed ({r['other_cpu_s'] / r['window_s']:.2f} cores of other load): again")
         r.update(server=server, model=model[0], disturbed=disturbed, tries=tries)
+        if kind:
+            r["kind"] = kind  # NOTE: a point of another part (not of the sweep's tables)
         log(
             f"  {server:6s} {workload:11s} C={clients:<4d} {r['steps_per_s']:9.0f} steps/s  p50 {r['p50_ms'] or 0:7.3f}"
             f"  p99 {r['p99_ms'] or 0:7.2f} ms  cpu/step {r.get('server_cpu_ms_per_step', 0):.3f} ms  {r['codes']}"
@@ -241,8 +243,8 @@ def overload(b: Bench, models: Path) -> None:
     model = model_of(models)
     plain = start_ours(models)
     with running(plain):
-        caps = {wl: b.point("ours", plain, plain.ports[kind], wl, 64, model)
-                for wl, kind in (("grpc-stream", "grpc"), ("rest-steps", "http"))}  # fmt: skip
+        caps = {wl: b.point("ours", plain, plain.ports[port], wl, 64, model, kind="capacity")
+                for wl, port in (("grpc-stream", "grpc"), ("rest-steps", "http"))}  # fmt: skip
     # NOTE: shed what would wait over 10 ms, so that refusals come back well within 20 ms
     ours = start_ours(models, "--max-queue-wait-ms", "10")
     with running(ours):
@@ -350,7 +352,7 @@ def targets(rows: list[dict[str, Any]], model: str, big: list[int]) -> list[tupl
     out.append(("4. p99 at C = 64, 256", "<= 1.2 x floor's p99", worst, worst is not None and worst <= 1.2))
     sb = find(rows, server="ours", model=model, workload="grpc-batch")
     lim = find(rows, server="ort", model=model, batch=256)
-    r = ratio(sb and sb["steps_per_s"], lim and lim["steps_per_s"])
+    r = ratio(sb["steps_per_s"], lim["steps_per_s"]) if sb and lim else None
     out.append(("5. StepBatch, many sessions", f"session-steps/s >= 0.5 x ONNX Runtime at batch 256 "
                 f"(batch {sb['batch'] if sb else '?'})", r, r is not None and r >= 0.5))  # fmt: skip
     return out
@@ -444,32 +446,42 @@ def main() -> int:
     p.add_argument("--readme", action="store_true", help="rewrite the README's performance section")
     p.add_argument("--only-default", action="store_true", help="skip the 4x64x2 model")
     p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="what to measure (default: all)")
+    p.add_argument("--render", type=Path, help="measure nothing: publish the rows of an earlier run (a .jsonl)")
     a = p.parse_args()
     if a.smoke:
         a.seconds, a.warmup = 0.5, 0.2
     clients = [1, 4] if a.smoke else [1, 16, 64, 256]
     big = [4] if a.smoke else [16, 64, 256]
+    if a.render is not None:
+        return publish(a, [json.loads(line) for line in a.render.read_text().splitlines() if line.strip()], big)
     b = Bench(a)
     repos = [DEFAULT_MODELS] + ([] if a.only_default or a.smoke else [bench_model()])
-    results: list[tuple[str, str, float | None, bool]] = []
     if "sweep" in a.parts:
         for models in repos:
             sweep(b, models, clients)
-        for models in repos:
-            name = model_of(models)[0]
-            results += [(f"{t} [{name}]", w, v, ok) for t, w, v, ok in targets(b.rows, name, big)]
     if "memory" in a.parts:
-        results.append(memory(b))
+        memory(b)
     if "overload" in a.parts:
         overload(b, DEFAULT_MODELS)
-        results += overload_targets(b.rows)
     if "workers" in a.parts:
-        results.append(workers(b, DEFAULT_MODELS))
+        workers(b, DEFAULT_MODELS)
+    return publish(a, b.rows, big)
 
-    text = render(b.rows, results, machine())
+
+def publish(a: argparse.Namespace, rows: list[dict[str, Any]], big: list[int]) -> int:
+    """The targets, the markdown, the PNG (and with --readme the README section), from the recorded rows."""
+    results: list[tuple[str, str, float | None, bool]] = []
+    for name in dict.fromkeys(r["model"] for r in rows if r.get("workload") and not r.get("kind")):
+        results += [(f"{t} [{name}]", w, v, ok) for t, w, v, ok in targets(rows, name, big)]
+    if any(r.get("kind") == "memory" for r in rows):
+        results.append(memory_target(rows))
+    results += overload_targets(rows)
+    if any(r.get("kind") == "workers" for r in rows):
+        results.append(workers_target(rows))
+    text = render(rows, results, machine())
     out = RESULTS / ("smoke.md" if a.smoke else "latest.md")
     out.write_text(text)
-    plot(b.rows, out.with_suffix(".png"))
+    plot(rows, out.with_suffix(".png"))
     print(text)
     if a.readme and not a.smoke:
         body = README.read_text()
@@ -481,21 +493,23 @@ def main() -> int:
     return 0 if all(ok for *_, ok in results) else 1
 
 
-def workers(b: Bench, models: Path) -> tuple[str, str, float | None, bool]:
+def workers(b: Bench, models: Path) -> None:
     """Target 8: steps/s of one and of two serving processes sharing their sessions through Redis (REST, C = 64,
     so that steps of a session land on either worker)."""
     import uuid
 
     model = model_of(models)
     redis_url = os.environ.get("LSTM_TEST_REDIS", "redis://127.0.0.1:6379/0")
-    got = {}
     for n in (1, 2):
         prefix = f"lstm-bench-{uuid.uuid4().hex[:8]}:"
         proc = start_ours(models, "--workers", str(n), "--state-store", redis_url, "--redis-key-prefix", prefix)
         with running(proc):
             time.sleep(1.0)  # NOTE: every worker up
-            got[n] = b.point(f"w{n}", proc, proc.ports["http"], "rest-steps", 64, model)
-            got[n].update(kind="workers", workers=n)
+            b.point(f"w{n}", proc, proc.ports["http"], "rest-steps", 64, model, kind="workers")
+
+
+def workers_target(rows: list[dict[str, Any]]) -> tuple[str, str, float | None, bool]:
+    got = {int(r["server"][1:]): r for r in rows if r.get("kind") == "workers"}
     r = got[2]["steps_per_s"] / got[1]["steps_per_s"]
     errors = sum(v for g in got.values() for k, v in g["codes"].items() if k != "ok")
     return (
@@ -506,7 +520,7 @@ def workers(b: Bench, models: Path) -> tuple[str, str, float | None, bool]:
     )  # fmt: skip
 
 
-def memory(b: Bench) -> tuple[str, str, float | None, bool]:
+def memory(b: Bench) -> None:
     """Target 6, in a process of its own (bench/memory.py)."""
     n = 20_000 if b.a.smoke else 1_000_000
     out = subprocess.run([PY, str(ROOT / "bench" / "memory.py"), "--sessions", str(n)], capture_output=True,
@@ -516,6 +530,11 @@ def memory(b: Bench) -> tuple[str, str, float | None, bool]:
     log(
         f"  memory {n} sessions: {r['rss_bytes_per_session']:.0f} B each (budget {r['budget_bytes']}), {r['seconds']} s"
     )
+
+
+def memory_target(rows: list[dict[str, Any]]) -> tuple[str, str, float | None, bool]:
+    r = next(r for r in rows if r.get("kind") == "memory")
+    n = r["sessions"]
     return (f"6. memory, {n:,} idle sessions", f"RSS per session <= raw state + 256 B = {r['budget_bytes']} B "
             f"({r['rss_bytes_per_session']:.0f} B), opened in {r['seconds']} s (< 60 s)",
             r["rss_bytes_per_session"] / r["budget_bytes"], bool(r["pass"]))  # fmt: skip
