@@ -72,7 +72,7 @@ soak: $(VENV)/.dev redis  ## 10 minutes of mixed traffic with session churn, onc
 	$(PY) bench/soak.py --seconds 600 --store memory
 	$(PY) bench/soak.py --seconds 600 --store redis
 
-bench: $(VENV)/.dev redis  ## the benchmark: every target against its floor, in one run (~25 min); writes bench/results/
+bench: $(VENV)/.dev redis  ## the benchmark: every target against its floor, in one run (~16 min); writes bench/results/
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 bench-smoke: $(VENV)/.dev redis  ## every part of the benchmark once, tiny: checks that the harness works, not the numbers

@@ -1,6 +1,6 @@
 """`make bench`: our server against its floors, measured in one run with one driver; prints the eight targets.
 
-  .venv/bin/python bench/run.py                  # the full run (~25 min): JSON lines, markdown, PNG
+  .venv/bin/python bench/run.py                  # the full run (~16 min on 2 cores): JSON lines, markdown, PNG
   .venv/bin/python bench/run.py --readme         # ... and rewrite the README's performance section from it
   .venv/bin/python bench/run.py --smoke          # `make bench-smoke`: every part once, tiny, checks it works
 
