@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from service.metrics import MULTIPROC_ENV
 from service.settings import Settings
@@ -115,5 +114,4 @@ def _forget(metrics_dir: str, pid: int) -> None:
     from prometheus_client import multiprocess
 
     with contextlib.suppress(OSError):
-        os.environ[MULTIPROC_ENV] = metrics_dir
-        multiprocess.mark_process_dead(pid, str(Path(metrics_dir)))  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]

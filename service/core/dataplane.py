@@ -99,6 +99,12 @@ class StreamReply:
     session: SessionInfo | None = None
 
 
+def check_seq(seq: int | None) -> None:
+    """A step's seq, when it has one, counts from 1."""
+    if seq is not None and seq < 1:
+        raise InvalidInputError(f"seq must be >= 1 (the first step call of a session is seq 1); got {seq}")
+
+
 class _AsClient:
     """A context in which errors that name a namespaced session id name it as its client knows it. A class, not
     a generator: it is entered on every step."""
@@ -378,8 +384,7 @@ class DataPlane:
         self, key: str, scoped: str, session_id: str, inputs: np.ndarray, seq: int | None, queue_timeout: float | None
     ) -> StepResult:
         """A step of a session known to run model `key` (the batch checks it again: it may have changed since)."""
-        if seq is not None and seq < 1:
-            raise InvalidInputError(f"seq must be >= 1 (the first step call of a session is seq 1); got {seq}")
+        check_seq(seq)
         batcher = self._batchers[key]
         x = self.validate_inputs(batcher.model, inputs)
         out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout))
@@ -424,8 +429,7 @@ class DataPlane:
                 if isinstance(x, ServeError):
                     raise x
                 scoped = self._scoped(owner, sid)
-                if seq is not None and seq < 1:
-                    raise InvalidInputError(f"seq must be >= 1 (the first step call of a session is seq 1); got {seq}")
+                check_seq(seq)
                 with self._as_client(owner, sid):
                     key = only or await self.store.model_of(scoped, self.clock())
                 x32 = self.validate_inputs(self._batchers[key].model, x)
@@ -490,7 +494,7 @@ class DataPlane:
         sid = info.session_id
         me = asyncio.current_task()
         # NOTE: the stream knows its session's model and id: no lookup per message (each batch checks the session)
-        key = f"{info.model}/{info.version}"
+        key = self.get_model(info.model, info.version).key
         scoped = self._scoped(owner, sid)
         try:
             yield await self._stream_step(sid, first, info, owner, key, scoped)
