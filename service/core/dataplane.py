@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 
@@ -159,8 +159,7 @@ class DataPlane:
         }
         self._expiry_task: asyncio.Task[None] | None = None
         self.draining = False
-        self._waiting: set[asyncio.Task[Any]] = set()  # stream tasks waiting for their next message
-        self._drained: set[asyncio.Task[Any]] = set()  # of those, the ones a drain cancelled
+        self._drain_event = asyncio.Event()
         self.started = False
         for m in repo.all():
             self.metrics.model_info.labels(m.name, m.version, ",".join(m.card.features), str(m.card.horizon)).set(1)
@@ -182,9 +181,7 @@ class DataPlane:
     def begin_drain(self) -> None:
         """Refuse new work from now on; work already queued still runs; open streams end."""
         self.draining = True
-        for task in self._waiting:  # NOTE: streams waiting for their next message end now (see below)
-            self._drained.add(task)
-            task.cancel()
+        self._drain_event.set()
         self.metrics.ready.set(0)
 
     async def wait_idle(self) -> None:
@@ -492,14 +489,13 @@ class DataPlane:
         else:
             raise InvalidInputError("the first stream message must name a model to open, or a session id to resume")
         sid = info.session_id
-        me = asyncio.current_task()
         # NOTE: the stream knows its session's model and id: no lookup per message (each batch checks the session)
         key = self.get_model(info.model, info.version).key
         scoped = self._scoped(owner, sid)
         try:
             yield await self._stream_step(sid, first, info, owner, key, scoped)
             while True:
-                msg = await self._next_unless_draining(messages, me)
+                msg = await self._next_unless_draining(messages)
                 if msg is None:
                     return
                 if msg.error is not None:
@@ -514,30 +510,28 @@ class DataPlane:
                 with contextlib.suppress(SessionNotFoundError):
                     await self.delete_session(sid, info.incarnation, owner)
 
-    async def _next_unless_draining(
-        self, messages: AsyncIterator[StreamMessage], task: asyncio.Task[Any] | None = None
-    ) -> StreamMessage | None:
+    async def _next_unless_draining(self, messages: AsyncIterator[StreamMessage]) -> StreamMessage | None:
         """The next message, None at the end of the stream; a drain ends the wait with 'unavailable'.
 
-        The wait runs in the stream's own task (no task per message): `begin_drain` cancels the tasks that
-        are waiting here, and the cancel becomes 'unavailable'. A message still in transit when the drain
-        starts is neither applied nor answered."""
+        The wait for the message runs in a task of its own: when grpc cancels the call (the client went away),
+        the cancel reaches this stream's task here, and the call ends as cancelled (grpc's request iterator
+        would turn a cancel inside it into a plain end of the requests)."""
         if self.draining:
             raise UnavailableError(DRAINING_STREAM)
-        if task is None:  # NOTE: the running task, once per stream: each lookup is a getpid() on Python 3.11
-            task = asyncio.current_task()
-            assert task is not None
-        self._waiting.add(task)
+        nxt = asyncio.ensure_future(anext(messages, None))
+        drain = asyncio.ensure_future(self._drain_event.wait())
+        arrived = False
         try:
-            return await anext(messages, None)
-        except asyncio.CancelledError:
-            if task not in self._drained:
-                raise
-            self._drained.discard(task)
-            task.uncancel()
-            raise UnavailableError(DRAINING_STREAM) from None
+            await asyncio.wait((nxt, drain), return_when=asyncio.FIRST_COMPLETED)
+            arrived = nxt.done()
         finally:
-            self._waiting.discard(task)
+            drain.cancel()
+            if not nxt.done():
+                # NOTE: a message still in transit when the drain starts is neither applied nor answered
+                nxt.cancel()
+        if not arrived:
+            raise UnavailableError(DRAINING_STREAM)
+        return nxt.result()
 
     async def _stream_step(
         self, sid: str, msg: StreamMessage, info: SessionInfo | None, owner: str, key: str, scoped: str
