@@ -225,6 +225,21 @@ async def test_grpc_calls_past_their_deadline_or_cancelled_are_counted_as_such(
     assert sample(srv, "lstm_request_latency_seconds_count", protocol="grpc", method="Step") == 2
 
 
+async def test_a_stream_whose_client_vanishes_is_counted_cancelled_not_ok(server: Server) -> None:
+    """A client that opens a stream, steps once and then cancels it (the program went away) is a CANCELLED
+    stream in the metrics, not an OK one, and the session it opened is gone."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        call = pb_grpc.PredictorStub(channel).Stream()
+        await call.write(pb.StreamRequest(open=pb.CreateSessionRequest(model="seattle-weather")))
+        await call.read()
+        await call.write(pb.StreamRequest(inputs=pb.Matrix(rows=1, cols=4, data=[0.0, 10.0, 5.0, 3.0])))
+        assert not (await call.read()).HasField("error")
+        call.cancel()
+    await until(lambda: sample(server, "lstm_requests_total", protocol="grpc", method="Stream", code="CANCELLED") == 1)
+    assert sample(server, "lstm_requests_total", protocol="grpc", method="Stream", code="OK") == 0
+    await until(server.store.count, equals=0)
+
+
 @pytest.fixture
 async def fake_slow_server() -> AsyncIterator[Server]:
     """A real server whose only model takes 0.5 s per batch (a fake ONNX Runtime, on cue)."""
