@@ -395,7 +395,7 @@ class Batcher:
             h, c = h_s[:, rows, :], c_s[:, rows, :]
         else:
             h = np.zeros((sig.layers, len(run), sig.hidden), np.float32)  # NOTE: stateless rows start at zero
-            c = np.zeros_like(h)
+            c = np.zeros((sig.layers, len(run), sig.cell), np.float32)
             h[:, stateful, :] = h_s[:, [run[i][2] for i in stateful], :]
             c[:, stateful, :] = c_s[:, [run[i][2] for i in stateful], :]
         try:

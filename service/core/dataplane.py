@@ -330,10 +330,12 @@ class DataPlane:
         self._accepting()
         model = self.get_model(snapshot.model, snapshot.version)
         sig = model.signature
-        for name, arr in (("h", snapshot.h), ("c", snapshot.c)):
-            if arr.shape != (sig.layers, sig.hidden):
+        if not sig.cell and snapshot.c.size == 0:  # NOTE: a model without a cell state: any empty c will do
+            snapshot = replace(snapshot, c=np.zeros((sig.layers, 0), np.float32))
+        for name, arr, width in (("h", snapshot.h, sig.hidden), ("c", snapshot.c, sig.cell)):
+            if arr.shape != (sig.layers, width):
                 raise InvalidInputError(
-                    f"snapshot {name} must be [{sig.layers}, {sig.hidden}] (layers, hidden) for "
+                    f"snapshot {name} must be [{sig.layers}, {width}] (layers, width) for "
                     f"{model.describe()}; got {list(arr.shape)}"
                 )
             if not np.isfinite(arr).all():

@@ -320,8 +320,8 @@ class RedisSessionStore:
             raise SessionNotFoundError(f"a session in Redis runs {model_key}, which this server does not serve")
         size = sig.layers * sig.hidden * 4
         h = np.frombuffer(raw, np.float32, sig.layers * sig.hidden, at).reshape(sig.layers, sig.hidden)
-        c = np.frombuffer(raw, np.float32, sig.layers * sig.hidden, at + size).reshape(sig.layers, sig.hidden)
-        at += 2 * size
+        c = np.frombuffer(raw, np.float32, sig.layers * sig.cell, at + size).reshape(sig.layers, sig.cell)
+        at += size + sig.layers * sig.cell * 4
         digest = raw[at : at + DIGEST_BYTES]
         rest = raw[at + DIGEST_BYTES :]
         outputs = np.frombuffer(rest, np.float32).reshape(-1, sig.outputs) if rest else None
@@ -379,8 +379,8 @@ class RedisSessionStore:
         sid = uuid.uuid4().hex if session_id is None else check_store_id(session_id)
         sig = self.sigs[model_key]
         wall = time.time()
-        zeros = np.zeros((sig.layers, sig.hidden), np.float32)
-        st = _State(self._new_version(), os.urandom(8), bytes(8), 0, 0, wall, wall, model_key, zeros, zeros,
+        h, c = np.zeros((sig.layers, sig.hidden), np.float32), np.zeros((sig.layers, sig.cell), np.float32)
+        st = _State(self._new_version(), os.urandom(8), bytes(8), 0, 0, wall, wall, model_key, h, c,
                     bytes(DIGEST_BYTES), None)  # fmt: skip
         got = await self._script(
             "create", [self.kp + sid, self.gp + sid],
@@ -459,7 +459,7 @@ class RedisSessionStore:
     ) -> tuple[list[Lease | ServeError], F32, F32]:
         sig = self.sigs[model_key]
         h = np.zeros((sig.layers, len(session_ids), sig.hidden), np.float32)
-        c = np.zeros_like(h)
+        c = np.zeros((sig.layers, len(session_ids), sig.cell), np.float32)
         if not session_ids:
             return [], h, c
         raws = await self._script(

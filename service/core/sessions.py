@@ -105,7 +105,7 @@ class Snapshot:
     steps: int
     seq: int
     h: F32  # [L, H]
-    c: F32  # [L, H]
+    c: F32  # [L, C]: [L, 0] for a model without a cell state (a GRU)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ class _Page:
 
     def __init__(self, sig: Signature) -> None:
         self.h = np.zeros((sig.layers, PAGE, sig.hidden), np.float32)
-        self.c = np.zeros((sig.layers, PAGE, sig.hidden), np.float32)
+        self.c = np.zeros((sig.layers, PAGE, sig.cell), np.float32)  # NOTE: C = 0 for a GRU: an empty array
         self.steps = np.zeros(PAGE, np.int64)
         self.seq = np.zeros(PAGE, np.int64)
         self.created = np.zeros(PAGE, np.float64)
@@ -259,14 +259,14 @@ class _Slab:
         self.live -= 1
 
     def read(self, slots: NDArray[np.int64]) -> tuple[F32, F32]:
-        """The states of the given slots as [L, len(slots), H] copies."""
+        """The states of the given slots as [L, len(slots), H] and [L, len(slots), C] copies."""
         pages, offs = slots >> PAGE_BITS, slots & (PAGE - 1)
         if len(self.pages) == 1:
             p = self.pages[0]
             return p.h[:, offs, :], p.c[:, offs, :]
         sig = self.sig
         h = np.empty((sig.layers, len(slots), sig.hidden), np.float32)
-        c = np.empty_like(h)
+        c = np.empty((sig.layers, len(slots), sig.cell), np.float32)
         for page in np.unique(pages):
             m = pages == page
             p = self.pages[int(page)]
@@ -636,7 +636,7 @@ def write_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
     total = 0
     for k, (key, slab) in enumerate(store._slabs.items()):
         sig = slab.sig
-        models[key] = [sig.features, sig.outputs, sig.layers, sig.hidden]
+        models[key] = sig.dims
         live = [n * PAGE + np.nonzero(p.live)[0] for n, p in enumerate(slab.pages)]
         slots = np.concatenate(live).astype(np.int64) if live else np.zeros(0, np.int64)
         ids = [store._slot_id(slab, int(s)) for s in slots]
@@ -700,12 +700,17 @@ def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
             if slab is None:
                 raise refuse(f"it holds sessions of {key}, which this server does not serve")
             sig = slab.sig
-            if list(dims) != [sig.features, sig.outputs, sig.layers, sig.hidden]:
+            dims = list(dims) + list(dims[3:4]) * (len(dims) == 4)  # NOTE: files from before C: an LSTM, C = H
+            if dims != sig.dims:
                 raise refuse(f"its sessions of {key} have other dimensions than the model served now")
             ids = [str(v) for v in loaded[f"ids_{k}"]]
             n = len(ids)
             h, c = loaded[f"h_{k}"].astype(np.float32), loaded[f"c_{k}"].astype(np.float32)
-            if h.shape != (sig.layers, n, sig.hidden) or c.shape != h.shape or not np.isfinite(h).all():
+            if (
+                h.shape != (sig.layers, n, sig.hidden)
+                or c.shape != (sig.layers, n, sig.cell)
+                or not (np.isfinite(h).all() and np.isfinite(c).all())
+            ):
                 raise refuse(f"the states of {key} have the wrong shape or are not finite")
             outlen, outputs = loaded[f"outlen_{k}"], loaded[f"outputs_{k}"].astype(np.float32)
             ends = np.cumsum(outlen)

@@ -531,10 +531,10 @@ def create_app(
                 if body in bodies:
                     bodies[body]["properties"][field]["items"].update(row)
             if "SnapshotBody" in bodies:
-                for field in ("h", "c"):
+                for field, width in (("h", sig.hidden), ("c", sig.cell)):
                     bodies["SnapshotBody"]["properties"][field].update(
                         minItems=sig.layers, maxItems=sig.layers,
-                        items={"type": "array", "items": s.NUMBER, "minItems": sig.hidden, "maxItems": sig.hidden},
+                        items={"type": "array", "items": s.NUMBER, "minItems": width, "maxItems": width},
                     )  # fmt: skip
         return schema
 

@@ -143,7 +143,7 @@ class StepBatchReply(BaseModel):
 
 
 class SnapshotBody(Strict):
-    """A portable session: model, version, counters and the LSTM state h, c as [L, H]."""
+    """A portable session: model, version, counters and the state h [L, H] and c [L, C] (C = 0 for a GRU)."""
 
     model: str
     version: str

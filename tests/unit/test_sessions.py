@@ -268,25 +268,28 @@ async def test_sessions_that_send_seq_cost_their_state_plus_bounded_replay_memor
 
 
 async def test_a_snapshot_restores_every_session_exactly_and_is_written_atomically(tmp_path: Path) -> None:
-    """Sessions of two models, with state, counters, idle time and kept replays, come back as they were; the
-    file appears only whole (no temporary file is left behind)."""
-    sigs = {"m/1": SIG, "m/2": Signature(features=4, outputs=3, layers=1, hidden=5)}
+    """Sessions of three models (one without a cell state, as a GRU), with state, counters, idle time and kept
+    replays, come back as they were; the file appears only whole (no temporary file is left behind)."""
+    sigs = {"m/1": SIG, "m/2": Signature(features=4, outputs=3, layers=1, hidden=5),
+            "g/1": Signature(features=2, outputs=2, layers=2, hidden=3, cell=0)}  # fmt: skip
     s = MemorySessionStore(sigs, ttl=100, max_sessions=100)
     rng = np.random.default_rng(0)
-    for key, sid in (("m/1", "a"), ("m/1", "b"), ("m/2", "c")):
+    for key, sid in (("m/1", "a"), ("m/1", "b"), ("m/2", "c"), ("g/1", "d")):
         await s.create(key, sid, 1.0)
         leases, _, _ = await s.gather(key, [sid], 2.0)
         sig = sigs[key]
         state = rng.standard_normal((sig.layers, 1, sig.hidden)).astype(np.float32)
         replay = Replay(1, rng.bytes(16), rng.standard_normal((2, sig.outputs)).astype(np.float32))
-        await s.commit(key, commits(leases, [2], [replay if sid != "b" else None]), state, -state, 2.0)
+        cell = -state if sig.cell else np.zeros((sig.layers, 1, 0), np.float32)
+        await s.commit(key, commits(leases, [2], [replay if sid != "b" else None]), state, cell, 2.0)
     path = tmp_path / "sessions.snapshot"
-    assert write_snapshot(s, path, 10.0) == 3
+    assert write_snapshot(s, path, 10.0) == 4
     assert os.listdir(tmp_path) == ["sessions.snapshot"]
     t = MemorySessionStore(sigs, ttl=100, max_sessions=100)
-    assert read_snapshot(t, path, 50.0) == 3
+    assert read_snapshot(t, path, 50.0) == 4
     assert (await t.info("a", 50.0)).last_used == 50.0 - 8.0  # idle time carried over (8 s at the snapshot)
-    for key, sid in (("m/1", "a"), ("m/1", "b"), ("m/2", "c")):
+    assert (await t.export("d", 50.0)).c.shape == (2, 0)
+    for key, sid in (("m/1", "a"), ("m/1", "b"), ("m/2", "c"), ("g/1", "d")):
         before, after = await s.export(sid, 10.0), await t.export(sid, 50.0)
         assert (before.steps, before.seq) == (after.steps, after.seq) == (2, 1)
         np.testing.assert_array_equal(before.h, after.h)

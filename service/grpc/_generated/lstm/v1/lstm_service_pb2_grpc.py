@@ -149,7 +149,7 @@ class PredictorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportSession(self, request, context):
-        """A portable snapshot of a session: model, version, step count, h and c.
+        """A portable snapshot of a session: model, version, step count, h (and c for an LSTM).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
