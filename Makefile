@@ -49,8 +49,8 @@ check-proto: $(VENV)/.dev  ## fail if the generated gRPC code is out of date
 	  || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
 
 lint: $(VENV)/.dev  ## ruff (lint + format check)
-	$(BIN)/ruff check service model tests bench deploy
-	$(BIN)/ruff format --check service model tests bench deploy
+	$(BIN)/ruff check service model tests bench deploy examples
+	$(BIN)/ruff format --check service model tests bench deploy examples
 
 typecheck: $(VENV)/.dev  ## mypy --strict on service and model
 	$(BIN)/mypy

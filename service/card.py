@@ -35,11 +35,13 @@ class ModelCard(BaseModel):
     horizon: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
     num_layers: int = Field(ge=1)
-    scaler: ScalerCard
-    dataset: dict[str, Any]
-    metrics: dict[str, Any]
-    versions: dict[str, Any]
-    created: str
+    # NOTE: what our trainer knows and another exporter may not: optional
+    scaler: ScalerCard | None = None
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, Any] = Field(default_factory=dict)
+    created: str = ""
+    derived: bool = False  # True: the file has no card; names and sizes were read from the graph
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:
@@ -47,9 +49,28 @@ class ModelCard(BaseModel):
             raise ValueError(f"unknown card schema {self.schema_!r}; expected {CARD_SCHEMA!r}")
         if len(self.targets) != self.horizon:
             raise ValueError(f"{len(self.targets)} target names for horizon {self.horizon}")
-        if not (len(self.scaler.mean) == len(self.scaler.std) == len(self.features)):
+        if self.scaler is not None and not (len(self.scaler.mean) == len(self.scaler.std) == len(self.features)):
             raise ValueError("scaler length does not match the number of features")
         return self
+
+    @classmethod
+    def from_graph(cls, name: str, version: str, features: int, outputs: int, layers: int, hidden: int) -> ModelCard:
+        """The card of a model file that has none: features x0.., outputs y0.., sizes from the graph."""
+        return cls.model_validate(
+            {
+                "schema": CARD_SCHEMA,
+                "name": name,
+                "version": int(version),
+                "description": "no model card: names and sizes read from the graph (add one with `lstm-serve card`)",
+                "features": [f"x{i}" for i in range(features)],
+                "target": "",
+                "targets": [f"y{i}" for i in range(outputs)],
+                "horizon": outputs,
+                "hidden_size": hidden,
+                "num_layers": layers,
+                "derived": True,
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:

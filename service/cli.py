@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         "named after the model's features), and print one line of forecasts per row as CSV.",
     )
     add_stream_arguments(p)
+    from service.card_cli import add_card_arguments
+
+    p = sub.add_parser(
+        "card",
+        help="show or write the model card of an ONNX file you exported yourself",
+        description="Print the card the server would serve a model file with (--show), or write one into the "
+        "file's metadata and beside it as model.json: feature and output names, a description. Without a card, "
+        "a file is served with names x0.. and y0...",
+    )
+    add_card_arguments(p)
     return parser
 
 
@@ -99,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.client_cli import run_stream
 
         return run_stream(args)
+    if args.command == "card":
+        from service.card_cli import run_card
+
+        return run_card(args)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 

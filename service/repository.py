@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from service.card import CARD_KEY, ModelCard
 from service.errors import ModelNotFoundError
-from service.runtime import OnnxRuntime, Runtime, Signature
+from service.runtime import ContractError, OnnxRuntime, Runtime, Signature
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,56 @@ class ModelVersion:
         return f"model {self.name!r} version {self.version}"
 
 
+def read_card(rt: OnnxRuntime, directory: Path, name: str, version: str) -> ModelCard:
+    """The model's card: in the ONNX metadata (as our exporter and `lstm-serve card` write it), else a model.json
+    beside the file, else one derived from the graph (features x0.., outputs y0..)."""
+    where = "model.onnx's metadata"
+    text = rt.metadata.get(CARD_KEY)
+    if text is None and (directory / "model.json").is_file():
+        where, text = "model.json", (directory / "model.json").read_text()
+    sig = rt.signature
+    if text is None:
+        return ModelCard.from_graph(name, version, sig.features, sig.outputs, sig.layers, sig.hidden)
+    try:
+        return ModelCard.from_json(text)
+    except ValidationError as e:
+        err = e.errors()[0]
+        at = ".".join(str(p) for p in err["loc"])
+        at = f"{at}: " if at else ""
+        raise ModelLoadError(f"{name}/{version}: invalid model card in {where}: {at}{err['msg']}") from None
+    except ValueError as e:
+        raise ModelLoadError(f"{name}/{version}: the model card in {where} is not JSON: {e}") from None
+
+
+def load_version(directory: Path, threads: int = 1) -> ModelVersion:
+    """Load, check and warm up `<name>/<version>/model.onnx`; anything wrong is a `ModelLoadError` that says what."""
+    name, version = directory.parent.name, directory.name
+    if not version.isdigit() or int(version) < 1:
+        raise ModelLoadError(f"{name}/{version}: version directories must be positive integers")
+    try:
+        rt = OnnxRuntime(directory / "model.onnx", threads)
+        rt.warmup()
+    except ContractError as e:
+        raise ModelLoadError(f"{name}/{version}: model.onnx does not have the explicit-state contract: {e}") from None
+    except Exception as e:
+        raise ModelLoadError(f"{name}/{version}: cannot load model.onnx: {e}") from None
+    card = read_card(rt, directory, name, version)
+    sig = rt.signature
+    if (len(card.features), card.horizon, card.num_layers, card.hidden_size) != (
+        sig.features,
+        sig.outputs,
+        sig.layers,
+        sig.hidden,
+    ):
+        raise ModelLoadError(
+            f"{name}/{version}: the card says {len(card.features)} features, {card.horizon} outputs, "
+            f"{card.num_layers} layers of {card.hidden_size}, but the graph has F={sig.features} O={sig.outputs} "
+            f"L={sig.layers} H={sig.hidden}"
+        )
+    log.info("loaded %s/%s: F=%d O=%d L=%d H=%d C=%d%s", name, version, *sig.dims, " (no card)" * card.derived)
+    return ModelVersion(name, version, card, rt)
+
+
 class ModelRepository:
     """Name -> versions; the newest (highest) version is the default."""
 
@@ -51,31 +101,7 @@ class ModelRepository:
     @classmethod
     def load(cls, root: Path, threads: int = 1) -> ModelRepository:
         """Load and warm up every model under `root`; a broken model is a `ModelLoadError`."""
-        found: list[ModelVersion] = []
-        for path in sorted(root.glob("*/*/model.onnx")):
-            name, version = path.parent.parent.name, path.parent.name
-            if not version.isdigit() or int(version) < 1:
-                raise ModelLoadError(f"{name}/{version}: version directories must be positive integers")
-            try:
-                rt = OnnxRuntime(path, threads)
-                card = ModelCard.from_json(rt.metadata[CARD_KEY])
-                rt.warmup()
-            except KeyError:
-                raise ModelLoadError(f"{name}/{version}: model.onnx has no model card in its metadata") from None
-            except ValidationError as e:
-                raise ModelLoadError(f"{name}/{version}: invalid model card: {e.errors()[0]['msg']}") from None
-            except Exception as e:
-                raise ModelLoadError(f"{name}/{version}: cannot load model.onnx: {e}") from None
-            sig = rt.signature
-            if (len(card.features), card.horizon, card.num_layers, card.hidden_size) != (
-                sig.features,
-                sig.outputs,
-                sig.layers,
-                sig.hidden,
-            ):
-                raise ModelLoadError(f"{name}/{version}: the card does not match the graph's dimensions {sig}")
-            found.append(ModelVersion(name, version, card, rt))
-            log.info("loaded %s/%s: F=%d O=%d L=%d H=%d", name, version, *sig.__dict__.values())
+        found = [load_version(path.parent, threads) for path in sorted(root.glob("*/*/model.onnx"))]
         if not found:
             raise ModelLoadError(f"no models found: expected <name>/<version>/model.onnx under {root.name!r}")
         return cls(found)

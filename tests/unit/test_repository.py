@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -31,14 +32,25 @@ def test_every_version_loads_and_the_newest_is_the_default(tmp_path: Path) -> No
     assert repo.get("weather").signature.features == 4
 
 
-def test_a_model_without_a_card_is_refused_with_its_name(tmp_path: Path) -> None:
-    """An ONNX file with no model card in its metadata is a load error that names the model."""
+def test_a_model_without_a_card_in_its_metadata_takes_the_card_beside_it_or_one_from_the_graph(tmp_path: Path) -> None:
+    """An ONNX file with no card in its metadata reads model.json beside it; with neither, names and sizes come
+    from the graph (features x0.., outputs y0..) and the card says it was derived."""
     repo_with_versions(tmp_path, "1")
     path = tmp_path / "weather" / "1" / "model.onnx"
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
     onnx.save(proto, str(path))
-    with pytest.raises(ModelLoadError, match=r"weather/1: model\.onnx has no model card"):
+    card = ModelRepository.load(tmp_path).get("weather").card
+    beside = json.loads((path.parent / "model.json").read_text())
+    assert (card.features, card.hidden_size, card.derived) == (beside["features"], beside["hidden_size"], False)
+    (path.parent / "model.json").unlink()
+    card = ModelRepository.load(tmp_path).get("weather").card
+    assert card.derived
+    assert card.features == ["x0", "x1", "x2", "x3"]
+    assert card.targets == [f"y{i}" for i in range(7)]
+    assert (card.num_layers, card.hidden_size, card.horizon) == (beside["num_layers"], beside["hidden_size"], 7)
+    (path.parent / "model.json").write_text('{"schema": "lstm-serve/model-card/v1", "name": "w"}')
+    with pytest.raises(ModelLoadError, match=r"weather/1: invalid model card in model\.json: version"):
         ModelRepository.load(tmp_path)
 
 
