@@ -8,8 +8,11 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 50051
 
 REDIS_PORT ?= 6379
+# NOTE: Triton's own client, for the KServe v2 compatibility tests; its own venv, since it pins protobuf<7
+TRITON_VENV := build/tritonclient-venv
 
 .PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke soak \
+	triton-venv \
 	bench bench-smoke
 
 help:  ## list the targets
@@ -29,6 +32,13 @@ $(VENV)/.serve: pyproject.toml | $(PY)
 $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[train,dev]'
 	@touch $@ $(VENV)/.serve
+
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q 'tritonclient[grpc,http]==2.73.0' 'numpy>=1.26'
+	@touch $@
+
+triton-venv: $(TRITON_VENV)/.installed  ## Triton's client in its own virtualenv (for the KServe v2 tests)
 
 install-serve: $(VENV)/.serve  ## install what serving needs
 install-dev: $(VENV)/.dev  ## install serving, training and dev tools
@@ -63,7 +73,7 @@ redis: $(VENV)/.dev  ## make sure a Redis answers on 127.0.0.1:$(REDIS_PORT) (st
 	       && for i in 1 2 3 4 5 6 7 8 9 10; do $(PY) -c "import redis; redis.Redis(port=$(REDIS_PORT)).ping()" \
 	            2>/dev/null && break; sleep 0.3; done; }
 
-pytest: $(VENV)/.dev redis
+pytest: $(VENV)/.dev redis triton-venv
 	$(BIN)/pytest
 
 test: $(VENV)/.dev lint typecheck check-proto pytest bench-smoke  ## everything CI runs

@@ -1,4 +1,4 @@
-"""The gRPC server: Predictor, the standard health service and reflection, on one port."""
+"""The gRPC server: Predictor, KServe v2 (inference.GRPCInferenceService), health and reflection, on one port."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from grpc_reflection.v1alpha import reflection
 
 from service.auth import ApiKeys
 from service.core.dataplane import DataPlane
+from service.grpc._generated.inference import grpc_service_pb2 as kpb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
-from service.grpc.servicer import AuthInterceptor, PredictorServicer, add_predictor
+from service.grpc.kserve import FULL_NAME as KSERVE_NAME
+from service.grpc.kserve import SERVICE as KSERVE
+from service.grpc.kserve import InferenceServicer
+from service.grpc.servicer import AuthInterceptor, PredictorServicer, add_predictor, add_service
 from service.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Predictor"].full_name  # "lstm.v1.Predictor"
@@ -36,7 +40,9 @@ class GRPCServer:
         every_ms, timeout_ms = (int(v * 1000) for v in keepalive)
         # NOTE: grpc core refuses messages over twice the limit with its own RESOURCE_EXHAUSTED; between the
         # limit and twice it, the servicer answers with our error (code trailer, advice) and streams go on
-        known = {f"/{SERVICE_NAME}/{m.name}" for m in pb.DESCRIPTOR.services_by_name["Predictor"].methods}
+        known = {f"/{SERVICE_NAME}/{m.name}" for m in pb.DESCRIPTOR.services_by_name["Predictor"].methods} | {
+            f"/{KSERVE_NAME}/{m.name}" for m in kpb.DESCRIPTOR.services_by_name[KSERVE].methods
+        }
         self.server = grpc.aio.server(
             interceptors=[AuthInterceptor(auth, metrics, known)] if auth else [],
             options=[
@@ -54,10 +60,16 @@ class GRPCServer:
             ],
         )
         add_predictor(PredictorServicer(dataplane, metrics, max_message_bytes, auth), self.server)
+        add_service(InferenceServicer(dataplane, metrics, max_message_bytes, auth), self.server, kpb, KSERVE)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                KSERVE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         self.port = 0

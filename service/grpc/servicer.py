@@ -80,12 +80,17 @@ def lenient(message: type[Any]) -> Callable[[bytes], Any]:
 
 
 def add_predictor(servicer: PredictorServicer, server: grpc.aio.Server) -> None:
-    """Register the Predictor like the generated `add_PredictorServicer_to_server`, with lenient request
-    deserializers (the method shapes and types come from the service descriptor)."""
-    service = pb.DESCRIPTOR.services_by_name["Predictor"]
+    """Register the Predictor (see `add_service`)."""
+    add_service(servicer, server, pb, "Predictor")
+
+
+def add_service(servicer: Any, server: grpc.aio.Server, module: Any, name: str) -> None:
+    """Register a service like the generated `add_<Name>Servicer_to_server`, with lenient request
+    deserializers (the method shapes and types come from the service descriptor in `module`, a *_pb2)."""
+    service = module.DESCRIPTOR.services_by_name[name]
     handlers = {}
     for method in service.methods:
-        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        request, response = getattr(module, method.input_type.name), getattr(module, method.output_type.name)
         kind = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
@@ -165,12 +170,12 @@ def cancelled_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
 
 
-def unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
+def unary(method: str, protocol: str = "grpc") -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
     """Wrap a unary handler: count it, time it, and turn any exception into a status from the error table."""
 
     def wrap(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         @functools.wraps(fn)
-        async def handler(self: PredictorServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
+        async def handler(self: ServicerBase, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
             t0 = time.perf_counter()
             code = "OK"
             try:
@@ -187,16 +192,18 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., 
                 await abort(context, e)
                 raise  # pragma: no cover - abort raises
             finally:
-                self.metrics.requests.labels("grpc", method, code).inc()
-                self.metrics.request_latency.labels("grpc", method).observe(time.perf_counter() - t0)
+                self.metrics.requests.labels(protocol, method, code).inc()
+                self.metrics.request_latency.labels(protocol, method).observe(time.perf_counter() - t0)
 
         return handler
 
     return wrap
 
 
-class PredictorServicer(pb_grpc.PredictorServicer):
-    """Thin adapter: every method is decode -> one DataPlane call -> encode."""
+class ServicerBase:
+    """What every servicer over the DataPlane shares: the caller's owner tag and the request size check."""
+
+    protocol = "grpc"
 
     def __init__(
         self,
@@ -207,7 +214,7 @@ class PredictorServicer(pb_grpc.PredictorServicer):
     ) -> None:
         self.dp, self.metrics, self.max_message_bytes, self.auth = dataplane, metrics, max_message_bytes, auth
         # NOTE: labelled children looked up once per label value, not per message (.labels() is measurable)
-        self._stream_messages = functools.cache(functools.partial(metrics.stream_messages.labels, "grpc"))
+        self._stream_messages = functools.cache(functools.partial(metrics.stream_messages.labels, self.protocol))
 
     def owner(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The caller's owner tag ("" without API keys); the AuthInterceptor has already refused bad keys."""
@@ -220,6 +227,10 @@ class PredictorServicer(pb_grpc.PredictorServicer):
             raise request.error()
         if request.ByteSize() > self.max_message_bytes:
             raise PayloadTooLargeError.over(self.max_message_bytes)
+
+
+class PredictorServicer(ServicerBase, pb_grpc.PredictorServicer):
+    """Thin adapter: every method is decode -> one DataPlane call -> encode."""
 
     @unary("Predict")
     async def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:

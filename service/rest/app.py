@@ -33,6 +33,7 @@ from service.errors import (
 )
 from service.metrics import Metrics, exposition
 from service.rest import schemas as s
+from service.rest.kserve import kserve_routers
 
 log = logging.getLogger(__name__)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -128,8 +129,9 @@ class RequestMetrics:
         finally:
             verb = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"  # NOTE: bounded label values
             method = f"{verb} {getattr(scope.get('route'), 'path', 'unmatched')}"
-            self.metrics.requests.labels("rest", method, str(status)).inc()
-            self.metrics.request_latency.labels("rest", method).observe(time.perf_counter() - t0)
+            protocol = "kserve" if scope["path"].startswith("/v2") else "rest"
+            self.metrics.requests.labels(protocol, method, str(status)).inc()
+            self.metrics.request_latency.labels(protocol, method).observe(time.perf_counter() - t0)
 
 
 STEPS_PATH = re.compile(r"^/v1/sessions/([^/]+)/steps$")
@@ -481,7 +483,7 @@ def create_app(
             metrics.requests.labels("websocket", "stream", code).inc()
             metrics.stream_duration.labels("websocket").observe(time.perf_counter() - t0)
 
-    for router in (ops, models, sessions, steps):
+    for router in (ops, models, sessions, steps, *kserve_routers(dp, guarded, _owner, _responses)):
         app.include_router(router)
     # NOTE: outermost last: RequestMetrics counts and times everything (413s too), BodyLimit reads the body whole
     # before the step lane looks at it

@@ -17,12 +17,19 @@ APPROVED_REST = {
     ("POST", "/v1/sessions/{session_id}/steps"), ("POST", "/v1/sessions/{session_id}/reset"),
     ("GET", "/v1/sessions/{session_id}/state"), ("POST", "/v1/sessions/{session_id}/state"),
     ("POST", "/v1/steps"), ("WEBSOCKET", "/v1/sessions/stream"),
+    # KServe v2 (Open Inference Protocol) and Triton's extensions
+    ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2"),
+    *((verb, base + tail) for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
+      for verb, tail in (("GET", ""), ("GET", "/ready"), ("GET", "/config"), ("POST", "/infer"))),
     # FastAPI's own documentation pages
     ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"),
 }  # fmt: skip
 APPROVED_GRPC = {
     "lstm.v1.Predictor": {"Predict", "Stream", "CreateSession", "GetSession", "Step", "ResetSession",
                           "DeleteSession", "ExportSession", "ImportSession", "StepBatch", "ListModels", "GetModel"},
+    "inference.GRPCInferenceService": {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+                                       "ModelInfer", "ModelStreamInfer", "ModelConfig", "RepositoryIndex",
+                                       "RepositoryModelLoad", "RepositoryModelUnload"},
     "grpc.health.v1.Health": {"Check", "Watch", "List"},
     "grpc.reflection.v1alpha.ServerReflection": {"ServerReflectionInfo"},
 }  # fmt: skip
@@ -81,7 +88,7 @@ async def test_grpc_services_and_methods_are_exactly_the_approved_ones(server: S
                 full = f"{fd.package}.{svc.name}" if fd.package else svc.name
                 if full in APPROVED_GRPC:
                     found[full] = {m.name for m in svc.method}
-            if fd.package == "lstm.v1":
+            if fd.package in ("lstm.v1", "inference"):
                 fields |= {f.name.lower() for msg in fd.message_type for f in msg.field}
     assert found == APPROVED_GRPC
     assert not {n for n in fields if any(word in n for word in FORBIDDEN)}, fields

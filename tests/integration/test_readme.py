@@ -101,3 +101,37 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     """The Deploy section's table has a row for every setting, with its variable and flag."""
     for name in Settings.model_fields:
         assert f"| `LSTM_SERVE_{name.upper()}` | `--{name.replace('_', '-')}` |" in README, name
+
+
+async def test_triton_client_examples_run(server: Server, tmp_path: Path) -> None:
+    """The tritonclient example streams a sequence and prints a forecast per day; the /v2 curl lines open a
+    sequence that /v1 shows, and end it."""
+    from tests.integration.test_kserve import TRITON_PYTHON
+
+    (code,) = blocks("python", "### Triton's client")
+    rc, out, err = await run([str(TRITON_PYTHON), "-c", localize(code, server)], tmp_path)
+    assert rc == 0, err
+    assert "'name': 'x'" in out
+    assert out.count("[") >= 4  # the metadata, then three 7-day forecasts
+    for line in commands(blocks("bash", "### Triton's client")[0]):
+        rc, out, err = await run(["bash", "-c", localize(line, server)], tmp_path)
+        assert rc == 0, (line, err)
+        assert '"error"' not in out, (line, out)
+    assert await server.store.count() == 0  # END closed the curl sequence, and the stream's sequence 42
+
+
+async def test_own_model_commands_run_and_their_models_load(tmp_path: Path) -> None:
+    """The "Serve your own ONNX model" commands, as written, export an LSTM and a GRU that the server loads, the
+    LSTM with the names that `lstm-serve card` wrote."""
+    from service.repository import ModelRepository
+
+    lines = commands(blocks("bash", "## Serve your own ONNX model")[0])
+    assert len(lines) == 4
+    for line in lines:
+        rc, _, err = await run(["bash", "-c", re.sub(r"(^|\s)\.venv/", rf"\1{ROOT}/.venv/", line)
+                                  .replace("examples/", f"{ROOT}/examples/")], tmp_path)  # fmt: skip
+        assert rc == 0, (line, err)
+    repo = ModelRepository.load(tmp_path / "my-models")
+    assert repo.get("my-lstm").card.features == ["precipitation", "temp_max", "temp_min", "wind"]
+    assert repo.get("my-gru").card.derived
+    assert repo.get("my-gru").signature.cell == 0

@@ -1,0 +1,225 @@
+"""Inference requests of the Open Inference Protocol (KServe v2) with Triton's sequence extension, over the core.
+
+Protocol-neutral: the REST (`/v2`) and gRPC (`inference.GRPCInferenceService`) adapters decode their wire format
+into an `InferRequest` and encode the `InferResponse`. Sequences are sessions: `sequence_id` is the session id
+(shared with `/v1` and `lstm.v1`), `sequence_start` opens it (restarting one that is still open, as Triton does),
+`sequence_end` closes it after its step, and a step of an unknown sequence without START is refused with the
+message Triton gives. Without a sequence id a request is stateless: each of its B sequences runs from a zero
+state. Steps of this protocol join the same dynamic batches as every other step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.core.dataplane import DataPlane
+from service.errors import InvalidInputError, ServeError, SessionExistsError, SessionNotFoundError
+from service.repository import ModelVersion
+
+INPUT, OUTPUT = "x", "y"  # NOTE: the model's own tensor names, as its graph and metadata show them
+EXTENSIONS = ["sequence", "binary_tensor_data", "model_configuration", "parameters"]
+# NOTE: request parameters this server reads; any other is refused (a typo would otherwise pass silently)
+KNOWN_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    model: str
+    version: str | None
+    inputs: dict[str, tuple[str, list[int], np.ndarray]]  # name -> (datatype, shape, flat data)
+    outputs: list[str] | None = None  # requested output names; None: all
+    id: str = ""
+    sequence_id: str | None = None
+    start: bool = False
+    end: bool = False
+    timeout: float | None = None  # seconds the request may wait in the queue (the `timeout` parameter is in µs)
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model: str
+    version: str
+    id: str
+    outputs: dict[str, np.ndarray]  # name -> float32 array in its full shape
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def sequence_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The sequence fields of an `InferRequest` from a request's parameters (JSON values, or gRPC ones decoded);
+    unknown or mistyped parameters are refused with what is accepted."""
+    unknown = sorted(set(params) - KNOWN_PARAMETERS)
+    if unknown:
+        raise InvalidInputError(
+            f"unknown request parameter(s) {', '.join(map(repr, unknown))}; this server reads "
+            f"{', '.join(sorted(KNOWN_PARAMETERS))}"
+        )
+    out: dict[str, Any] = {}
+    sid = params.get("sequence_id")
+    if isinstance(sid, float) and sid.is_integer() and 0 <= sid < 2**53:
+        sid = int(sid)  # NOTE: JSON's 7.0 is the integer 7 (JSON Schema says so too)
+    if sid is not None:
+        if isinstance(sid, bool) or not isinstance(sid, int | str):
+            raise InvalidInputError("parameter sequence_id must be an unsigned integer or a string")
+        if isinstance(sid, int) and not 0 <= sid < 2**64:
+            raise InvalidInputError(f"parameter sequence_id must be a uint64; got {sid}")
+        if sid not in (0, ""):  # NOTE: 0 and "" mean "no sequence", as in Triton
+            out["sequence_id"] = str(sid)
+    for flag, key in (("sequence_start", "start"), ("sequence_end", "end")):
+        value = params.get(flag, False)
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"parameter {flag} must be a boolean")
+        out[key] = value
+    timeout = params.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise InvalidInputError("parameter timeout must be a non-negative integer of microseconds")
+        out["timeout"] = timeout / 1e6 if timeout else None
+    if (out.get("start") or out.get("end")) and "sequence_id" not in out:
+        raise InvalidInputError("sequence_start and sequence_end need a sequence_id (a non-zero uint64 or a string)")
+    return out
+
+
+def model_metadata(m: ModelVersion, versions: list[str]) -> dict[str, Any]:
+    """The model's metadata as the protocol has it (the REST JSON; the gRPC adapter copies it field by field)."""
+    sig = m.signature
+    return {
+        "name": m.name,
+        "versions": versions,
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, -1, sig.features]}],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, -1, sig.outputs]}],
+    }
+
+
+def model_config(m: ModelVersion, versions: list[str], max_batch_size: int, idle_seconds: float) -> dict[str, Any]:
+    """Triton's model configuration (the JSON that its tools read): a sequence model whose state the server keeps
+    (`sequence_batching.state`), inputs and outputs without the batch dimension."""
+    sig = m.signature
+    states = [("h0", "hn", sig.hidden)] + ([("c0", "cn", sig.cell)] if sig.cell else [])
+    return {
+        "name": m.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"latest": {"num_versions": len(versions)}},
+        "max_batch_size": max_batch_size,
+        "input": [{"name": INPUT, "data_type": "TYPE_FP32", "dims": [-1, sig.features]}],
+        "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [-1, sig.outputs]}],
+        "sequence_batching": {
+            "max_sequence_idle_microseconds": int(idle_seconds * 1e6),
+            "control_input": [],
+            "state": [
+                {"input_name": i, "output_name": o, "data_type": "TYPE_FP32", "dims": [sig.layers, width]}
+                for i, o, width in states
+            ],
+        },
+        "parameters": {
+            "features": {"string_value": ",".join(m.card.features)},
+            "outputs": {"string_value": ",".join(m.card.targets)},
+        },
+    }
+
+
+def _sequences(m: ModelVersion, req: InferRequest) -> tuple[np.ndarray, bool]:
+    """The request's input as [B, T, F] float32, and whether it came without the batch dimension ([T, F])."""
+    sig = m.signature
+    if set(req.inputs) != {INPUT}:
+        raise InvalidInputError(
+            f"{m.describe()} takes one input named {INPUT!r} (FP32 [1, T, {sig.features}] or [T, {sig.features}]: "
+            f"{', '.join(m.card.features)}); got {sorted(req.inputs) or 'none'}"
+        )
+    datatype, shape, data = req.inputs[INPUT]
+    if datatype != "FP32":
+        raise InvalidInputError(f"input {INPUT!r} must be FP32; got {datatype}")
+    if len(shape) not in (2, 3) or any(d < 0 for d in shape):
+        raise InvalidInputError(
+            f"input {INPUT!r} must have shape [B, T, {sig.features}] (B = 1 in a sequence) or [T, {sig.features}]; "
+            f"got {shape}"
+        )
+    if int(np.prod(shape)) != data.size:
+        raise InvalidInputError(
+            f"input {INPUT!r} has shape {shape} ({int(np.prod(shape))} values) but carries {data.size}"
+        )
+    x = data.reshape(shape)
+    flat = x.ndim == 2
+    x = x[None] if flat else x
+    if x.shape[0] == 0:
+        raise InvalidInputError(f"input {INPUT!r} holds no sequences (B = 0)")
+    if req.sequence_id is not None and x.shape[0] != 1:
+        raise InvalidInputError(
+            f"a sequence request carries one sequence: input {INPUT!r} must be [1, T, {sig.features}] or "
+            f"[T, {sig.features}]; got B = {x.shape[0]}"
+        )
+    return x, flat
+
+
+async def infer(dp: DataPlane, req: InferRequest, owner: str = "") -> InferResponse:
+    """Run one inference request; every failure is a `ServeError` and leaves the session as it was."""
+    model = dp.get_model(req.model, req.version)
+    if req.outputs is not None and any(o != OUTPUT for o in req.outputs):
+        bad = sorted(set(req.outputs) - {OUTPUT})
+        raise InvalidInputError(f"{model.describe()} has one output, {OUTPUT!r}; no output named {', '.join(bad)}")
+    x, flat = _sequences(model, req)
+    params: dict[str, Any] = {}
+    if req.sequence_id is None:
+        if req.start or req.end:
+            raise InvalidInputError("sequence_start and sequence_end need a sequence_id")
+        runs = await asyncio.gather(*(dp.predict(model.name, model.version, seq, req.timeout) for seq in x))
+        y = np.stack([out for _, out in runs])
+    else:
+        sid = req.sequence_id
+        if req.start:
+            model = await _start(dp, model, sid, owner)
+        else:
+            model = await _pinned(dp, model, req, sid, owner)
+        result = await dp.step(sid, x[0], None, req.timeout, owner)
+        y = result.outputs[None]
+        params = {"sequence_id": sid, "sequence_steps": result.steps}
+        if req.end:
+            with contextlib.suppress(SessionNotFoundError):
+                await dp.delete_session(sid, None, owner)
+    return InferResponse(model.name, model.version, req.id, {OUTPUT: y[0] if flat else y}, params)
+
+
+async def _start(dp: DataPlane, model: ModelVersion, sid: str, owner: str) -> ModelVersion:
+    """START: a new session for the sequence; one still open under that id ends first (Triton ends it early)."""
+    try:
+        info = await dp.create_session(model.name, model.version, sid, owner)
+    except SessionExistsError:
+        with contextlib.suppress(SessionNotFoundError):
+            await dp.delete_session(sid, None, owner)
+        info = await dp.create_session(model.name, model.version, sid, owner)
+    return dp.get_model(info.model, info.version)
+
+
+async def _pinned(dp: DataPlane, model: ModelVersion, req: InferRequest, sid: str, owner: str) -> ModelVersion:
+    """The model version an open sequence runs: it must be the model the request names (and its version, if
+    named); an unknown sequence is refused with the message Triton gives, and why it is gone if known."""
+    try:
+        info = await dp.get_session(sid, owner)
+    except SessionNotFoundError as e:
+        why = (
+            "it expired, idle for longer than max_sequence_idle_microseconds" if "expired" in e.message
+            else "it was evicted to stay under the session cap" if "evicted" in e.message
+            else "it never started, or it has ended"
+        )  # fmt: skip
+        raise InvalidInputError(
+            f"inference request for sequence {sid} to model {model.name!r} must specify the START flag on the first "
+            f"request of the sequence; sequence {sid} is not open: {why}"
+        ) from None
+    if info.model != model.name or (req.version and info.version != req.version):
+        asked = f"{req.model}" + (f" version {req.version}" if req.version else "")
+        raise InvalidInputError(
+            f"sequence {sid} runs model {info.model!r} version {info.version}, not {asked}: send its steps to that "
+            "model, or start a new sequence"
+        )
+    return dp.get_model(info.model, info.version)
+
+
+def error_text(e: ServeError) -> str:
+    """The message a protocol error carries (the REST `error` field, gRPC details and stream `error_message`)."""
+    return f"{e.code}: {e.message}"
