@@ -21,10 +21,11 @@ from prometheus_client import CollectorRegistry
 
 from service.auth import ApiKeys
 from service.core.dataplane import DataPlane, Limits
+from service.core.live import LiveRepository
 from service.core.redis_store import RedisSessionStore
 from service.core.sessions import MemorySessionStore, SessionStore, read_snapshot, write_snapshot
 from service.grpc.server import GRPCServer
-from service.metrics import Metrics
+from service.metrics import MULTIPROC_ENV, Metrics
 from service.repository import ModelRepository
 from service.rest.app import create_app
 from service.runtime import Signature
@@ -114,6 +115,11 @@ class Server:
                 default_deadline=settings.default_queue_timeout_s,
             ),
         )
+        self.live = LiveRepository(
+            self.dataplane, settings.models, settings.ort_threads, settings.model_poll_s,
+            one_of_workers=bool(os.environ.get(MULTIPROC_ENV)),  # NOTE: set by --workers for its processes
+        )  # fmt: skip
+        self.dataplane.live = self.live
         # NOTE: keys from a file or the environment, never a flag (ps shows flags)
         self.auth = ApiKeys.load(settings.api_keys_file, os.environ.get("LSTM_SERVE_API_KEYS"))
         self.rest_app = create_app(
@@ -183,6 +189,7 @@ class Server:
             raise
         self.http_port = sock.getsockname()[1]
         await self.dataplane.start()
+        await self.live.start()
         config = uvicorn.Config(
             self.rest_app,
             log_level=self.settings.log_level,
@@ -214,6 +221,7 @@ class Server:
         deadline = time.monotonic() + self.settings.drain_seconds
         self.dataplane.begin_drain()
         await self.grpc.set_serving(False)
+        await self.live.stop()  # NOTE: after readiness turned false: stopping may wait for a load in progress
         try:
             await asyncio.wait_for(self.dataplane.wait_idle(), timeout=self.settings.drain_seconds)
         except TimeoutError:

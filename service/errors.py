@@ -17,6 +17,8 @@ class ErrorCode(StrEnum):
     MALFORMED_REQUEST = "malformed_request"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     MODEL_NOT_FOUND = "model_not_found"
+    MODEL_IN_USE = "model_in_use"
+    MODEL_LOAD_FAILED = "model_load_failed"
     SESSION_NOT_FOUND = "session_not_found"
     SESSION_EXISTS = "session_exists"
     SEQ_CONFLICT = "seq_conflict"
@@ -45,6 +47,8 @@ ERROR_TABLE: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.MALFORMED_REQUEST: ErrorSpec(400, "INVALID_ARGUMENT"),
     ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(413, "RESOURCE_EXHAUSTED"),
     ErrorCode.MODEL_NOT_FOUND: ErrorSpec(404, "NOT_FOUND"),
+    ErrorCode.MODEL_IN_USE: ErrorSpec(409, "FAILED_PRECONDITION"),
+    ErrorCode.MODEL_LOAD_FAILED: ErrorSpec(400, "FAILED_PRECONDITION"),
     ErrorCode.SESSION_NOT_FOUND: ErrorSpec(404, "NOT_FOUND"),
     ErrorCode.SESSION_EXISTS: ErrorSpec(409, "ALREADY_EXISTS"),
     ErrorCode.SEQ_CONFLICT: ErrorSpec(409, "ABORTED"),
@@ -96,6 +100,14 @@ class PayloadTooLargeError(ServeError):
 
 class ModelNotFoundError(ServeError):
     code = ErrorCode.MODEL_NOT_FOUND
+
+
+class ModelInUseError(ServeError):
+    code = ErrorCode.MODEL_IN_USE
+
+
+class ModelLoadFailedError(ServeError):
+    code = ErrorCode.MODEL_LOAD_FAILED
 
 
 class SessionNotFoundError(ServeError):

@@ -106,6 +106,17 @@ class ModelRepository:
             raise ModelLoadError(f"no models found: expected <name>/<version>/model.onnx under {root.name!r}")
         return cls(found)
 
+    def add(self, m: ModelVersion) -> None:
+        """One more version (the newest of its model if its number is the highest)."""
+        versions = {**self._by_name.get(m.name, {}), m.version: m}
+        self._by_name[m.name] = dict(sorted(versions.items(), key=lambda kv: int(kv[0])))
+
+    def remove(self, name: str, version: str) -> None:
+        versions = self._by_name[name]
+        del versions[version]
+        if not versions:
+            del self._by_name[name]
+
     def names(self) -> list[str]:
         return sorted(self._by_name)
 

@@ -18,6 +18,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (REST and gRPC); 0.0.0.0 exposes the server")
     http_port: int = Field(8000, ge=0, le=65535, description="REST/WebSocket port (0: any free port)")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
+    model_poll_s: float = Field(
+        10.0,
+        ge=0,
+        description="look for new <name>/<version>/ directories under --models this often, and load "
+        "them without a restart (0: only through the repository API)",
+    )
     ort_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads per model")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most session steps coalesced into one ONNX call")
     max_queue_delay_ms: float = Field(

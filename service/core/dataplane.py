@@ -15,15 +15,16 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from service.core.batcher import Batcher, StepOutcome
-from service.core.sessions import SessionInfo, SessionStore, Snapshot, check_session_id
+from service.core.sessions import SessionInfo, SessionStore, Snapshot, check_session_id, session_gone
 from service.errors import (
     DeadlineExceededError,
     InvalidInputError,
+    ModelInUseError,
     ServeError,
     SessionNotFoundError,
     UnavailableError,
@@ -31,6 +32,9 @@ from service.errors import (
 from service.metrics import Metrics
 from service.repository import ModelRepository, ModelVersion
 from service.runtime import F32
+
+if TYPE_CHECKING:
+    from service.core.live import LiveRepository
 
 log = logging.getLogger(__name__)
 DRAINING_STREAM = "the server is shutting down; this stream ends here: reconnect to another server"
@@ -142,28 +146,66 @@ class DataPlane:
         # NOTE: `clock` (monotonic) orders and expires sessions; the store shows their times as Unix times
         self.repo, self.store, self.metrics, self.limits, self.clock = repo, store, metrics, limits, clock
         store.set_removal_listener(self._on_removed)
-        self._executor = ThreadPoolExecutor(max_workers=max(1, len(repo.all())), thread_name_prefix="ort")
-        self._batchers = {
-            m.key: Batcher(
-                m,
-                store,
-                metrics,
-                self._executor,
-                limits.max_batch_size,
-                limits.max_queue_delay,
-                limits.max_queue,
-                clock,
-                limits.max_queue_wait,
-            )
-            for m in repo.all()
-        }
+        self.live: LiveRepository | None = None  # NOTE: the repository API's backend, set by the server
+        self._batchers: dict[str, Batcher] = {}
+        for m in repo.all():
+            self._add_batcher(m)
         self._expiry_task: asyncio.Task[None] | None = None
         self.draining = False
         self._drain_event = asyncio.Event()
         self.started = False
-        for m in repo.all():
-            self.metrics.model_info.labels(m.name, m.version, ",".join(m.card.features), str(m.card.horizon)).set(1)
-            self.metrics.sessions_open.labels(m.key).set(0)
+
+    def _add_batcher(self, m: ModelVersion) -> Batcher:
+        """A batcher, with an ONNX Runtime thread of its own, for a model version; its metrics start here."""
+        lim = self.limits
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{m.key}")
+        b = Batcher(m, self.store, self.metrics, executor, lim.max_batch_size, lim.max_queue_delay, lim.max_queue,
+                    self.clock, lim.max_queue_wait)  # fmt: skip
+        self._batchers[m.key] = b
+        self.metrics.model_info.labels(m.name, m.version, ",".join(m.card.features), str(m.card.horizon)).set(1)
+        self.metrics.sessions_open.labels(m.key).set(0)
+        return b
+
+    # --- live model repository ---------------------------------------------------------------------
+    def add_model(self, m: ModelVersion) -> None:
+        """Serve a newly loaded version: new sessions of its model get it (the newest); open ones keep theirs."""
+        if m.key in self._batchers:
+            raise InvalidInputError(f"{m.describe()} is loaded already")
+        self.store.add_model(m.key, m.signature)
+        b = self._add_batcher(m)
+        if self.started:
+            b.start()
+        self.repo.add(m)
+
+    async def remove_model(self, name: str, version: str, force: bool = False) -> int:
+        """Stop serving a version. Refused while sessions run on it, unless `force`: then they end (their next
+        call says the version was unloaded) and queued steps are answered unavailable. Returns sessions ended."""
+        m = self.get_model(name, version)
+        if len(self._batchers) == 1:
+            raise ModelInUseError(f"{m.describe()} is the last model this server serves; load another one first")
+        n = await self.store.count(m.key)
+        if n and not force:
+            raise ModelInUseError(
+                f"{m.describe()} has {n} open session(s); unload it with force to end them, or once they are "
+                "deleted or expired (a reset moves a session to the newest version)"
+            )
+        self.repo.remove(m.name, m.version)  # NOTE: first, so that no new session or call picks it
+        b = self._batchers.pop(m.key)
+        await b.stop()
+        b.executor.shutdown(wait=False, cancel_futures=True)
+        ended = await self.store.drop_model(m.key)
+        with contextlib.suppress(KeyError):
+            self.metrics.model_info.remove(m.name, m.version, ",".join(m.card.features), str(m.card.horizon))
+        self.metrics.sessions_open.labels(m.key).set(0)
+        log.info("unloaded %s (%d session(s) ended)", m.key, ended)
+        return ended
+
+    def _batcher(self, key: str, session_id: str) -> Batcher:
+        """The batcher of a session's model version; a version unloaded meanwhile ends the session."""
+        b = self._batchers.get(key)
+        if b is None:
+            raise session_gone(session_id, "unloaded", self.limits.session_ttl)
+        return b
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -194,8 +236,8 @@ class DataPlane:
                 await self._expiry_task
         for b in self._batchers.values():
             await b.stop()
+            b.executor.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
         self.started = False
         self.metrics.ready.set(0)
 
@@ -318,8 +360,19 @@ class DataPlane:
         await self._update_open()
 
     async def reset_session(self, session_id: str, owner: str = "") -> SessionInfo:
+        """Zero a session's state and counters. A session on an older version than its model's newest moves to the
+        newest (its state is zero either way): the end of its pinning."""
+        scoped = self._scoped(owner, session_id)
         with self._as_client(owner, session_id):
-            return self._unscoped(owner, await self.store.reset(self._scoped(owner, session_id), self.clock()))
+            info = await self.store.reset(scoped, self.clock())
+            newest = self.repo.get(info.model)
+            if newest.version != info.version:
+                self._accepting()
+                await self.store.delete(scoped, info.incarnation)
+                info = await self.store.create(newest.key, scoped, self.clock())
+                self.metrics.sessions_created.labels(newest.key).inc()
+                await self._update_open()
+            return self._unscoped(owner, info)
 
     async def export_session(self, session_id: str, owner: str = "") -> Snapshot:
         with self._as_client(owner, session_id):
@@ -384,7 +437,7 @@ class DataPlane:
     ) -> StepResult:
         """A step of a session known to run model `key` (the batch checks it again: it may have changed since)."""
         check_seq(seq)
-        batcher = self._batchers[key]
+        batcher = self._batcher(key, session_id)
         x = self.validate_inputs(batcher.model, inputs)
         out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout))
         return StepResult(session_id, out.outputs, out.steps, out.seq, out.replayed)
@@ -431,7 +484,7 @@ class DataPlane:
                 check_seq(seq)
                 with self._as_client(owner, sid):
                     key = only or await self.store.model_of(scoped, self.clock())
-                x32 = self.validate_inputs(self._batchers[key].model, x)
+                x32 = self.validate_inputs(self._batcher(key, sid).model, x)
                 groups.setdefault(key, []).append((i, scoped, x32, seq))
             except ServeError as e:
                 results[i] = e
@@ -439,7 +492,10 @@ class DataPlane:
         for key, calls in groups.items():
             # NOTE: the items of a model go to its batcher together, with one future for all of them
             try:
-                outcomes = await self._batchers[key].submit_many([(s, x, q) for _, s, x, q in calls], deadline)
+                batcher = self._batchers.get(key)
+                if batcher is None:  # NOTE: unloaded while this batch was decoded
+                    raise UnavailableError("the model version of these sessions was unloaded")
+                outcomes = await batcher.submit_many([(s, x, q) for _, s, x, q in calls], deadline)
             except ServeError as e:
                 outcomes = [e] * len(calls)
             for (i, _, _, _), out in zip(calls, outcomes, strict=True):

@@ -22,7 +22,7 @@ from service.errors import InvalidInputError, ServeError, SessionExistsError, Se
 from service.repository import ModelVersion
 
 INPUT, OUTPUT = "x", "y"  # NOTE: the model's own tensor names, as its graph and metadata show them
-EXTENSIONS = ["sequence", "binary_tensor_data", "model_configuration", "parameters"]
+EXTENSIONS = ["sequence", "binary_tensor_data", "model_configuration", "model_repository", "parameters"]
 # NOTE: request parameters this server reads; any other is refused (a typo would otherwise pass silently)
 KNOWN_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
 
@@ -218,6 +218,32 @@ async def _pinned(dp: DataPlane, model: ModelVersion, req: InferRequest, sid: st
             "model, or start a new sequence"
         )
     return dp.get_model(info.model, info.version)
+
+
+def unload_parameters(params: dict[str, Any]) -> tuple[str | None, bool]:
+    """The version and force of a repository unload request (our parameters; Triton's unload_dependents is taken
+    and means nothing here: a model has no dependents)."""
+    allowed = {"version", "force", "unload_dependents"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise InvalidInputError(f"unknown unload parameter(s) {', '.join(map(repr, unknown))}; accepted: "
+                                f"{', '.join(sorted(allowed))}")  # fmt: skip
+    version, force = params.get("version"), params.get("force", False)
+    if version is not None and not isinstance(version, str):
+        raise InvalidInputError('parameter version must be a string such as "2"')
+    if not isinstance(force, bool) or not isinstance(params.get("unload_dependents", False), bool):
+        raise InvalidInputError("parameters force and unload_dependents must be booleans")
+    return version, force
+
+
+def load_parameters(params: dict[str, Any]) -> None:
+    """A repository load takes no parameters: it loads only what is under --models (Triton's config and file:
+    overrides would let a client write model files; they are refused)."""
+    if params:
+        raise InvalidInputError(
+            f"load takes no parameters (got {', '.join(map(repr, sorted(params)))}): this server loads only the "
+            "versions in its model repository directory"
+        )
 
 
 def error_text(e: ServeError) -> str:

@@ -7,7 +7,7 @@ Layout (prefix `lstm:` by default):
   replay outputs. The key's TTL is the idle TTL, refreshed by every use.
 - `{prefix}idx:{model key}`: sorted set of the model version's session ids, scored by last use (Unix time);
   it counts sessions for the cap, finds the least recently used one, and lets a sweep find expired ones.
-- `{prefix}gone:{id}`: why a session id went (expired, evicted), for an hour, for clear error messages.
+- `{prefix}gone:{id}`: why a session id went (expired, evicted, unloaded), for an hour, for clear error messages.
 
 Consistency: `version` is 8 random bytes written by every change; a commit or control operation is a
 compare-and-set on it inside one Lua script (so two replicas can never both advance one session), and
@@ -377,7 +377,9 @@ class RedisSessionStore:
     # --- SessionStore ----------------------------------------------------------------------------------
     async def create(self, model_key: str, session_id: str | None, now: float) -> SessionInfo:
         sid = uuid.uuid4().hex if session_id is None else check_store_id(session_id)
-        sig = self.sigs[model_key]
+        sig = self.sigs.get(model_key)
+        if sig is None:  # NOTE: its model version was unloaded while this create was on its way
+            raise UnavailableError(f"{model_key} was just unloaded; create the session again (on the newest version)")
         wall = time.time()
         h, c = np.zeros((sig.layers, sig.hidden), np.float32), np.zeros((sig.layers, sig.cell), np.float32)
         st = _State(self._new_version(), os.urandom(8), bytes(8), 0, 0, wall, wall, model_key, h, c,
@@ -518,6 +520,30 @@ class RedisSessionStore:
         for key in keys:
             pipe.zcard(self.ip + key)
         return sum(int(n) for n in await self._call(pipe.execute))
+
+    def add_model(self, model_key: str, sig: Signature) -> None:
+        """Serve a newly loaded model version (live model repository)."""
+        self.sigs[model_key] = sig
+
+    async def drop_model(self, model_key: str) -> int:
+        """End every session of an unloaded model version, for every replica (they answer "unloaded" from now on);
+        return how many."""
+        if model_key not in self.sigs:
+            return 0
+        raw: list[bytes] = await self._call(lambda: self.redis.zrange(self.ip + model_key, 0, -1))  # type: ignore[arg-type,return-value]
+        ids = [i.decode() for i in raw]
+        for at in range(0, len(ids), 1000):
+            chunk = ids[at : at + 1000]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(*(self.kp + sid for sid in chunk))
+            for sid in chunk:
+                pipe.set(self.gp + sid, "unloaded", ex=3600)
+            pipe.zrem(self.ip + model_key, *chunk)
+            await self._call(pipe.execute)
+        for _ in ids:
+            self._on_removed(model_key, "unloaded")
+        del self.sigs[model_key]
+        return len(ids)
 
     async def memory_usage(self, session_id: str) -> int:
         """Bytes Redis uses for a session's key and value (MEMORY USAGE), for capacity planning and tests."""

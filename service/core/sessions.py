@@ -33,7 +33,14 @@ from typing import Protocol, cast
 import numpy as np
 from numpy.typing import NDArray
 
-from service.errors import InvalidInputError, ServeError, SessionExistsError, SessionLimitError, SessionNotFoundError
+from service.errors import (
+    InvalidInputError,
+    ServeError,
+    SessionExistsError,
+    SessionLimitError,
+    SessionNotFoundError,
+    UnavailableError,
+)
 from service.runtime import F32, Signature
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -49,6 +56,10 @@ def session_gone(session_id: str, reason: str | None, ttl: float) -> SessionNotF
     """The one answer, for every store, to a session that is not there: why, when it is known."""
     if reason == "expired":
         return SessionNotFoundError(f"session {session_id!r} was expired after {ttl:g} s idle; create a new one")
+    if reason == "unloaded":
+        return SessionNotFoundError(
+            f"session {session_id!r} ended: its model version was unloaded; create a new session (it gets the newest)"
+        )
     if reason == "evicted":
         return SessionNotFoundError(
             f"session {session_id!r} was evicted to stay under the session cap; create a new one"
@@ -146,7 +157,7 @@ class CommitStatus(enum.Enum):
     GONE = "gone"  # the session no longer exists (deleted, expired, evicted): not written
 
 
-RemovalListener = Callable[[str, str], None]  # (model key, reason: "expired" | "evicted" | "deleted")
+RemovalListener = Callable[[str, str], None]  # (model key, reason: "expired" | "evicted" | "deleted" | "unloaded")
 
 
 class SessionStore(Protocol):
@@ -179,6 +190,8 @@ class SessionStore(Protocol):
     ) -> list[CommitStatus]: ...
     async def expire(self, now: float) -> int: ...
     async def count(self, model_key: str | None = None) -> int: ...
+    def add_model(self, model_key: str, sig: Signature) -> None: ...
+    async def drop_model(self, model_key: str) -> int: ...
 
 
 class _Page:
@@ -452,6 +465,9 @@ class MemorySessionStore:
 
     # --- SessionStore ----------------------------------------------------------------------------
     async def create(self, model_key: str, session_id: str | None, now: float) -> SessionInfo:
+        slab = self._slabs.get(model_key)
+        if slab is None:  # NOTE: its model version was unloaded while this create was on its way
+            raise UnavailableError(f"{model_key} was just unloaded; create the session again (on the newest version)")
         if session_id is None:
             session_id = uuid.uuid4().hex
         else:
@@ -466,7 +482,6 @@ class MemorySessionStore:
         if len(self._index) >= self.max_sessions:
             self._make_room(now)
         self._gone.pop(session_id, None)
-        slab = self._slabs[model_key]
         slot = slab.alloc(session_id, now, next(self._births))
         self._index[session_id] = (self._key_index[model_key] << 40) | slot
         return self._info(session_id, model_key, slab, slot, now)
@@ -615,7 +630,28 @@ class MemorySessionStore:
     async def count(self, model_key: str | None = None) -> int:
         if model_key is None:
             return len(self._index)
-        return self._slabs[model_key].live
+        slab = self._slabs.get(model_key)
+        return 0 if slab is None else slab.live
+
+    def add_model(self, model_key: str, sig: Signature) -> None:
+        """Serve a newly loaded model version (live model repository)."""
+        if model_key in self._slabs:
+            return
+        self._slabs[model_key] = _Slab(sig)
+        if model_key not in self._key_index:  # NOTE: a key keeps its index for good: ids in _index point at it
+            self._key_index[model_key] = len(self._keys)
+            self._keys.append(model_key)
+
+    async def drop_model(self, model_key: str) -> int:
+        """End every session of an unloaded model version (they answer "unloaded" from now on); return how many."""
+        slab = self._slabs.get(model_key)
+        if slab is None:
+            return 0
+        ids = [sid for p in slab.pages for sid in p.ids if sid is not None]
+        for sid in ids:
+            self._remove(sid, "unloaded")
+        del self._slabs[model_key]
+        return len(ids)
 
     def state_bytes(self) -> int:
         """Bytes held by the slabs (state arrays and counters), for capacity planning and tests."""

@@ -13,9 +13,20 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service.core.infer import EXTENSIONS, InferRequest, InferResponse, error_text, infer, model_config, model_metadata
+from service.core.infer import (
+    EXTENSIONS,
+    InferRequest,
+    InferResponse,
+    error_text,
+    infer,
+    load_parameters,
+    model_config,
+    model_metadata,
+    unload_parameters,
+)
 from service.core.infer import sequence_parameters as read_parameters
-from service.errors import InvalidInputError, ServeError, as_serve_error
+from service.core.live import LiveRepository
+from service.errors import InvalidInputError, ServeError, UnavailableError, as_serve_error
 from service.grpc._generated.inference import grpc_service_pb2 as kpb
 from service.grpc._generated.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.grpc._generated.inference import model_config_pb2 as mc
@@ -29,7 +40,7 @@ STREAM_WINDOW = 64  # requests of one stream in flight at once (answers still go
 CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "INT32": "int_contents"}
 
 
-def _parameter(p: kpb.InferParameter) -> Any:
+def _parameter(p: kpb.InferParameter | kpb.ModelRepositoryParameter) -> Any:
     kind = p.WhichOneof("parameter_choice")
     return None if kind is None else getattr(p, kind)
 
@@ -138,6 +149,37 @@ class InferenceServicer(ServicerBase, kpb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelInfer", "kserve")
     async def ModelInfer(self, request: kpb.ModelInferRequest, context: Any) -> kpb.ModelInferResponse:
         return encode(await infer(self.dp, decode(request), self.owner(context)))
+
+    def _repository(self, repository_name: str) -> LiveRepository:
+        if repository_name:
+            raise InvalidInputError(f'this server has one model repository, named ""; got {repository_name!r}')
+        if self.dp.live is None:
+            raise UnavailableError("this server has no model repository directory to load from")
+        return self.dp.live
+
+    @unary("RepositoryIndex", "kserve")
+    async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest, context: Any) -> kpb.RepositoryIndexResponse:
+        entries = self._repository(request.repository_name).index(request.ready)
+        index = kpb.RepositoryIndexResponse.ModelIndex
+        return kpb.RepositoryIndexResponse(models=[index(**e.__dict__) for e in entries])
+
+    @unary("RepositoryModelLoad", "kserve")
+    async def RepositoryModelLoad(
+        self, request: kpb.RepositoryModelLoadRequest, context: Any
+    ) -> kpb.RepositoryModelLoadResponse:
+        live = self._repository(request.repository_name)
+        load_parameters({k: _parameter(v) for k, v in request.parameters.items()})
+        await live.load(request.model_name)
+        return kpb.RepositoryModelLoadResponse()
+
+    @unary("RepositoryModelUnload", "kserve")
+    async def RepositoryModelUnload(
+        self, request: kpb.RepositoryModelUnloadRequest, context: Any
+    ) -> kpb.RepositoryModelUnloadResponse:
+        live = self._repository(request.repository_name)
+        version, force = unload_parameters({k: _parameter(v) for k, v in request.parameters.items()})
+        await live.unload(request.model_name, version, force)
+        return kpb.RepositoryModelUnloadResponse()
 
     async def _one(
         self, request: Any, owner: str, after: asyncio.Future[Any] | None

@@ -521,6 +521,15 @@ def create_app(
         if "CreateSessionBody" in bodies:
             bodies["CreateSessionBody"]["properties"]["model"]["enum"] = names
             bodies["CreateSessionBody"]["examples"] = [{"model": names[0]}]
+        # NOTE: the v2 routes name their model in the path: say which names there are (the repository's too)
+        on_disk = sorted({e.name for e in dp.live.index()}) if dp.live is not None else names
+        for path, path_ops in schema["paths"].items():
+            if path.startswith("/v2/") and "{name}" in path:
+                for op in path_ops.values():
+                    for param in op.get("parameters", []):
+                        if param["name"] == "name":
+                            known = on_disk if path.startswith("/v2/repository/") else names
+                            param["schema"] = {"type": "string", "enum": known}
         for body in ("StepBody", "PredictBody"):
             if body in bodies:
                 bodies[body]["examples"] = [{"inputs": [example_row]}]

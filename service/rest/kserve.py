@@ -17,9 +17,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.core.dataplane import DataPlane
-from service.core.infer import EXTENSIONS, InferRequest, InferResponse, infer, model_config, model_metadata
+from service.core.infer import (
+    EXTENSIONS,
+    InferRequest,
+    InferResponse,
+    infer,
+    load_parameters,
+    model_config,
+    model_metadata,
+    unload_parameters,
+)
 from service.core.infer import sequence_parameters as read_parameters
-from service.errors import ErrorCode, InvalidInputError, MalformedRequestError
+from service.core.live import LiveRepository
+from service.errors import ErrorCode, InvalidInputError, MalformedRequestError, UnavailableError
 
 HEADER_LENGTH = "inference-header-content-length"
 NUMERIC = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
@@ -265,6 +275,71 @@ def kserve_routers(
         owner = await owner_of(request)
         req, binary = decode(await request.body(), request.headers.get(HEADER_LENGTH), name, version)
         return encode(await infer(dp, req, owner), binary)
+
+    def repository() -> LiveRepository:
+        if dp.live is None:
+            raise UnavailableError("this server has no model repository directory to load from")
+        return dp.live
+
+    async def body_of(request: Request, allowed: set[str]) -> dict[str, Any]:
+        """A repository call's optional JSON object body (an empty body: {}), with only the keys allowed."""
+        body = await request.body()
+        if not body.strip():
+            return {}
+        try:
+            head = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise MalformedRequestError("the request body is not valid JSON") from None
+        if not isinstance(head, dict):
+            raise InvalidInputError("the request body must be a JSON object")
+        _only(head, allowed, "the request")
+        return head
+
+    async def params_of(request: Request) -> dict[str, Any]:
+        params = (await body_of(request, {"parameters"})).get("parameters", {})
+        if not isinstance(params, dict):
+            raise InvalidInputError('"parameters" must be a JSON object')
+        return params
+
+    params_body = {"type": "object", "additionalProperties": False, "properties": {"parameters": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"version": {"type": "string", "enum": sorted({m.version for m in dp.repo.all()}, key=int)},
+                       "force": {"type": "boolean"},
+                       "unload_dependents": {"type": "boolean"}}}}}  # fmt: skip
+
+    @v2.post(
+        "/repository/index", summary="Triton: every model version in the repository, and whether it serves",
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False, "properties": {"ready": {"type": "boolean"}}}}}}},
+        responses=responses(ErrorCode.INVALID_INPUT),
+    )  # fmt: skip
+    async def repository_index(request: Request) -> list[dict[str, str]]:
+        ready = (await body_of(request, {"ready"})).get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInputError('"ready" must be true or false')
+        return [v.__dict__ for v in repository().index(ready)]
+
+    @v2.post(
+        "/repository/models/{name}/load", summary="Triton: load the versions of a model that are not served yet",
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"parameters": {"type": "object", "maxProperties": 0}}}}}}},
+        responses=responses(ErrorCode.INVALID_INPUT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.MODEL_LOAD_FAILED),
+    )  # fmt: skip
+    async def repository_load(name: str, request: Request) -> dict[str, Any]:
+        load_parameters(await params_of(request))
+        return {"name": name, "loaded": await repository().load(name)}
+
+    @v2.post(
+        "/repository/models/{name}/unload",
+        summary="Triton: unload a model (parameters: version, force to end its open sessions)",
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": params_body}}}},
+        responses=responses(ErrorCode.INVALID_INPUT, ErrorCode.MODEL_NOT_FOUND, ErrorCode.MODEL_IN_USE),
+    )  # fmt: skip
+    async def repository_unload(name: str, request: Request) -> dict[str, Any]:
+        version, force = unload_parameters(await params_of(request))
+        versions, ended = await repository().unload(name, version, force)
+        return {"name": name, "unloaded": versions, "sessions_ended": ended}
 
     sigs = {m.signature for m in dp.repo.all()}
     (sig,) = sigs if len(sigs) == 1 else (None,)

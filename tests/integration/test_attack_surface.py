@@ -18,7 +18,8 @@ APPROVED_REST = {
     ("GET", "/v1/sessions/{session_id}/state"), ("POST", "/v1/sessions/{session_id}/state"),
     ("POST", "/v1/steps"), ("WEBSOCKET", "/v1/sessions/stream"),
     # KServe v2 (Open Inference Protocol) and Triton's extensions
-    ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2"),
+    ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2"), ("POST", "/v2/repository/index"),
+    ("POST", "/v2/repository/models/{name}/load"), ("POST", "/v2/repository/models/{name}/unload"),
     *((verb, base + tail) for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
       for verb, tail in (("GET", ""), ("GET", "/ready"), ("GET", "/config"), ("POST", "/infer"))),
     # FastAPI's own documentation pages

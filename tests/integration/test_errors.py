@@ -44,6 +44,8 @@ EXPECTED: dict[ErrorCode, tuple[int, grpc.StatusCode]] = {
     ErrorCode.MALFORMED_REQUEST: (400, grpc.StatusCode.INVALID_ARGUMENT),
     ErrorCode.PAYLOAD_TOO_LARGE: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ErrorCode.MODEL_NOT_FOUND: (404, grpc.StatusCode.NOT_FOUND),
+    ErrorCode.MODEL_IN_USE: (409, grpc.StatusCode.FAILED_PRECONDITION),
+    ErrorCode.MODEL_LOAD_FAILED: (400, grpc.StatusCode.FAILED_PRECONDITION),
     ErrorCode.SESSION_NOT_FOUND: (404, grpc.StatusCode.NOT_FOUND),
     ErrorCode.SESSION_EXISTS: (409, grpc.StatusCode.ALREADY_EXISTS),
     ErrorCode.SEQ_CONFLICT: (409, grpc.StatusCode.ABORTED),
@@ -471,3 +473,36 @@ async def test_random_bytes_as_json_bodies_are_400_and_never_5xx(rest: httpx.Asy
             assert r.json()["code"] in {"malformed_request", "invalid_input", "session_not_found"}, r.text
     assert seen.get(400, 0) > 100, seen
     assert (await rest.get(f"/v1/sessions/{sid}")).status_code == 200
+
+
+async def test_repository_errors_are_the_same_on_rest_and_grpc(make_server: ServerFactory, tmp_path: Any) -> None:
+    """A version that cannot load is model_load_failed and unloading the last model is model_in_use, on the v2
+    REST routes and the inference.GRPCInferenceService calls alike; the server goes on serving."""
+    import shutil
+
+    from service.grpc._generated.inference import grpc_service_pb2 as kpb
+    from service.grpc._generated.inference import grpc_service_pb2_grpc as kpb_grpc
+
+    repo = tmp_path / "models"
+    shutil.copytree(SHIPPED_REPO / MODEL, repo / MODEL)
+    srv = await make_server(models=repo, model_poll_s=0)
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    async with (
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as rest,
+        grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch,
+    ):
+        v2 = kpb_grpc.GRPCInferenceServiceStub(ch)
+        message = check(
+            ErrorCode.MODEL_LOAD_FAILED,
+            await rest.post("/v2/repository/models/broken/load"),
+            await grpc_error(v2.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="broken"))),
+        )
+        assert "broken/1: cannot load model.onnx" in message
+        message = check(
+            ErrorCode.MODEL_IN_USE,
+            await rest.post(f"/v2/repository/models/{MODEL}/unload"),
+            await grpc_error(v2.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name=MODEL))),
+        )
+        assert "last model" in message
+        assert (await rest.post("/v1/sessions", json={"model": MODEL})).status_code == 201

@@ -86,6 +86,9 @@ async def test_tritonclient_http_and_grpc_drive_sequences_and_get_the_offline_fo
         assert "must specify the START flag" in errors["after_end"]["message"]  # END closed the sequence
         assert "NaN" in errors["not_finite"]["message"]
         assert all("Traceback" not in v["message"] for v in errors.values())
+        assert g["index"] == [{"name": MODEL, "version": "1", "state": "READY"}]
+        assert "last model" in g["unload"]["message"]
+        assert g["unload"]["status"] in ("409", "StatusCode.FAILED_PRECONDITION")
     stream = got["stream"]
     assert stream["order"] == stream["plan"]  # NOTE: answers in request order, the failed one in its place
     for i, rows in stream["sequences"].items():

@@ -6,6 +6,7 @@ import asyncio
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +136,21 @@ async def test_own_model_commands_run_and_their_models_load(tmp_path: Path) -> N
     assert repo.get("my-lstm").card.features == ["precipitation", "temp_max", "temp_min", "wind"]
     assert repo.get("my-gru").card.derived
     assert repo.get("my-gru").signature.cell == 0
+
+
+async def test_new_version_commands_run_as_written(make_server: Any, tmp_path: Path) -> None:
+    """The "New versions without a restart" commands copy version 2 in, load it, list it and unload version 1."""
+    from tests.integration.test_own_models import export
+
+    export(tmp_path / "my-models", "my-lstm", "lstm")
+    srv = await make_server(models=tmp_path / "my-models", model_poll_s=0)
+    lines = commands(blocks("bash", "### New versions without a restart")[0])
+    assert len(lines) == 4
+    outs = []
+    for line in lines:
+        rc, out, err = await run(["bash", "-c", localize(line, srv)], tmp_path)
+        assert rc == 0, (line, err)
+        assert '"error"' not in out, (line, out)
+        outs.append(out)
+    assert '"loaded":["2"]' in outs[1]
+    assert [m.version for m in srv.repo.versions("my-lstm")] == ["2"]

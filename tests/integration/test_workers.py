@@ -74,6 +74,9 @@ async def test_two_workers_share_the_ports_and_every_session(prefix: str, weathe
         assert all(t > 0 for t in used.values()), used
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as rest:
             text = (await rest.get("/metrics")).text
+            # NOTE: a repository call would reach one worker only: refused, with what to do instead
+            r = await rest.post(f"/v2/repository/models/{MODEL}/unload", json={"parameters": {"version": "1"}})
+            assert (r.status_code, "would change one worker only" in r.json()["error"]) == (400, True)
         steps_route = 'method="POST /v1/sessions/{session_id}/steps"'
         assert f'lstm_requests_total{{code="200",{steps_route},protocol="rest"}} 20.0' in text
         assert 'lstm_requests_total{code="OK",method="Step",protocol="grpc"} 20.0' in text

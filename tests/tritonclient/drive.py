@@ -79,6 +79,15 @@ def unary_side(mod: Any, url: str, model: str, seqs: np.ndarray, base: int) -> d
         except InferenceServerException as e:
             errors[name] = failure(e)
     out["errors"] = errors
+    # the repository extension: index, load (nothing new to load), unload of the last model (refused)
+    index = c.get_model_repository_index() if mod is th else c.get_model_repository_index(as_json=True)["models"]
+    out["index"] = [{k: m.get(k, "") for k in ("name", "version", "state")} for m in index]
+    c.load_model(model)
+    try:
+        c.unload_model(model)
+        out["unload"] = None
+    except InferenceServerException as e:
+        out["unload"] = failure(e)
     c.close()
     return out
 

@@ -435,7 +435,7 @@ async def test_inference_time_excludes_the_wait_for_an_executor_thread() -> None
     """lstm_inference_seconds times the ONNX run only: a step that waited 0.3 s for a busy thread records ~0."""
     dp, _ = await make_dp()
     sid = (await dp.create_session("fake", None, None)).session_id
-    dp._executor.submit(time.sleep, 0.3)  # NOTE: the only executor thread is busy
+    dp._batchers["fake/1"].executor.submit(time.sleep, 0.3)  # NOTE: the model's only ONNX Runtime thread is busy
     t0 = time.perf_counter()
     await dp.step(sid, rows(1, 1)[0])
     assert time.perf_counter() - t0 >= 0.25
