@@ -10,6 +10,8 @@ Workloads (each client holds one session, one step per message unless --batch):
   grpc-batch   unary `StepBatch`, --batch sessions per message (the client's own sessions)
   rest-steps   POST /v1/sessions/{id}/steps on one keep-alive HTTP/1.1 connection per client
   ws-stream    one WebSocket /v1/sessions/stream per client
+  kserve-stream  one KServe v2 `ModelStreamInfer` per client, its own sequence, a step per request (as tritonclient)
+  kserve-rest    POST /v2/models/{m}/infer with binary tensors and a sequence id, keep-alive (as tritonclient.http)
 
 Closed loop: each client sends its next step when the answer to the last one arrives. Open loop
 (--rate R steps/s in all): step i is due at start + i/R, client i mod C sends it, and its latency counts
@@ -38,10 +40,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from service.grpc._generated.inference import grpc_service_pb2 as kpb  # noqa: E402
+from service.grpc._generated.inference import grpc_service_pb2_grpc as kpb_grpc  # noqa: E402
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb  # noqa: E402
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc  # noqa: E402
 
-WORKLOADS = ["grpc-stream", "grpc-step", "grpc-batch", "rest-steps", "ws-stream"]
+WORKLOADS = ["grpc-stream", "grpc-step", "grpc-batch", "rest-steps", "ws-stream", "kserve-stream", "kserve-rest"]
 TICK = os.sysconf("SC_CLK_TCK")
 MODEL = "seattle-weather"
 
@@ -106,9 +110,10 @@ class Http:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"", header_length: int = 0) -> tuple[int, bytes]:
+        binary = f"Inference-Header-Content-Length: {header_length}\r\n" if header_length else ""
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{binary}"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         self.writer.write(head + body)
@@ -264,6 +269,80 @@ class WsStream(Client):
         await self.ws.close()
 
 
+class KServeStream(Client):
+    """A Triton client's stream: one sequence, START on the first request, one step per request."""
+
+    def __init__(self, channel: Any, features: int) -> None:
+        self.stub, self.features = kpb_grpc.GRPCInferenceServiceStub(channel), features
+        self.sid = uuid.uuid4().hex
+        self.raw = np.asarray(row(features), "<f4").tobytes()
+        self.first = True
+
+    def request(self) -> Any:
+        req = kpb.ModelInferRequest(model_name=MODEL, raw_input_contents=[self.raw])
+        req.inputs.add(name="x", datatype="FP32", shape=[1, 1, self.features])
+        req.parameters["sequence_id"].string_param = self.sid
+        req.parameters["sequence_start"].bool_param = self.first
+        req.parameters["sequence_end"].bool_param = False
+        return req
+
+    async def open(self) -> None:
+        self.call = self.stub.ModelStreamInfer()
+        await self.call.write(self.request())
+        first = await self.call.read()
+        if first.error_message:
+            raise RuntimeError(f"cannot start a sequence: {first.error_message}")
+        self.first = False
+        self.req = self.request()
+
+    async def step(self) -> str:
+        await self.call.write(self.req)
+        r = await self.call.read()
+        return r.error_message.split(":", 1)[0] if r.error_message else "ok"
+
+    async def close(self) -> None:
+        await self.call.done_writing()
+        async for _ in self.call:
+            pass
+
+
+class KServeRest(Client):
+    """tritonclient.http's request: a JSON header, then the tensor's bytes (binary tensor extension)."""
+
+    def __init__(self, port: int, features: int) -> None:
+        self.http = Http("127.0.0.1", port)
+        self.sid = uuid.uuid4().hex
+        raw = np.asarray(row(features), "<f4").tobytes()
+        self.bodies = []
+        for start in (True, False):
+            head = json.dumps({
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, features],
+                            "parameters": {"binary_data_size": len(raw)}}],
+                "parameters": {"sequence_id": self.sid, "sequence_start": start, "binary_data_output": True},
+            }).encode()  # fmt: skip
+            self.bodies.append((head + raw, len(head)))
+        self.path = f"/v2/models/{MODEL}/infer"
+
+    async def open(self) -> None:
+        await self.http.connect()
+        status, body = await self.http.request("POST", self.path, *self.bodies[0])
+        if status != 200:
+            raise RuntimeError(f"cannot start a sequence: {status} {body[:200]!r}")
+
+    async def step(self) -> str:
+        status, answer = await self.http.request("POST", self.path, *self.bodies[1])
+        if status == 200:
+            return "ok"
+        try:
+            return str(json.loads(answer).get("code", status))
+        except ValueError:
+            return str(status)
+
+    async def close(self) -> None:
+        await self.http.request("DELETE", f"/v1/sessions/{self.sid}")
+        await self.http.close()
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
 async def run(a: argparse.Namespace) -> dict[str, Any]:
     import grpc
@@ -288,6 +367,11 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
             c = GrpcUnary(stub(), a.features, a.batch)
         elif a.workload == "rest-steps":
             c = RestSteps(a.port, a.features)
+        elif a.workload == "kserve-stream":
+            stub()  # NOTE: the same channel sharing as the other gRPC workloads
+            c = KServeStream(channels[-1], a.features)
+        elif a.workload == "kserve-rest":
+            c = KServeRest(a.port, a.features)
         else:
             c = WsStream(a.port, a.features)
         clients.append(c)

@@ -38,7 +38,7 @@ RESULTS = ROOT / "bench" / "results"
 DEFAULT_MODELS = ROOT / "models"
 BENCH_MODELS = ROOT / "build" / "bench-models"
 README = ROOT / "README.md"
-PARTS = ["sweep", "memory", "overload", "workers"]
+PARTS = ["sweep", "kserve", "memory", "overload", "workers"]
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -388,6 +388,7 @@ def render(rows: list[dict[str, Any]], extra: list[tuple[str, str, float | None,
         if ort:
             lines += ["", f"ONNX Runtime alone (one thread): {ort.get(1, 0):.0f} steps/s at batch 1, "
                       f"{ort.get(256, 0):.0f} at batch 256.", ""]  # fmt: skip
+    lines += kserve_lines(rows)
     lines += ["| target | measured (worst case) | result |", "|---|---|---|"]
     for name, what, value, ok in extra:
         lines.append(f"| {name}: {what} | {'-' if value is None else f'{value:.2f}'} | {'PASS' if ok else 'FAIL'} |")
@@ -459,6 +460,8 @@ def main() -> int:
     if "sweep" in a.parts:
         for models in repos:
             sweep(b, models, clients)
+    if "kserve" in a.parts:
+        kserve(b, DEFAULT_MODELS, [4] if a.smoke else [16, 64])
     if "memory" in a.parts:
         memory(b)
     if "overload" in a.parts:
@@ -491,6 +494,41 @@ def publish(a: argparse.Namespace, rows: list[dict[str, Any]], big: list[int]) -
     if a.smoke:
         return 0  # NOTE: the smoke run checks that every part works, not the numbers
     return 0 if all(ok for *_, ok in results) else 1
+
+
+KSERVE_PAIRS = (("grpc-stream", "kserve-stream"), ("rest-steps", "kserve-rest"))
+
+
+def kserve(b: Bench, models: Path, clients: list[int]) -> None:
+    """The KServe v2 paths as Triton's clients drive them (a sequence per client, one step per request), against
+    our native paths on the same server: what the protocol adapter costs."""
+    model = model_of(models)
+    ours = start_ours(models)
+    with running(ours):
+        for native, v2 in KSERVE_PAIRS:
+            for c in clients:
+                port = ours.ports["grpc" if native.startswith("grpc") else "http"]
+                b.point("ours", ours, port, native, c, model, kind="kserve")
+                b.point("ours", ours, port, v2, c, model, kind="kserve")
+
+
+def kserve_lines(rows: list[dict[str, Any]]) -> list[str]:
+    got = [r for r in rows if r.get("kind") == "kserve"]
+    if not got:
+        return []
+    lines = [
+        "**KServe v2 paths** (the shipped model, the same server as its native paths)",
+        "",
+        "| workload | C | steps/s | p50 / p99 ms | CPU/step ms | ratio to native |",
+        "|---|---|---|---|---|---|",
+    ]
+    for native, v2 in KSERVE_PAIRS:
+        for r in (r for r in got if r["workload"] == v2):
+            n = find(got, workload=native, clients=r["clients"])
+            ratio_text = f"{r['steps_per_s'] / n['steps_per_s']:.2f} x {native}" if n else "-"
+            lines.append(f"| {v2} | {r['clients']} | {r['steps_per_s']:.0f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
+                         f"{r.get('server_cpu_ms_per_step', 0):.3f} | {ratio_text} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def workers(b: Bench, models: Path) -> None:
