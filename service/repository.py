@@ -64,7 +64,7 @@ def read_card(rt: OnnxRuntime, directory: Path, name: str, version: str) -> Mode
 def load_version(directory: Path, threads: int = 1) -> ModelVersion:
     """Load, check and warm up `<name>/<version>/model.onnx`; anything wrong is a `ModelLoadError` that says what."""
     name, version = directory.parent.name, directory.name
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise ModelLoadError(f"{name}/{version}: version directories must be positive integers")
     try:
         rt = OnnxRuntime(directory / "model.onnx", threads)
@@ -73,7 +73,12 @@ def load_version(directory: Path, threads: int = 1) -> ModelVersion:
         raise ModelLoadError(f"{name}/{version}: model.onnx does not have the explicit-state contract: {e}") from None
     except Exception as e:
         raise ModelLoadError(f"{name}/{version}: cannot load model.onnx: {e}") from None
-    card = read_card(rt, directory, name, version)
+    try:
+        card = read_card(rt, directory, name, version)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # NOTE: an unreadable model.json (bytes that are not UTF-8, nesting too deep)
+        raise ModelLoadError(f"{name}/{version}: cannot read model.json: {type(e).__name__}") from None
     sig = rt.signature
     if (len(card.features), card.horizon, card.num_layers, card.hidden_size) != (
         sig.features,

@@ -147,6 +147,8 @@ class DataPlane:
         self.repo, self.store, self.metrics, self.limits, self.clock = repo, store, metrics, limits, clock
         store.set_removal_listener(self._on_removed)
         self.live: LiveRepository | None = None  # NOTE: the repository API's backend, set by the server
+        self._unloading = asyncio.Lock()  # NOTE: one unload at a time: each checks, awaits, then acts
+        self._unloaded: set[str] = set()  # model keys unloaded here (their sessions ended)
         self._batchers: dict[str, Batcher] = {}
         for m in repo.all():
             self._add_batcher(m)
@@ -171,6 +173,7 @@ class DataPlane:
         """Serve a newly loaded version: new sessions of its model get it (the newest); open ones keep theirs."""
         if m.key in self._batchers:
             raise InvalidInputError(f"{m.describe()} is loaded already")
+        self._unloaded.discard(m.key)
         self.store.add_model(m.key, m.signature)
         b = self._add_batcher(m)
         if self.started:
@@ -180,6 +183,10 @@ class DataPlane:
     async def remove_model(self, name: str, version: str, force: bool = False) -> int:
         """Stop serving a version. Refused while sessions run on it, unless `force`: then they end (their next
         call says the version was unloaded) and queued steps are answered unavailable. Returns sessions ended."""
+        async with self._unloading:
+            return await self._remove_model(name, version, force)
+
+    async def _remove_model(self, name: str, version: str, force: bool) -> int:
         m = self.get_model(name, version)
         if len(self._batchers) == 1:
             raise ModelInUseError(f"{m.describe()} is the last model this server serves; load another one first")
@@ -190,6 +197,7 @@ class DataPlane:
                 "deleted or expired (a reset moves a session to the newest version)"
             )
         self.repo.remove(m.name, m.version)  # NOTE: first, so that no new session or call picks it
+        self._unloaded.add(m.key)
         b = self._batchers.pop(m.key)
         await b.stop()
         b.executor.shutdown(wait=False, cancel_futures=True)
@@ -201,10 +209,16 @@ class DataPlane:
         return ended
 
     def _batcher(self, key: str, session_id: str) -> Batcher:
-        """The batcher of a session's model version; a version unloaded meanwhile ends the session."""
+        """The batcher of a session's model version: a version unloaded here has ended the session; one that this
+        server has not loaded (yet: another replica or worker loaded it first) is a retryable unavailable."""
         b = self._batchers.get(key)
         if b is None:
-            raise session_gone(session_id, "unloaded", self.limits.session_ttl)
+            if key in self._unloaded:
+                raise session_gone(session_id, "unloaded", self.limits.session_ttl)
+            raise UnavailableError(
+                f"session {session_id!r} runs {key}, which this server does not serve (yet): retry in a moment, or "
+                "on the replica that loaded it"
+            )
         return b
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -234,7 +248,7 @@ class DataPlane:
             self._expiry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
-        for b in self._batchers.values():
+        for b in list(self._batchers.values()):
             await b.stop()
             b.executor.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
@@ -404,7 +418,7 @@ class DataPlane:
         """Set the open-sessions gauge from the store (for a shared store: all sessions, every replica). Only a
         gauge: a store that cannot answer now leaves it as it was, and the operation that called this stands."""
         try:
-            for key in self._batchers:
+            for key in list(self._batchers):  # NOTE: a copy: a version may be loaded or unloaded meanwhile
                 self.metrics.sessions_open.labels(key).set(await self.store.count(key))
         except ServeError as e:
             log.warning("cannot count open sessions: %s", e.message)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from service.core.dataplane import DataPlane
+from service.core.sessions import Snapshot
 from service.errors import InvalidInputError, ServeError, SessionExistsError, SessionNotFoundError
 from service.repository import ModelVersion
 
@@ -49,6 +52,15 @@ class InferResponse:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+def sequence_key(value: Any) -> str | None:
+    """The session id a sequence_id parameter names (None: no sequence): 7, 7.0 and "7" are the same sequence."""
+    if isinstance(value, float) and value.is_integer() and 0 <= value < 2**53:
+        value = int(value)  # NOTE: JSON's 7.0 is the integer 7 (JSON Schema says so too)
+    if value is None or isinstance(value, bool) or value in (0, ""):  # NOTE: 0 and "" mean "no sequence"
+        return None
+    return str(value)
+
+
 def sequence_parameters(params: dict[str, Any]) -> dict[str, Any]:
     """The sequence fields of an `InferRequest` from a request's parameters (JSON values, or gRPC ones decoded);
     unknown or mistyped parameters are refused with what is accepted."""
@@ -61,14 +73,15 @@ def sequence_parameters(params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     sid = params.get("sequence_id")
     if isinstance(sid, float) and sid.is_integer() and 0 <= sid < 2**53:
-        sid = int(sid)  # NOTE: JSON's 7.0 is the integer 7 (JSON Schema says so too)
+        sid = int(sid)
     if sid is not None:
         if isinstance(sid, bool) or not isinstance(sid, int | str):
             raise InvalidInputError("parameter sequence_id must be an unsigned integer or a string")
         if isinstance(sid, int) and not 0 <= sid < 2**64:
             raise InvalidInputError(f"parameter sequence_id must be a uint64; got {sid}")
-        if sid not in (0, ""):  # NOTE: 0 and "" mean "no sequence", as in Triton
-            out["sequence_id"] = str(sid)
+        key = sequence_key(sid)
+        if key is not None:
+            out["sequence_id"] = key
     for flag, key in (("sequence_start", "start"), ("sequence_end", "end")):
         value = params.get(flag, False)
         if not isinstance(value, bool):
@@ -124,7 +137,7 @@ def model_config(m: ModelVersion, versions: list[str], max_batch_size: int, idle
     }
 
 
-def _sequences(m: ModelVersion, req: InferRequest) -> tuple[np.ndarray, bool]:
+def _sequences(dp: DataPlane, m: ModelVersion, req: InferRequest) -> tuple[np.ndarray, bool]:
     """The request's input as [B, T, F] float32, and whether it came without the batch dimension ([T, F])."""
     sig = m.signature
     if set(req.inputs) != {INPUT}:
@@ -135,15 +148,20 @@ def _sequences(m: ModelVersion, req: InferRequest) -> tuple[np.ndarray, bool]:
     datatype, shape, data = req.inputs[INPUT]
     if datatype != "FP32":
         raise InvalidInputError(f"input {INPUT!r} must be FP32; got {datatype}")
-    if len(shape) not in (2, 3) or any(d < 0 for d in shape):
+    if len(shape) not in (2, 3) or any(d < 1 for d in shape):
         raise InvalidInputError(
-            f"input {INPUT!r} must have shape [B, T, {sig.features}] (B = 1 in a sequence) or [T, {sig.features}]; "
-            f"got {shape}"
+            f"input {INPUT!r} must have shape [B, T, {sig.features}] (B = 1 in a sequence) or [T, {sig.features}], "
+            f"every dimension at least 1; got {shape}"
         )
-    if int(np.prod(shape)) != data.size:
+    steps = math.prod(shape[:-1])  # NOTE: Python integers: no overflow, whatever the client declares
+    if steps > dp.limits.max_steps_per_call:
         raise InvalidInputError(
-            f"input {INPUT!r} has shape {shape} ({int(np.prod(shape))} values) but carries {data.size}"
+            f"input {INPUT!r} holds {steps} steps (B x T); the limit per request is {dp.limits.max_steps_per_call}: "
+            "split it"
         )
+    if math.prod(shape) != data.size:
+        n = math.prod(shape)
+        raise InvalidInputError(f"input {INPUT!r} has shape {shape} ({n} values) but carries {data.size}")
     x = data.reshape(shape)
     flat = x.ndim == 2
     x = x[None] if flat else x
@@ -163,7 +181,7 @@ async def infer(dp: DataPlane, req: InferRequest, owner: str = "") -> InferRespo
     if req.outputs is not None and any(o != OUTPUT for o in req.outputs):
         bad = sorted(set(req.outputs) - {OUTPUT})
         raise InvalidInputError(f"{model.describe()} has one output, {OUTPUT!r}; no output named {', '.join(bad)}")
-    x, flat = _sequences(model, req)
+    x, flat = _sequences(dp, model, req)
     params: dict[str, Any] = {}
     if req.sequence_id is None:
         if req.start or req.end:
@@ -173,10 +191,16 @@ async def infer(dp: DataPlane, req: InferRequest, owner: str = "") -> InferRespo
     else:
         sid = req.sequence_id
         if req.start:
-            model = await _start(dp, model, sid, owner)
+            dp.validate_inputs(model, x[0])  # NOTE: before the start ends a sequence still open under this id
+            model, undo = await _start(dp, model, sid, owner)
+            try:
+                result = await dp.step(sid, x[0], None, req.timeout, owner)
+            except ServeError:
+                await undo()  # NOTE: a START that fails leaves things as they were
+                raise
         else:
             model = await _pinned(dp, model, req, sid, owner)
-        result = await dp.step(sid, x[0], None, req.timeout, owner)
+            result = await dp.step(sid, x[0], None, req.timeout, owner)
         y = result.outputs[None]
         params = {"sequence_id": sid, "sequence_steps": result.steps}
         if req.end:
@@ -185,15 +209,27 @@ async def infer(dp: DataPlane, req: InferRequest, owner: str = "") -> InferRespo
     return InferResponse(model.name, model.version, req.id, {OUTPUT: y[0] if flat else y}, params)
 
 
-async def _start(dp: DataPlane, model: ModelVersion, sid: str, owner: str) -> ModelVersion:
-    """START: a new session for the sequence; one still open under that id ends first (Triton ends it early)."""
+async def _start(
+    dp: DataPlane, model: ModelVersion, sid: str, owner: str
+) -> tuple[ModelVersion, Callable[[], Awaitable[None]]]:
+    """START: a new session for the sequence; one still open under that id ends first (Triton ends it early).
+    Returns the version it runs and how to undo the start if its step fails (the old session comes back)."""
+    old: Snapshot | None = None
     try:
         info = await dp.create_session(model.name, model.version, sid, owner)
     except SessionExistsError:
         with contextlib.suppress(SessionNotFoundError):
+            old = await dp.export_session(sid, owner)
             await dp.delete_session(sid, None, owner)
         info = await dp.create_session(model.name, model.version, sid, owner)
-    return dp.get_model(info.model, info.version)
+
+    async def undo() -> None:
+        with contextlib.suppress(ServeError):
+            await dp.delete_session(sid, info.incarnation, owner)
+            if old is not None:
+                await dp.import_session(sid, old, owner)
+
+    return dp.get_model(info.model, info.version), undo
 
 
 async def _pinned(dp: DataPlane, model: ModelVersion, req: InferRequest, sid: str, owner: str) -> ModelVersion:

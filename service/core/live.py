@@ -26,6 +26,7 @@ from service.repository import ModelLoadError, load_version
 
 log = logging.getLogger(__name__)
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VERSION = re.compile(r"[1-9][0-9]{0,17}")  # NOTE: ASCII digits only (str.isdigit also takes "²")
 SETTLE_SECONDS = 1.0  # a model file changed more recently than this may still be being copied
 
 
@@ -58,6 +59,9 @@ class LiveRepository:
         # runs in every worker, so new versions still go live everywhere)
         self.one_of_workers = one_of_workers
         self._failed: dict[tuple[str, str], tuple[tuple[tuple[int, int], ...], str]] = {}
+        # NOTE: versions unloaded through the API, with their files then: polling leaves them alone until their
+        # files change or a load asks for them
+        self._unloaded: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {}
         self._lock = asyncio.Lock()  # NOTE: one load at a time (polling and the API may race for a version)
         self._task: asyncio.Task[None] | None = None
 
@@ -93,7 +97,7 @@ class LiveRepository:
     def _on_disk(self, name: str | None = None) -> list[Path]:
         """Version directories (`<name>/<positive integer>/model.onnx`) under the root, in version order."""
         pattern = f"{name}/*/model.onnx" if name else "*/*/model.onnx"
-        found = [p.parent for p in self.root.glob(pattern) if p.parent.name.isdigit() and int(p.parent.name) > 0]
+        found = [p.parent for p in self.root.glob(pattern) if VERSION.fullmatch(p.parent.name)]
         return sorted(found, key=lambda d: (d.parent.name, int(d.name)))
 
     def index(self, ready_only: bool = False) -> list[VersionState]:
@@ -103,7 +107,11 @@ class LiveRepository:
             key = (d.parent.name, d.name)
             if key not in loaded and not ready_only:
                 failed = self._failed.get(key)
-                reason = failed[1] if failed else "not loaded (load it, or wait for the next poll)"
+                reason = (
+                    failed[1] if failed
+                    else "unloaded (load it to serve it again)" if key in self._unloaded
+                    else "not loaded (load it, or wait for the next poll)"
+                )  # fmt: skip
                 out.append(VersionState(*key, "UNAVAILABLE", reason))
         return sorted(out, key=lambda s: (s.name, int(s.version)))
 
@@ -114,10 +122,11 @@ class LiveRepository:
         files = _files(d)
         try:
             m = await asyncio.to_thread(load_version, d, self.threads)
-        except ModelLoadError as e:
-            self._failed[(name, version)] = (files, str(e))
-            log.warning("cannot load %s/%s (the versions that serve go on serving): %s", name, version, e)
-            return str(e)
+        except Exception as e:  # NOTE: whatever a directory holds, it is reported and never stops the others
+            why = str(e) if isinstance(e, ModelLoadError) else f"{name}/{version}: cannot load: {type(e).__name__}"
+            self._failed[(name, version)] = (files, why)
+            log.warning("cannot load %s/%s (the versions that serve go on serving): %s", name, version, why)
+            return why
         self._failed.pop((name, version), None)
         self.dp.add_model(m)
         log.info("%s/%s is live: new sessions of %s use it", name, version, name)
@@ -140,6 +149,8 @@ class LiveRepository:
                 failed = self._failed.get((name, version))
                 if failed is not None and failed[0] == files:
                     continue  # NOTE: failed as it is now; retried when its files change
+                if self._unloaded.get((name, version)) == files:
+                    continue  # NOTE: unloaded on purpose; a new copy of its files (or a load) brings it back
                 if await self._load_dir(d) is None:
                     done.append(f"{name}/{version}")
         return done
@@ -161,6 +172,7 @@ class LiveRepository:
             for v in self._on_disk(d.name):
                 if self._loaded(name, v.name):
                     continue
+                self._unloaded.pop((name, v.name), None)
                 why = await self._load_dir(v)
                 if why is None:
                     loaded.append(v.name)
@@ -191,4 +203,5 @@ class LiveRepository:
         ended = 0
         for v in versions:
             ended += await self.dp.remove_model(name, v, force)
+            self._unloaded[(name, v)] = _files(self.root / name / v)
         return versions, ended

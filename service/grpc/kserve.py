@@ -4,7 +4,7 @@ and configuration extensions; a thin adapter over `service.core.infer`, like the
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +22,7 @@ from service.core.infer import (
     load_parameters,
     model_config,
     model_metadata,
+    sequence_key,
     unload_parameters,
 )
 from service.core.infer import sequence_parameters as read_parameters
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 SERVICE = "GRPCInferenceService"
 FULL_NAME = kpb.DESCRIPTOR.services_by_name[SERVICE].full_name  # "inference.GRPCInferenceService"
 STREAM_WINDOW = 64  # requests of one stream in flight at once (answers still go back in request order)
-CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "INT32": "int_contents"}
+CONTENTS = {"FP32": "fp32_contents"}
 
 
 def _parameter(p: kpb.InferParameter | kpb.ModelRepositoryParameter) -> Any:
@@ -56,19 +57,18 @@ def decode(r: kpb.ModelInferRequest) -> InferRequest:
     inputs: dict[str, tuple[str, list[int], np.ndarray]] = {}
     for i, t in enumerate(r.inputs):
         dtype = NUMERIC.get(t.datatype)
+        if dtype is None:
+            raise InvalidInputError(f"input {t.name!r} must be FP32; got {t.datatype}")
         if r.raw_input_contents:
             raw = r.raw_input_contents[i]
-            if dtype is None or len(raw) % np.dtype(dtype).itemsize:
+            if len(raw) % np.dtype(dtype).itemsize:
                 raise InvalidInputError(f"input {t.name!r}: raw contents must be whole FP32 values; got {t.datatype}")
             data = np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
         else:
-            field = CONTENTS.get(t.datatype)
-            if field is None:
-                raise InvalidInputError(f"input {t.name!r}: datatype {t.datatype} is not accepted; send FP32")
-            data = np.asarray(getattr(t.contents, field), dtype=dtype)
+            data = np.asarray(getattr(t.contents, CONTENTS[t.datatype]), dtype=dtype)
         if t.name in inputs:
             raise InvalidInputError(f"input {t.name!r} appears twice")
-        inputs[t.name] = (t.datatype, list(t.shape), data.astype(np.float32) if t.datatype == "FP32" else data)
+        inputs[t.name] = (t.datatype, list(t.shape), data.astype(np.float32, copy=False))
     wanted = [o.name for o in r.outputs] or None
     return InferRequest(r.model_name, r.model_version or None, inputs, wanted, r.id, **read_parameters(params))
 
@@ -186,8 +186,8 @@ class InferenceServicer(ServicerBase, kpb_grpc.GRPCInferenceServiceServicer):
     ) -> tuple[kpb.ModelStreamInferResponse, ServeError | None]:
         """One stream request; `after` is the previous request of the same sequence, which must apply first."""
         if after is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await after
+            # NOTE: wait for it without taking its outcome, and without swallowing a cancel of this request
+            await asyncio.wait((after,))
         rid = request.id if isinstance(request, kpb.ModelInferRequest) else ""
         try:
             self.check_size(request)
@@ -218,19 +218,23 @@ class InferenceServicer(ServicerBase, kpb_grpc.GRPCInferenceServiceServicer):
         answers = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_WINDOW)  # NOTE: bounds the requests read ahead of their answers
 
+        last: dict[str, asyncio.Task[Any]] = {}  # sequence id -> its latest request still running
+
+        def forget(sid: str, task: asyncio.Task[Any]) -> None:
+            if last.get(sid) is task:
+                del last[sid]
+
         async def read() -> None:
-            last: dict[str, asyncio.Task[Any]] = {}  # sequence id -> its latest request
             try:
                 async for req in request_iterator:
                     await slots.acquire()
                     sid = None
                     if isinstance(req, kpb.ModelInferRequest) and "sequence_id" in req.parameters:
-                        sid = str(_parameter(req.parameters["sequence_id"]))
-                        if sid in ("0", ""):
-                            sid = None
+                        sid = sequence_key(_parameter(req.parameters["sequence_id"]))
                     task = asyncio.ensure_future(self._one(req, owner, last.get(sid) if sid else None))
                     if sid:
                         last[sid] = task
+                        task.add_done_callback(functools.partial(forget, sid))
                     answers.put_nowait(task)
             finally:
                 answers.put_nowait(None)

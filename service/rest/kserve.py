@@ -32,7 +32,7 @@ from service.core.live import LiveRepository
 from service.errors import ErrorCode, InvalidInputError, MalformedRequestError, UnavailableError
 
 HEADER_LENGTH = "inference-header-content-length"
-NUMERIC = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
+NUMERIC = {"FP32": np.float32}  # NOTE: the datatypes taken (an LSTM's inputs are FP32; others are refused early)
 
 
 def server_version() -> str:
@@ -86,9 +86,9 @@ def _tensor(spec: Any, raw: memoryview | None) -> tuple[str, tuple[str, list[int
     ):
         raise InvalidInputError(f"input {name!r} needs a datatype (such as FP32) and a shape (a list of integers)")
     dtype = NUMERIC.get(datatype)
+    if dtype is None:
+        raise InvalidInputError(f"input {name!r} must be FP32; got {datatype}")
     if raw is not None:
-        if dtype is None:
-            raise InvalidInputError(f"input {name!r}: datatype {datatype} is not accepted; send FP32")
         if len(raw) % np.dtype(dtype).itemsize:
             raise InvalidInputError(f"input {name!r}: {len(raw)} bytes is not a whole number of {datatype} values")
         data = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
@@ -99,8 +99,8 @@ def _tensor(spec: Any, raw: memoryview | None) -> tuple[str, tuple[str, list[int
         if flat is None:
             raise InvalidInputError(f"input {name!r}: data must be a flat or nested list of numbers")
         with np.errstate(over="ignore"):  # NOTE: beyond float32 becomes inf, which the core refuses
-            data = np.asarray(flat, dtype=np.float64 if dtype is None else dtype)
-    return name, (datatype, shape, data.astype(np.float32) if datatype == "FP32" else data)
+            data = np.asarray(flat, dtype=dtype)
+    return name, (datatype, shape, data.astype(np.float32, copy=False))
 
 
 def decode(body: bytes, header_length: str | None, model: str, version: str | None) -> tuple[InferRequest, bool]:
@@ -263,9 +263,12 @@ def kserve_routers(
     async def metadata(name: str, version: str | None, _: Request) -> dict[str, Any]:
         return model_metadata(dp.get_model(name, version), dp.versions(name))
 
-    async def model_ready(name: str, version: str | None, _: Request) -> dict[str, Any]:
+    async def model_ready(name: str, version: str | None, _: Request) -> JSONResponse:
         dp.get_model(name, version)  # NOTE: unknown: the table's 404
-        return {"name": name, "ready": dp.ready}
+        if dp.ready:
+            return JSONResponse({"name": name, "ready": True})
+        # NOTE: the protocol says "not ready" with a non-200 status (tritonclient looks at the status only)
+        return JSONResponse({"name": name, "ready": False, "error": "not ready", "code": "unavailable"}, 503)
 
     async def config(name: str, version: str | None, _: Request) -> dict[str, Any]:
         m = dp.get_model(name, version)
@@ -352,9 +355,10 @@ def kserve_routers(
         ),
     }  # fmt: skip
     unknown = {"responses": responses(ErrorCode.MODEL_NOT_FOUND)}
+    ready_doc = {"responses": responses(ErrorCode.MODEL_NOT_FOUND, ErrorCode.UNAVAILABLE)}
     for tail, fn, verb, summary, doc in (
         ("", metadata, "GET", "KServe v2: model metadata", unknown),
-        ("/ready", model_ready, "GET", "KServe v2: is the model ready", unknown),
+        ("/ready", model_ready, "GET", "KServe v2: is the model ready", ready_doc),
         ("/config", config, "GET", "Triton: the model configuration", unknown),
         ("/infer", model_infer, "POST", "KServe v2: inference (JSON, or Triton's binary tensors)", infer_doc),
     ):

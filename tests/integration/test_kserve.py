@@ -260,3 +260,70 @@ async def test_a_v2_stream_batches_its_sequences_with_native_steps_and_ends_on_e
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "must specify the START flag" in (err.value.details() or "")
         assert len(got) == 1
+
+
+async def test_bad_requests_are_refused_fast_and_a_failed_start_keeps_the_open_sequence(
+    make_server: ServerFactory, weather: np.ndarray
+) -> None:
+    """Shapes with a zero, huge or overflowing dimension and non-FP32 data are 400s at once; a START that fails
+    leaves the sequence that was open under its id exactly as it was, and a START+END that fails leaves none;
+    7, 7.0 and "7" name one sequence; a draining server's model is not ready (503)."""
+    srv = await make_server()
+    x = weather[:3].astype(np.float32)
+    url = f"/v2/models/{MODEL}/infer"
+
+    def body(shape: list[int], data: list[Any], **params: Any) -> dict[str, Any]:
+        return {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": data}], "parameters": params}
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as rest:
+        for shape, data in (([1000000, 1, 0], []), ([4294967296, 4294967296], []), ([1, 5000, 4], [0.0] * 20000)):
+            r = await asyncio.wait_for(rest.post(url, json=body(shape, data)), 5)
+            assert r.status_code == 400, (shape, r.text)
+        r = await rest.post(url, json={"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 4],
+                                                   "data": [99999999999, 0, 0, 0]}]})  # fmt: skip
+        assert (r.status_code, "must be FP32" in r.json()["error"]) == (400, True)
+
+        r = await rest.post(url, json=body([3, 4], x.tolist(), sequence_id=7, sequence_start=True))
+        assert r.status_code == 200, r.text
+        before = (await rest.get("/v1/sessions/7/state")).json()
+        r = await rest.post(url, json=body([1, 3], [0.0, 0.0, 0.0], sequence_id=7, sequence_start=True))
+        assert r.status_code == 400
+        assert (await rest.get("/v1/sessions/7/state")).json() == before  # NOTE: the failed START took nothing
+        r = await rest.post(url, json=body([1, 4], [0.0] * 4, sequence_id=7.0))
+        assert (r.status_code, r.json()["parameters"]["sequence_steps"]) == (200, 4)
+        r = await rest.post(url, json=body([1, 4], [0.0] * 4, sequence_id="7", sequence_end=True))
+        assert (r.status_code, r.json()["parameters"]["sequence_steps"]) == (200, 5)
+        r = await rest.post(url, json=body([1, 3], [0.0] * 3, sequence_id=8, sequence_start=True, sequence_end=True))
+        assert r.status_code == 400
+        assert (await rest.get("/v1/sessions/8")).status_code == 404
+        assert await srv.store.count() == 0
+        srv.dataplane.begin_drain()
+        r = await rest.get(f"/v2/models/{MODEL}/ready")
+        assert (r.status_code, r.json()["ready"]) == (503, False)
+
+
+async def test_a_cancelled_v2_stream_stops_applying_the_requests_it_had_read(
+    make_server: ServerFactory, weather: np.ndarray
+) -> None:
+    """Many large requests of one sequence on a stream, cancelled after the first answer: the requests not yet
+    run are dropped, so the sequence stops growing soon after, well short of all of them."""
+    srv = await make_server()
+    x = np.tile(weather[:8].astype(np.float32), (512, 1))  # 4096 steps per request
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+        v2 = kpb_grpc.GRPCInferenceServiceStub(ch)
+        call = v2.ModelStreamInfer()
+        await call.write(infer_request(x, "long", start=True))
+        for _ in range(59):
+            await call.write(infer_request(x, "long"))
+        await call.read()
+        call.cancel()
+    info = await srv.dataplane.get_session("long")
+
+    async def steps() -> int:
+        return (await srv.dataplane.get_session("long")).steps
+
+    await asyncio.sleep(0.5)
+    settled = await steps()
+    await asyncio.sleep(0.5)
+    assert await steps() == settled  # NOTE: nothing runs any more after the cancel
+    assert settled < 60 * 4096 / 2, (info.steps, settled)

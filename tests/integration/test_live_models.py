@@ -189,3 +189,61 @@ async def test_unload_is_refused_while_sessions_need_a_version_and_forced_unload
         assert (r.status_code, "last model" in r.json()["error"]) == (409, True)
         index_after: Any = (await rest.post("/v2/repository/index", json={"ready": True})).json()
         assert index_after == [{"name": MODEL, "version": "2", "state": "READY", "reason": ""}]
+
+
+async def test_polling_leaves_an_unloaded_version_alone_and_a_broken_directory_blocks_no_other(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    """An API unload is not undone by the next poll (a load brings the version back); a model.json that is not
+    even text fails its own version only, with the reason in the index, and the versions after it load."""
+    repo = tmp_path / "models"
+    shutil.copytree(SHIPPED_MODEL, repo / MODEL / "1")
+    other_model(repo / "other" / "1")
+    srv = await make_server(models=repo, model_poll_s=0.1)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as rest:
+        assert (await rest.post("/v2/repository/models/other/unload")).status_code == 200
+        (repo / "aaa" / "1").mkdir(parents=True)
+        shutil.copy(repo / "other" / "1" / "model.onnx", repo / "aaa" / "1" / "model.onnx")
+        (repo / "aaa" / "1" / "model.json").write_bytes(b"\xff\xfe not utf-8")
+        other_model(repo / "zzz" / "1")
+        await until(lambda: "zzz" in srv.repo.names(), within=15)
+        assert "other" not in srv.repo.names()  # NOTE: still unloaded, several polls later
+        index = {(e["name"], e["version"]): e for e in (await rest.post("/v2/repository/index")).json()}
+        assert index[("other", "1")]["reason"].startswith("unloaded")
+        assert "aaa/1: cannot read model.json" in index[("aaa", "1")]["reason"]
+        r = await rest.post("/v2/repository/models/aaa/load")
+        assert (r.status_code, r.json()["code"]) == (400, "model_load_failed")
+        assert (await rest.post("/v2/repository/models/other/load")).json()["loaded"] == ["1"]
+
+
+async def test_loads_and_unloads_racing_with_sessions_on_redis_give_no_server_error(
+    make_server: ServerFactory, tmp_path: Path, prefix: str
+) -> None:
+    """Sessions created and deleted while a second model is loaded and unloaded over and over (the Redis store
+    yields on every count): every answer is a success or a documented error, never a 500; two unloads of one
+    version at once: one unloads, the other is told it is not there."""
+    from tests.integration.conftest import REDIS_URL
+
+    repo = tmp_path / "models"
+    shutil.copytree(SHIPPED_MODEL, repo / MODEL / "1")
+    other_model(repo / "other" / "1")
+    srv = await make_server(models=repo, model_poll_s=0, state_store=REDIS_URL, redis_key_prefix=prefix)
+    statuses: list[int] = []
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as rest:
+
+        async def sessions() -> None:
+            for _ in range(60):
+                r = await rest.post("/v1/sessions", json={"model": MODEL})
+                statuses.append(r.status_code)
+                if r.status_code == 201:
+                    statuses.append((await rest.delete(f"/v1/sessions/{r.json()['session_id']}")).status_code)
+
+        async def cycles() -> None:
+            for _ in range(6):
+                statuses.append((await rest.post("/v2/repository/models/other/unload")).status_code)
+                statuses.append((await rest.post("/v2/repository/models/other/load")).status_code)
+
+        await asyncio.gather(sessions(), sessions(), cycles())
+        assert set(statuses) <= {200, 201}, statuses
+        twice = await asyncio.gather(*(rest.post("/v2/repository/models/other/unload") for _ in range(2)))
+        assert sorted(r.status_code for r in twice) == [200, 404]

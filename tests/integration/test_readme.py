@@ -109,12 +109,12 @@ async def test_triton_client_examples_run(server: Server, tmp_path: Path) -> Non
     sequence that /v1 shows, and end it."""
     from tests.integration.test_kserve import TRITON_PYTHON
 
-    (code,) = blocks("python", "### Triton's client")
+    (code,) = blocks("python", "### Use Triton's client")
     rc, out, err = await run([str(TRITON_PYTHON), "-c", localize(code, server)], tmp_path)
     assert rc == 0, err
     assert "'name': 'x'" in out
     assert out.count("[") >= 4  # the metadata, then three 7-day forecasts
-    for line in commands(blocks("bash", "### Triton's client")[0]):
+    for line in commands(blocks("bash", "### Use Triton's client")[0]):
         rc, out, err = await run(["bash", "-c", localize(line, server)], tmp_path)
         assert rc == 0, (line, err)
         assert '"error"' not in out, (line, out)
