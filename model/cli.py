@@ -62,6 +62,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--num-layers", type=int, default=D.num_layers, help="L, stacked LSTM layers (default %(default)s)")
     g.add_argument(
+        "--ensemble", type=int, default=D.ensemble, metavar="K",
+        help="train K members (seeds seed..seed+K-1) and export them as one LSTM of hidden size K*H whose forecast "
+        "is their mean (default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--dropout",
         type=float,
         default=D.dropout,
@@ -137,6 +142,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         context=a.context,
         hidden_size=a.hidden_size,
         num_layers=a.num_layers,
+        ensemble=a.ensemble,
         dropout=a.dropout,
         residual=a.residual,
         loss=a.loss,
@@ -149,6 +155,37 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         threads=a.threads,
         require_beats_persistence=not a.allow_worse,
     )
+
+
+def add_backtest_arguments(p: argparse.ArgumentParser) -> None:
+    add_train_arguments(p)
+    p.add_argument("--folds", type=int, default=4, help="test windows, the last F blocks of the data (default 4)")
+    p.add_argument("--out", type=Path, help="where to write backtest.json and backtest.png (default runs/<name>/)")
+
+
+def run_backtest(a: argparse.Namespace) -> int:
+    """Train one model per fold and score it and both baselines; print the table, write JSON and a plot."""
+    import json
+
+    from model.backtest import backtest, plot, table
+    from model.data import DataError
+
+    if a.csv is not None and not a.target:
+        print("error: --csv needs --target COL (the column to forecast)", file=sys.stderr)
+        return 2
+    cfg = config_from_args(a)
+    try:
+        result = backtest(cfg, a.folds, progress=not a.no_progress)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = a.out or Path("runs") / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "backtest.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "backtest.png", cfg.target)
+    print(table(result))
+    print(f"wrote {out / 'backtest.json'} and {out / 'backtest.png'}")
+    return 0
 
 
 def run_train(a: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ class TrainConfig:
     num_layers: int = 1  # L: stacked LSTM layers
     residual: bool = False  # forecast the change from the latest target value (when the target is an input)
     dropout: float = 0.1  # dropout on the LSTM output before the head (and between layers when L > 1)
+    ensemble: int = 1  # K members (seeds seed..seed+K-1) exported as one LSTM of hidden size K*H (model/ensemble.py)
     # --- optimisation ---
     loss: str = "huber"  # training loss in scaled units: mse, l1 or huber
     batch_size: int = 32  # windows per optimiser step

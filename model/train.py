@@ -127,14 +127,21 @@ def predict_streaming(model: LSTMForecaster, values: F32, origins: np.ndarray) -
     return out
 
 
-def train(cfg: TrainConfig, progress: bool = True, log: Any = print) -> dict[str, Any]:
-    """Run one training and evaluation; return the self-describing checkpoint dict."""
+@dataclass
+class Fitted:
+    """One trained network and how its training went."""
+
+    model: LSTMForecaster
+    best_epoch: int
+    best_val: float
+    history: list[dict[str, float]]
+
+
+def fit(cfg: TrainConfig, data: Prepared, seed: int, progress: bool, log: Any, desc: str = "training") -> Fitted:
+    """Train one network from `seed`, early-stopped on the validation loss; the best epoch's weights."""
     from tqdm import tqdm
 
-    started = time.time()
-    seed_everything(cfg.seed, cfg.threads)
-    data = prepare(cfg)
-    series, split, scaler = data.series, data.split, data.scaler
+    series, scaler = data.series, data.scaler
     args = ModelArgs(
         len(series.features), cfg.hidden_size, cfg.num_layers, cfg.horizon, cfg.dropout, data.residual_index
     )
@@ -144,16 +151,11 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = print) -> dict[str
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, cfg.patience // 3))
     tx, ty = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
     vx, vy = torch.from_numpy(data.val_x), torch.from_numpy(data.val_y)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    log(
-        f"data: {series.source}: {len(series)} rows; train {split.train_end}, "
-        f"validation {split.val_end - split.train_end}, test {split.n - split.val_end}; "
-        f"{tx.shape[0]} training windows of {cfg.window} steps"
-    )
+    gen = torch.Generator().manual_seed(seed)
     best_val, best_state, best_epoch, bad = math.inf, copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
     min_epochs = min(cfg.min_epochs, cfg.max_epochs)
-    bar = tqdm(range(1, cfg.max_epochs + 1), desc="training", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
         perm = torch.randperm(tx.shape[0], generator=gen)
@@ -178,10 +180,39 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = print) -> dict[str
             bad += 1
             if epoch >= min_epochs and bad >= cfg.patience:
                 bar.close()
-                log(f"early stop at epoch {epoch}: no better validation loss for {cfg.patience} epochs")
+                log(f"{desc}: early stop at epoch {epoch}: no better validation loss for {cfg.patience} epochs")
                 break
     model.load_state_dict(best_state)
     model.eval()
+    return Fitted(model, best_epoch, best_val, history)
+
+
+def train(cfg: TrainConfig, progress: bool = True, log: Any = print, series: Series | None = None) -> dict[str, Any]:
+    """Run one training (of `cfg.ensemble` members, merged into one LSTM) and its evaluation; return the
+    self-describing checkpoint dict."""
+    started = time.time()
+    seed_everything(cfg.seed, cfg.threads)
+    data = prepare(cfg, series)
+    series, split, scaler = data.series, data.split, data.scaler
+    log(
+        f"data: {series.source}: {len(series)} rows; train {split.train_end}, "
+        f"validation {split.val_end - split.train_end}, test {split.n - split.val_end}; "
+        f"{data.train_x.shape[0]} training windows of {cfg.window} steps"
+    )
+    fitted: list[Fitted] = []
+    for k in range(cfg.ensemble):
+        if k:
+            seed_everything(cfg.seed + k, cfg.threads)  # NOTE: member 0 is exactly the single-model run
+        desc = f"member {k + 1}/{cfg.ensemble}" if cfg.ensemble > 1 else "training"
+        fitted.append(fit(cfg, data, cfg.seed + k, progress, log, desc))
+    if cfg.ensemble > 1:
+        from model.ensemble import merge
+
+        model = merge([f.model for f in fitted])
+    else:
+        model = fitted[0].model
+    args = model.args
+    best_epoch, best_val, history = fitted[0].best_epoch, min(f.best_val for f in fitted), fitted[0].history
 
     # --- evaluation on the test part, all models on the same origins ---
     origins = data.origins
@@ -197,6 +228,7 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = print) -> dict[str
     }
     metrics = {name: scores(pred, actual) for name, pred in forecasts.items()}
     metrics["lstm_streaming"] = scores(predict_streaming(model, series.values, origins), actual)
+    members = [scores(predict_at_origins(f.model, series.values, origins, cfg.context), actual) for f in fitted]
     elapsed = time.time() - started
     log(
         f"best epoch {best_epoch} (validation loss {best_val:.4f}); {elapsed:.0f} s\n"
@@ -227,9 +259,16 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = print) -> dict[str
         },
         "metrics": {
             "test": metrics,
+            "ensemble": {
+                "members": cfg.ensemble,
+                "member_hidden_size": cfg.hidden_size,
+                "member_seeds": [cfg.seed + k for k in range(cfg.ensemble)],
+                "member_best_epochs": [f.best_epoch for f in fitted],
+                "member_test": members,
+            },
             "best_epoch": best_epoch,
             "best_val_loss": round(best_val, 6),
-            "epochs_run": len(history),
+            "epochs_run": sum(len(f.history) for f in fitted),
             "train_seconds": round(elapsed, 1),
         },
         "history": history,

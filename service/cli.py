@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands; training ones import torch only when they run."""
-    from model.cli import add_export_arguments, add_train_arguments
+    from model.cli import add_backtest_arguments, add_export_arguments, add_train_arguments
 
     parser = argparse.ArgumentParser(
         prog="lstm-serve",
@@ -23,6 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
         "test part, and export it to ONNX in <models>/<name>/<version>/. Needs the `train` extra (torch).",
     )
     add_train_arguments(p)
+    p = sub.add_parser(
+        "backtest",
+        help="rolling-origin backtest: train and score the model and both baselines on several test windows",
+        description="Fold i of --folds tests on the i-th of the last F blocks of the data and trains on everything "
+        "before it (the block just before its test part validates). Prints MAE per fold and its mean and range, "
+        "writes backtest.json and backtest.png. Takes the flags of `train`. Needs the `train` extra (torch).",
+    )
+    add_backtest_arguments(p)
     p = sub.add_parser("export", help="re-export a training checkpoint to ONNX")
     add_export_arguments(p)
     p = sub.add_parser(
@@ -99,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model.cli import run_train
 
         return run_train(args)
+    if args.command == "backtest":
+        from model.cli import run_backtest
+
+        return run_backtest(args)
     if args.command == "export":
         from model.cli import run_export
 
