@@ -11,7 +11,7 @@ REDIS_PORT ?= 6379
 # NOTE: Triton's own client, for the KServe v2 compatibility tests; its own venv, since it pins protobuf<7
 TRITON_VENV := build/tritonclient-venv
 
-.PHONY: help serve model test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke soak \
+.PHONY: help serve model backtest test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke soak \
 	triton-venv \
 	bench bench-smoke
 
@@ -48,6 +48,9 @@ serve: $(VENV)/.serve  ## serve the shipped model on 127.0.0.1:8000 (REST) and :
 
 model: $(VENV)/.dev  ## retrain and re-export the shipped default model (models/seattle-weather/1)
 	$(BIN)/lstm-serve train --name seattle-weather --version 1 --models models
+
+backtest: $(VENV)/.dev  ## the shipped model's rolling-origin backtest (4 folds, ~3 min): models/seattle-weather/1/backtest.*
+	$(BIN)/lstm-serve backtest --name seattle-weather --folds 4 --out models/seattle-weather/1
 
 proto: $(VENV)/.dev  ## regenerate the gRPC code in service/grpc/_generated from protos/
 	bash scripts/gen_proto.sh service/grpc/_generated

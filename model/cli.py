@@ -62,6 +62,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--num-layers", type=int, default=D.num_layers, help="L, stacked LSTM layers (default %(default)s)")
     g.add_argument(
+        "--highway", action=argparse.BooleanOptionalAction, default=D.highway,
+        help="a linear path from each step's inputs to its outputs, beside the LSTM (default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--ensemble", type=int, default=D.ensemble, metavar="K",
         help="train K members (seeds seed..seed+K-1) and export them as one LSTM of hidden size K*H whose forecast "
         "is their mean (default %(default)s)",
@@ -74,8 +78,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--residual",
-        action="store_true",
-        help="forecast the change from the latest target value instead of the value itself",
+        action=argparse.BooleanOptionalAction,
+        default=D.residual,
+        help="forecast the change from the latest target value instead of the value itself, when the target is "
+        "an input (default %(default)s)",
     )
     g = p.add_argument_group("training")
     g.add_argument(
@@ -143,6 +149,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         hidden_size=a.hidden_size,
         num_layers=a.num_layers,
         ensemble=a.ensemble,
+        highway=a.highway,
         dropout=a.dropout,
         residual=a.residual,
         loss=a.loss,

@@ -27,7 +27,9 @@ def merge(members: list[LSTMForecaster]) -> LSTMForecaster:
             if not torch.equal(getattr(m, name), getattr(members[0], name)):
                 raise ValueError("ensemble members must share the scaler (train them on the same data)")
     k, h = len(members), first.hidden_size
-    args = ModelArgs(first.n_features, k * h, first.num_layers, first.horizon, 0.0, first.residual_index)
+    if any(m.args.highway != first.highway for m in members):
+        raise ValueError("ensemble members must all have a highway, or none")
+    args = ModelArgs(first.n_features, k * h, first.num_layers, first.horizon, 0.0, first.residual_index, first.highway)
     out = LSTMForecaster(args)
     with torch.no_grad():
         for layer in range(first.num_layers):
@@ -51,6 +53,9 @@ def merge(members: list[LSTMForecaster]) -> LSTMForecaster:
             getattr(out.lstm, f"bias_hh_l{layer}").copy_(b_hh)
         out.head.weight.copy_(torch.cat([m.head.weight for m in members], dim=1) / k)
         out.head.bias.copy_(torch.stack([m.head.bias for m in members]).mean(dim=0))
+        if out.skip is not None:  # NOTE: the linear paths are averaged too
+            out.skip.weight.copy_(torch.stack([m.skip.weight for m in members if m.skip]).mean(dim=0))
+            out.skip.bias.copy_(torch.stack([m.skip.bias for m in members if m.skip]).mean(dim=0))
         m0 = members[0]
         out.set_scaler(m0.x_mean, m0.x_std, float(m0.y_mean), float(m0.y_std))
     return out.eval()

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from model.config import Z_MAX
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -19,6 +21,7 @@ class ModelArgs:
     horizon: int  # O: outputs per time step
     dropout: float = 0.0
     residual_index: int = -1  # >= 0: forecast the change from input feature `residual_index` (the target's own column)
+    highway: bool = False  # a linear path from the step's (scaled) inputs to the outputs, beside the LSTM (LSTNet)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +53,7 @@ class LSTMForecaster(nn.Module):
         )
         self.drop = nn.Dropout(args.dropout)
         self.head = nn.Linear(args.hidden_size, args.horizon)
+        self.skip = nn.Linear(args.n_features, args.horizon) if args.highway else None
         self.register_buffer("x_mean", torch.zeros(args.n_features))
         self.register_buffer("x_std", torch.ones(args.n_features))
         self.register_buffer("y_mean", torch.zeros(()))
@@ -70,15 +74,19 @@ class LSTMForecaster(nn.Module):
     def forward_scaled(self, z: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Scaled in, scaled out (used by training): z [B, T, F] -> ([B, T, O], hn, cn)."""
         out, (hn, cn) = self.lstm(z, (h0, c0))  # out: [B, T, H]
-        return self.head(self.drop(out)), hn, cn  # [B, T, O]
+        y = self.head(self.drop(out))  # [B, T, O]
+        return (y if self.skip is None else y + self.skip(z)), hn, cn
 
     def base(self, x: Tensor) -> Tensor:
         """What the scaled output is added to: the current target value (residual) or zero, [B, T, 1]."""
         k = self.args.residual_index
-        return x[..., k : k + 1] if k >= 0 else torch.zeros_like(x[..., :1])
+        if k < 0:
+            return torch.zeros_like(x[..., :1])
+        reach = Z_MAX * self.x_std[k]
+        return x[..., k : k + 1].clamp(self.x_mean[k] - reach, self.x_mean[k] + reach)
 
     def forward(self, x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Raw units in and out: x [B, T, F], h0/c0 [L, B, H] -> y [B, T, O], hn, cn."""
-        z = (x - self.x_mean) / self.x_std
+        z = ((x - self.x_mean) / self.x_std).clamp(-Z_MAX, Z_MAX)
         y, hn, cn = self.forward_scaled(z, h0, c0)
         return y * self.y_std + self.y_mean + self.base(x), hn, cn

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from model.config import Z_MAX
+
 F64 = NDArray[np.float64]
 
 
@@ -53,8 +55,10 @@ class NumpyLSTM:
         y_mean: float,
         y_std: float,
         residual_index: int = -1,
+        skip: tuple[F64, F64] | None = None,
     ) -> None:
         self.layers = layers
+        self.skip = skip  # the highway's [O, F] weight and [O] bias, if the model has one
         self.head_w, self.head_b = head_w, head_b  # [O, H], [O]
         self.x_mean, self.x_std = x_mean, x_std
         self.y_mean, self.y_std = y_mean, y_std
@@ -84,6 +88,7 @@ class NumpyLSTM:
             float(a("y_mean")),
             float(a("y_std")),
             residual_index,
+            (a("skip.weight"), a("skip.bias")) if "skip.weight" in sd else None,
         )
 
     def cell(self, layer: LayerWeights, x_t: F64, h: F64, c: F64) -> tuple[F64, F64]:
@@ -98,15 +103,23 @@ class NumpyLSTM:
     def forward(self, x: F64, h0: F64, c0: F64) -> tuple[F64, F64, F64]:
         """x [B, T, F] raw, h0/c0 [L, B, H] -> y [B, T, O] raw, hn, cn (same contract as the ONNX graph)."""
         h, c = np.array(h0, dtype=np.float64), np.array(c0, dtype=np.float64)
-        z = (np.asarray(x, dtype=np.float64) - self.x_mean) / self.x_std
+        z = np.clip((np.asarray(x, dtype=np.float64) - self.x_mean) / self.x_std, -Z_MAX, Z_MAX)
         ys = []
         for t in range(z.shape[1]):
             inp = z[:, t, :]
             for k, layer in enumerate(self.layers):
                 h[k], c[k] = self.cell(layer, inp, h[k], c[k])
                 inp = h[k]
-            ys.append(inp @ self.head_w.T + self.head_b)
+            y_t = inp @ self.head_w.T + self.head_b
+            if self.skip is not None:
+                y_t = y_t + z[:, t, :] @ self.skip[0].T + self.skip[1]
+            ys.append(y_t)
         y = np.stack(ys, axis=1) * self.y_std + self.y_mean
         if self.residual_index >= 0:
-            y = y + np.asarray(x, dtype=np.float64)[:, :, self.residual_index : self.residual_index + 1]
+            k = self.residual_index
+            reach = Z_MAX * self.x_std[k]
+            base = np.clip(
+                np.asarray(x, dtype=np.float64)[:, :, k : k + 1], self.x_mean[k] - reach, self.x_mean[k] + reach
+            )
+            y = y + base
         return y, h, c

@@ -143,7 +143,13 @@ def fit(cfg: TrainConfig, data: Prepared, seed: int, progress: bool, log: Any, d
 
     series, scaler = data.series, data.scaler
     args = ModelArgs(
-        len(series.features), cfg.hidden_size, cfg.num_layers, cfg.horizon, cfg.dropout, data.residual_index
+        len(series.features),
+        cfg.hidden_size,
+        cfg.num_layers,
+        cfg.horizon,
+        cfg.dropout,
+        data.residual_index,
+        cfg.highway,
     )
     model = LSTMForecaster(args)
     model.set_scaler(torch.from_numpy(scaler.mean), torch.from_numpy(scaler.std), scaler.target_mean, scaler.target_std)

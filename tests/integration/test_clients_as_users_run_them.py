@@ -24,10 +24,12 @@ from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 from tests.conftest import SHIPPED_REPO
-from tests.fixtures import FakeRuntime, fake_repo
+from tests.fixtures import SHIPPED_CARD, FakeRuntime, fake_repo
 from tests.integration.conftest import ServerFactory, sample, until
 
 MODEL = "seattle-weather"
+
+SHIPPED_H = SHIPPED_CARD.hidden_size  # H of the shipped model (its card says)
 
 
 def matrix(row: np.ndarray) -> pb.Matrix:
@@ -304,7 +306,7 @@ async def test_grpc_import_without_a_version_is_refused(server: Server) -> None:
     """An imported state belongs to the version that made it: an empty version is an error, not the newest."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = pb_grpc.PredictorStub(channel)
-        zeros = pb.Matrix(rows=1, cols=48, data=[0.0] * 48)
+        zeros = pb.Matrix(rows=1, cols=SHIPPED_H, data=[0.0] * SHIPPED_H)
         snap = pb.SessionSnapshot(model=MODEL, version="", h=zeros, c=zeros)
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.ImportSession(pb.ImportSessionRequest(session_id="imported", snapshot=snap))

@@ -18,11 +18,13 @@ from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 from tests.conftest import SHIPPED_REPO
-from tests.fixtures import FakeRuntime, NonFiniteRuntime, fake_repo
+from tests.fixtures import SHIPPED_CARD, FakeRuntime, NonFiniteRuntime, fake_repo
 from tests.integration.conftest import ServerFactory, sample, until
 
 MODEL = "seattle-weather"
 LIMITS = {"max_steps_per_call": 50, "max_sessions": 4, "max_body_bytes": 64 * 1024, "grpc_max_message_bytes": 64 * 1024}
+
+H = SHIPPED_CARD.hidden_size  # H of the shipped model (its card says)
 
 
 def m(rows: list[list[float]], cols: int | None = None) -> pb.Matrix:
@@ -127,9 +129,9 @@ ROWS: list[Row] = [
      lambda g, s: g.CreateSession(pb.CreateSessionRequest(model=MODEL, session_id="abc\n")), "invalid session id"),
     ("snapshot counters beyond range", ErrorCode.INVALID_INPUT,
      lambda r, s: r.post("/v1/sessions/imported/state", json={"model": MODEL, "version": "1", "steps": 2**63,
-                                                                "seq": 0, "h": [[0.0] * 48], "c": [[0.0] * 48]}),
+                                                                "seq": 0, "h": [[0.0] * H], "c": [[0.0] * H]}),
      lambda g, s: g.ImportSession(pb.ImportSessionRequest(session_id="imported", snapshot=pb.SessionSnapshot(
-         model=MODEL, version="1", steps=2**63, h=m([[0.0] * 48]), c=m([[0.0] * 48])))), "between 0 and"),
+         model=MODEL, version="1", steps=2**63, h=m([[0.0] * H]), c=m([[0.0] * H])))), "between 0 and"),
     ("step batch with many failing items", ErrorCode.INVALID_INPUT,
      lambda r, s: r.post("/v1/steps", json={"steps": [{"session_id": f"!{k}", "inputs": []} for k in range(51)]}),
      lambda g, s: g.StepBatch(pb.StepBatchRequest(steps=[

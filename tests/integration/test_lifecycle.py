@@ -15,11 +15,13 @@ from service.app import Server
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from tests.conftest import SHIPPED_MODEL
-from tests.fixtures import reference_run
+from tests.fixtures import SHIPPED_CARD, reference_run
 from tests.integration.conftest import ServerFactory
 
 MODEL = "seattle-weather"
 ATOL = 1e-5
+
+SHIPPED_H = SHIPPED_CARD.hidden_size  # H of the shipped model (its card says)
 
 
 def matrix(a: np.ndarray) -> pb.Matrix:
@@ -104,7 +106,7 @@ async def test_export_import_round_trip_continues_exactly(
     first = np.asarray((await step(rest, sid, x[:40])).json()["outputs"], np.float32)
     snap = (await rest.get(f"/v1/sessions/{sid}/state")).json()
     assert (snap["model"], snap["version"], snap["steps"], snap["seq"]) == (MODEL, "1", 40, 1)
-    assert np.asarray(snap["h"]).shape == (1, 48)
+    assert np.asarray(snap["h"]).shape == (1, SHIPPED_H)
     imported = await stub.ImportSession(
         pb.ImportSessionRequest(
             session_id="restored",
@@ -127,10 +129,10 @@ async def test_export_import_round_trip_continues_exactly(
     r = await rest.post("/v1/sessions/third/state", json=back)
     assert r.status_code == 200
     assert r.json()["steps"] == 60
-    bad = dict(back, h=[[0.0] * 47])
+    bad = dict(back, h=[[0.0] * (SHIPPED_H - 1)])
     r = await rest.post("/v1/sessions/third/state", json=bad)
     assert r.status_code == 400
-    assert "must be [1, 48]" in r.json()["error"]
+    assert f"must be [1, {SHIPPED_H}]" in r.json()["error"]
 
 
 async def test_seq_retry_is_idempotent_on_both_transports(

@@ -15,7 +15,9 @@ from service.metrics import Metrics
 from service.repository import ModelRepository
 from service.rest.app import create_app
 from tests.conftest import SHIPPED_REPO
-from tests.fixtures import reference_run
+from tests.fixtures import SHIPPED_CARD, reference_run
+
+SHIPPED_H = SHIPPED_CARD.hidden_size  # H of the shipped model (its card says)
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ async def test_openapi_states_the_constraints_the_server_enforces(server: Server
     assert (steps["minItems"], steps["items"]["minItems"], steps["items"]["maxItems"]) == (1, 4, 4)  # F of the model
     assert steps["items"]["items"]["exclusiveMaximum"] == 3.4028235677973366e38  # what float32 keeps finite
     h = bodies["SnapshotBody"]["properties"]["h"]
-    assert (h["minItems"], h["items"]["minItems"]) == (1, 48)  # [L, H] of the model
+    assert (h["minItems"], h["items"]["minItems"]) == (1, SHIPPED_H)  # [L, H] of the model
     assert bodies["StepBody"]["examples"] == [{"inputs": [[0.0, 0.0, 0.0, 0.0]]}]
     assert bodies["StepBatchBody"]["properties"]["steps"]["minItems"] == 1
     params = schema["paths"]["/v1/sessions/{session_id}/steps"]["post"]["parameters"]

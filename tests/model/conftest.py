@@ -22,6 +22,12 @@ TINY = {
     "patience": 2,
     "require_beats_persistence": False,
     "threads": 1,
+    # NOTE: one plain member, as the tiny tests were written for; the variants set their own
+    "ensemble": 1,
+    "residual": False,
+    "highway": False,
+    "loss": "huber",
+    "dropout": 0.1,
 }
 
 
@@ -38,6 +44,11 @@ def tiny_ckpt() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def tiny_residual_ckpt() -> dict[str, Any]:
     return tiny_checkpoint(name="tiny-residual", residual=True, num_layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_highway_ckpt() -> dict[str, Any]:
+    return tiny_checkpoint(name="tiny-highway", residual=True, highway=True)
 
 
 @pytest.fixture(scope="session")

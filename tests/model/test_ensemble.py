@@ -17,7 +17,7 @@ from tests.model.conftest import tiny_checkpoint
 
 ATOL = 1e-5
 K = 3
-SHAPE = {"num_layers": 2, "residual": True, "hidden_size": 6}
+SHAPE = {"num_layers": 2, "residual": True, "hidden_size": 6, "highway": True}
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def run_all(ref: NumpyLSTM, net: Any, sess: ort.InferenceSession, x: np.ndarray,
 
 
 @pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.parametrize("variant", ["tiny_ckpt", "tiny_residual_ckpt"])
+@pytest.mark.parametrize("variant", ["tiny_ckpt", "tiny_residual_ckpt", "tiny_highway_ckpt"])
 def test_whole_sequence_agrees_across_numpy_torch_and_onnxruntime(
     batch: int, variant: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -105,3 +105,19 @@ def test_batch_rows_are_independent(tiny_ckpt: dict[str, Any], tmp_path: Path) -
         np.testing.assert_allclose(yb[0], y[b], atol=ATOL, rtol=0)
         np.testing.assert_allclose(hb[:, 0], hn[:, b], atol=1e-6)
         np.testing.assert_allclose(cb[:, 0], cn[:, b], atol=1e-6)
+
+
+def test_extreme_finite_inputs_give_finite_forecasts_in_all_three(
+    tiny_highway_ckpt: dict[str, Any], tmp_path: Path
+) -> None:
+    """Inputs near the float32 limit saturate inside the graph: the residual and highway paths, linear in the
+    inputs, give finite forecasts (and the three implementations still agree)."""
+    ref, net, sess = implementations(tiny_highway_ckpt, tmp_path)
+    x = np.full((2, 3, 4), 3.0e38, np.float32)
+    x[1] = -3.0e38
+    h, c = random_state(tiny_highway_ckpt, 2, seed=1)
+    (ry, _, _), (ty, _, _), (oy, _, _) = run_all(ref, net, sess, x, h, c)
+    for y in (ry, ty, oy):
+        assert np.isfinite(y).all()
+    np.testing.assert_allclose(oy, ry, rtol=1e-5)
+    np.testing.assert_allclose(ty, ry, rtol=1e-5)

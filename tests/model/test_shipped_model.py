@@ -67,3 +67,26 @@ def test_shipped_model_forecasts_in_raw_units() -> None:
     y, _, _ = sess.run(None, {"x": x, "h0": zeros, "c0": zeros})
     assert y.shape == (1, 14, 7)
     assert 15.0 < float(y[0, -1].mean()) < 33.0
+
+
+def test_readme_reports_the_shipped_backtest_and_test_scores_as_recorded() -> None:
+    """The README's model tables are the numbers in model.json and backtest.json (make backtest), not typed in."""
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The shipped model") : readme.index("## Train your own model")]
+    card = json.loads((SHIPPED_MODEL / "model.json").read_text())
+    test = card["metrics"]["test"]
+    assert f"| LSTM ensemble (shipped) | {test['lstm']['mae_h1']:.2f} | {test['lstm']['mae_mean']:.2f} |" in section
+    assert f"| {test['ridge']['mae_h1']:.2f} | {test['ridge']['mae_mean']:.2f} |" in section
+    assert card["metrics"]["ensemble"]["members"] == 5
+    result = json.loads((SHIPPED_MODEL / "backtest.json").read_text())
+    for f in result["folds"]:
+        cells = " | ".join(f"{f[m]['mae_h1']:.2f} / {f[m]['mae_mean']:.2f}" for m in ("lstm", "persistence", "ridge"))
+        start, end = (d.replace("/", "-") for d in f["test_period"])
+        assert f"| {f['fold']} | {start} to {end} | {cells} |" in section
+    s = result["summary"]
+    cells = " | ".join(
+        f"{s[m]['mae_h1']['mean']:.2f} / {s[m]['mae_mean']['mean']:.2f}" for m in ("lstm", "persistence", "ridge")
+    )
+    assert f"| mean over folds | | {cells} |" in section
