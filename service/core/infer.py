@@ -15,6 +15,7 @@ import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,26 @@ class InferResponse:
     id: str
     outputs: dict[str, np.ndarray]  # name -> float32 array in its full shape
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def server_version() -> str:
+    try:
+        return version("lstm-serve")
+    except PackageNotFoundError:  # pragma: no cover - running from a tree that is not installed
+        return "0"
+
+
+def check_fp32(name: str, datatype: str) -> None:
+    """Inputs are FP32 (an LSTM's are; other datatypes are refused before any conversion)."""
+    if datatype != "FP32":
+        raise InvalidInputError(f"input {name!r} must be FP32; got {datatype}")
+
+
+def raw_fp32(name: str, raw: bytes | memoryview) -> np.ndarray:
+    """A tensor's raw little-endian FP32 bytes (Triton's binary extension, gRPC raw_input_contents) as values."""
+    if len(raw) % 4:
+        raise InvalidInputError(f"input {name!r}: {len(raw)} bytes is not a whole number of FP32 values")
+    return np.frombuffer(raw, "<f4").astype(np.float32, copy=False)
 
 
 def sequence_key(value: Any) -> str | None:
@@ -146,8 +167,7 @@ def _sequences(dp: DataPlane, m: ModelVersion, req: InferRequest) -> tuple[np.nd
             f"{', '.join(m.card.features)}); got {sorted(req.inputs) or 'none'}"
         )
     datatype, shape, data = req.inputs[INPUT]
-    if datatype != "FP32":
-        raise InvalidInputError(f"input {INPUT!r} must be FP32; got {datatype}")
+    check_fp32(INPUT, datatype)
     if len(shape) not in (2, 3) or any(d < 1 for d in shape):
         raise InvalidInputError(
             f"input {INPUT!r} must have shape [B, T, {sig.features}] (B = 1 in a sequence) or [T, {sig.features}], "

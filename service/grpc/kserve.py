@@ -17,12 +17,15 @@ from service.core.infer import (
     EXTENSIONS,
     InferRequest,
     InferResponse,
+    check_fp32,
     error_text,
     infer,
     load_parameters,
     model_config,
     model_metadata,
+    raw_fp32,
     sequence_key,
+    server_version,
     unload_parameters,
 )
 from service.core.infer import sequence_parameters as read_parameters
@@ -32,13 +35,11 @@ from service.grpc._generated.inference import grpc_service_pb2 as kpb
 from service.grpc._generated.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.grpc._generated.inference import model_config_pb2 as mc
 from service.grpc.servicer import ServicerBase, abort, cancelled_code, grpc_status, metadata_value, unary
-from service.rest.kserve import NUMERIC, server_version
 
 log = logging.getLogger(__name__)
 SERVICE = "GRPCInferenceService"
 FULL_NAME = kpb.DESCRIPTOR.services_by_name[SERVICE].full_name  # "inference.GRPCInferenceService"
 STREAM_WINDOW = 64  # requests of one stream in flight at once (answers still go back in request order)
-CONTENTS = {"FP32": "fp32_contents"}
 
 
 def _parameter(p: kpb.InferParameter | kpb.ModelRepositoryParameter) -> Any:
@@ -56,19 +57,14 @@ def decode(r: kpb.ModelInferRequest) -> InferRequest:
         )
     inputs: dict[str, tuple[str, list[int], np.ndarray]] = {}
     for i, t in enumerate(r.inputs):
-        dtype = NUMERIC.get(t.datatype)
-        if dtype is None:
-            raise InvalidInputError(f"input {t.name!r} must be FP32; got {t.datatype}")
+        check_fp32(t.name, t.datatype)
         if r.raw_input_contents:
-            raw = r.raw_input_contents[i]
-            if len(raw) % np.dtype(dtype).itemsize:
-                raise InvalidInputError(f"input {t.name!r}: raw contents must be whole FP32 values; got {t.datatype}")
-            data = np.frombuffer(raw, np.dtype(dtype).newbyteorder("<"))
+            data = raw_fp32(t.name, r.raw_input_contents[i])
         else:
-            data = np.asarray(getattr(t.contents, CONTENTS[t.datatype]), dtype=dtype)
+            data = np.asarray(t.contents.fp32_contents, dtype=np.float32)
         if t.name in inputs:
             raise InvalidInputError(f"input {t.name!r} appears twice")
-        inputs[t.name] = (t.datatype, list(t.shape), data.astype(np.float32, copy=False))
+        inputs[t.name] = (t.datatype, list(t.shape), data)
     wanted = [o.name for o in r.outputs] or None
     return InferRequest(r.model_name, r.model_version or None, inputs, wanted, r.id, **read_parameters(params))
 

@@ -8,7 +8,6 @@ JSON tensors and Triton's binary tensor extension (`Inference-Header-Content-Len
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -21,10 +20,13 @@ from service.core.infer import (
     EXTENSIONS,
     InferRequest,
     InferResponse,
+    check_fp32,
     infer,
     load_parameters,
     model_config,
     model_metadata,
+    raw_fp32,
+    server_version,
     unload_parameters,
 )
 from service.core.infer import sequence_parameters as read_parameters
@@ -32,14 +34,6 @@ from service.core.live import LiveRepository
 from service.errors import ErrorCode, InvalidInputError, MalformedRequestError, UnavailableError
 
 HEADER_LENGTH = "inference-header-content-length"
-NUMERIC = {"FP32": np.float32}  # NOTE: the datatypes taken (an LSTM's inputs are FP32; others are refused early)
-
-
-def server_version() -> str:
-    try:
-        return version("lstm-serve")
-    except PackageNotFoundError:  # pragma: no cover - running from a tree that is not installed
-        return "0"
 
 
 REQUEST_KEYS = {"id", "inputs", "outputs", "parameters"}
@@ -85,13 +79,9 @@ def _tensor(spec: Any, raw: memoryview | None) -> tuple[str, tuple[str, list[int
         or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
     ):
         raise InvalidInputError(f"input {name!r} needs a datatype (such as FP32) and a shape (a list of integers)")
-    dtype = NUMERIC.get(datatype)
-    if dtype is None:
-        raise InvalidInputError(f"input {name!r} must be FP32; got {datatype}")
+    check_fp32(name, datatype)
     if raw is not None:
-        if len(raw) % np.dtype(dtype).itemsize:
-            raise InvalidInputError(f"input {name!r}: {len(raw)} bytes is not a whole number of {datatype} values")
-        data = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+        data = raw_fp32(name, raw)
     else:
         if "data" not in spec:
             raise InvalidInputError(f"input {name!r} has no data (nor a binary_data_size parameter)")
@@ -99,8 +89,8 @@ def _tensor(spec: Any, raw: memoryview | None) -> tuple[str, tuple[str, list[int
         if flat is None:
             raise InvalidInputError(f"input {name!r}: data must be a flat or nested list of numbers")
         with np.errstate(over="ignore"):  # NOTE: beyond float32 becomes inf, which the core refuses
-            data = np.asarray(flat, dtype=dtype)
-    return name, (datatype, shape, data.astype(np.float32, copy=False))
+            data = np.asarray(flat, dtype=np.float32)
+    return name, (datatype, shape, data)
 
 
 def decode(body: bytes, header_length: str | None, model: str, version: str | None) -> tuple[InferRequest, bool]:
