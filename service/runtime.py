@@ -27,6 +27,9 @@ class Signature:
     layers: int  # L
     hidden: int  # H, the width of h
     cell: int = -1  # C, the width of c; -1: the same as H (an LSTM); 0: the model has no c (a GRU)
+    # NOTE: bytes of a per-session record that the server keeps beside the state (live scoring, see
+    # service/core/scoring.py); not part of the graph's contract, so not in `dims`
+    extra: int = 0
 
     def __post_init__(self) -> None:
         if self.cell < 0:

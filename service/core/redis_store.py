@@ -3,7 +3,8 @@ one sorted set of session ids per model version by last use, and Lua scripts for
 
 Layout (prefix `lstm:` by default):
 - `{prefix}s:{id}`: the session. `HEADER` (version, born, owner, steps, seq, created, last used), the model
-  key, then h and c as raw float32 (`L*H*4` bytes each), a 16-byte replay digest (zeros: none) and the kept
+  key, the length of the record beside the state (when there is one), then h and c as raw float32
+  (`L*H*4` bytes each), the record (live scoring), a 16-byte replay digest (zeros: none) and the kept
   replay outputs. The key's TTL is the idle TTL, refreshed by every use.
 - `{prefix}idx:{model key}`: sorted set of the model version's session ids, scored by last use (Unix time);
   it counts sessions for the cap, finds the least recently used one, and lets a sweep find expired ones.
@@ -64,19 +65,24 @@ from service.runtime import F32, Signature
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 HEADER = struct.Struct("<8s8s8sqqddH")  # version, born, owner, steps, seq, created, last_used, len(model key)
+EXTRA = struct.Struct("<I")  # after the model key when HAS_EXTRA is set in its length: bytes of the record
+HAS_EXTRA = 0x8000  # NOTE: values written before the record existed have it clear: they read as an empty record
 GONE_TTL_S = 3600
 UNAVAILABLE = "the session store (Redis) is unavailable; retry shortly (with seq, a retry is safe)"
 
-# KEYS: session keys; ARGV: ttl_ms, now, idx prefix, then per key: model key. Returns each value or false,
-# refreshing the TTL and the last-use score of those found.
+# KEYS: session keys; ARGV: ttl_ms, now, idx prefix, offset of the id in a key, then per key: model key and
+# '1' to mark it used (refresh its TTL and last-use score; '0': a peek, which reads without using). Returns each
+# value or false.
 GATHER = """
-local ttl, now, idx = ARGV[1], ARGV[2], ARGV[3]
+local ttl, now, idx, off = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local out = {}
 for i, key in ipairs(KEYS) do
   local v = redis.call('GET', key)
   if v then
-    redis.call('PEXPIRE', key, ttl)
-    redis.call('ZADD', idx .. ARGV[3 + i], now, string.sub(key, ARGV[4 + #KEYS] + 1))
+    if ARGV[4 + 2 * i] == '1' then
+      redis.call('PEXPIRE', key, ttl)
+      redis.call('ZADD', idx .. ARGV[3 + 2 * i], now, string.sub(key, off + 1))
+    end
     out[i] = v
   else
     out[i] = false
@@ -196,6 +202,7 @@ class _State:
     c: F32
     digest: bytes
     outputs: F32 | None
+    extra: bytes = b""
 
     def token(self) -> bytes:
         return self.version + self.born
@@ -305,16 +312,22 @@ class RedisSessionStore:
     # --- encoding --------------------------------------------------------------------------------------
     def _encode(self, st: _State) -> bytes:
         model = st.model_key.encode()
-        head = HEADER.pack(st.version, st.born, st.owner, st.steps, st.seq, st.created, st.last_used, len(model))
+        n = len(model) | (HAS_EXTRA if st.extra else 0)
+        head = HEADER.pack(st.version, st.born, st.owner, st.steps, st.seq, st.created, st.last_used, n)
+        extra = EXTRA.pack(len(st.extra)) if st.extra else b""
         out = b"" if st.outputs is None else st.outputs.astype(np.float32).tobytes()
-        return b"".join((head, model, st.h.astype(np.float32).tobytes(), st.c.astype(np.float32).tobytes(),
-                         st.digest, out))  # fmt: skip
+        return b"".join((head, model, extra, st.h.astype(np.float32).tobytes(), st.c.astype(np.float32).tobytes(),
+                         st.extra, st.digest, out))  # fmt: skip
 
     def _decode(self, raw: bytes) -> _State:
         version, born, owner, steps, seq, created, last_used, n = HEADER.unpack_from(raw)
         at = HEADER.size
-        model_key = raw[at : at + n].decode()
-        at += n
+        model_key = raw[at : at + (n & ~HAS_EXTRA)].decode()
+        at += n & ~HAS_EXTRA
+        width = 0
+        if n & HAS_EXTRA:
+            (width,) = EXTRA.unpack_from(raw, at)
+            at += EXTRA.size
         sig = self.sigs.get(model_key)
         if sig is None:
             raise SessionNotFoundError(f"a session in Redis runs {model_key}, which this server does not serve")
@@ -322,15 +335,18 @@ class RedisSessionStore:
         h = np.frombuffer(raw, np.float32, sig.layers * sig.hidden, at).reshape(sig.layers, sig.hidden)
         c = np.frombuffer(raw, np.float32, sig.layers * sig.cell, at + size).reshape(sig.layers, sig.cell)
         at += size + sig.layers * sig.cell * 4
+        # NOTE: a record of another width (written with live scoring switched otherwise) starts again, empty
+        extra = raw[at : at + width] if width == sig.extra else bytes(sig.extra)
+        at += width
         digest = raw[at : at + DIGEST_BYTES]
         rest = raw[at + DIGEST_BYTES :]
         outputs = np.frombuffer(rest, np.float32).reshape(-1, sig.outputs) if rest else None
-        return _State(version, born, owner, steps, seq, created, last_used, model_key, h, c, digest, outputs)
+        return _State(version, born, owner, steps, seq, created, last_used, model_key, h, c, digest, outputs, extra)
 
     def _info(self, sid: str, st: _State) -> SessionInfo:
         name, version = st.model_key.split("/", 1)
         return SessionInfo(sid, name, version, st.steps, st.seq, st.created, st.last_used, st.last_used + self.ttl,
-                           st.incarnation())  # fmt: skip
+                           st.incarnation(), st.extra)  # fmt: skip
 
     @staticmethod
     def _new_version() -> bytes:
@@ -383,7 +399,7 @@ class RedisSessionStore:
         wall = time.time()
         h, c = np.zeros((sig.layers, sig.hidden), np.float32), np.zeros((sig.layers, sig.cell), np.float32)
         st = _State(self._new_version(), os.urandom(8), bytes(8), 0, 0, wall, wall, model_key, h, c,
-                    bytes(DIGEST_BYTES), None)  # fmt: skip
+                    bytes(DIGEST_BYTES), None, bytes(sig.extra))  # fmt: skip
         got = await self._script(
             "create", [self.kp + sid, self.gp + sid],
             [self._encode(st), int(self.ttl * 1000), wall, self.max_sessions,
@@ -421,8 +437,9 @@ class RedisSessionStore:
     async def reset(self, session_id: str, now: float) -> SessionInfo:
         def zero(st: _State) -> _State:
             z = np.zeros_like(st.h)
-            return replace(st, version=self._new_version(), steps=0, seq=0, h=z, c=z, last_used=time.time(),
-                           digest=bytes(DIGEST_BYTES), outputs=None)  # fmt: skip
+            return replace(st, version=self._new_version(), steps=0, seq=0, h=z, c=np.zeros_like(st.c),
+                           last_used=time.time(), digest=bytes(DIGEST_BYTES), outputs=None,
+                           extra=bytes(len(st.extra)))  # fmt: skip
 
         return await self._replace(session_id, zero)
 
@@ -452,21 +469,24 @@ class RedisSessionStore:
 
         def write(st: _State) -> _State:
             return replace(st, version=self._new_version(), steps=snap.steps, seq=snap.seq, h=snap.h, c=snap.c,
-                           last_used=time.time(), digest=bytes(DIGEST_BYTES), outputs=None)  # fmt: skip
+                           last_used=time.time(), digest=bytes(DIGEST_BYTES), outputs=None,
+                           extra=bytes(len(st.extra)))  # fmt: skip
 
         return await self._replace(session_id, write), created
 
     async def gather(
-        self, model_key: str, session_ids: list[str], now: float
+        self, model_key: str, session_ids: list[str], now: float, touch: list[bool] | None = None
     ) -> tuple[list[Lease | ServeError], F32, F32]:
         sig = self.sigs[model_key]
         h = np.zeros((sig.layers, len(session_ids), sig.hidden), np.float32)
         c = np.zeros((sig.layers, len(session_ids), sig.cell), np.float32)
         if not session_ids:
             return [], h, c
+        marks = ["1" if touch is None or t else "0" for t in (touch or [True] * len(session_ids))]
         raws = await self._script(
             "gather", [self.kp + sid for sid in session_ids],
-            [int(self.ttl * 1000), time.time(), self.ip, *([model_key] * len(session_ids)), len(self.kp)],
+            [int(self.ttl * 1000), time.time(), self.ip, len(self.kp),
+             *(v for mark in marks for v in (model_key, mark))],
         )  # fmt: skip
         leases: list[Lease | ServeError] = []
         for n, (sid, raw) in enumerate(zip(session_ids, raws, strict=True)):
@@ -479,7 +499,7 @@ class RedisSessionStore:
                 continue
             h[:, n, :], c[:, n, :] = st.h, st.c
             replay = Replay(st.seq, st.digest, st.outputs) if any(st.digest) else None
-            leases.append(Lease(sid, st, st.steps, st.seq, replay))
+            leases.append(Lease(sid, st, st.steps, st.seq, replay, st.extra))
         return leases, h, c
 
     async def commit(self, model_key: str, commits: list[Commit], hn: F32, cn: F32, now: float) -> list[CommitStatus]:
@@ -494,7 +514,7 @@ class RedisSessionStore:
             new = _State(
                 self._new_version(), old.born, old.owner, cm.steps, cm.seq, old.created, wall, model_key,
                 hn[:, i, :], cn[:, i, :], replay.digest if replay else bytes(DIGEST_BYTES),
-                replay.outputs if replay else None,
+                replay.outputs if replay else None, old.extra if cm.extra is None else cm.extra,
             )  # fmt: skip
             keys.append(self.kp + cm.lease.session_id)
             args += [old.token(), self._encode(new), model_key, "1"]

@@ -105,6 +105,7 @@ class SessionInfo:
     expires: float
     # NOTE: opaque identity of this life of the id: a session re-created under the same id has another one
     incarnation: str = ""
+    extra: bytes = b""  # the session's record beside its state (Signature.extra bytes; the core reads it)
 
 
 @dataclass(frozen=True)
@@ -138,17 +139,19 @@ class Lease:
     steps: int
     seq: int
     replay: Replay | None
+    extra: bytes = b""  # the session's record beside its state (Signature.extra bytes)
 
 
 @dataclass(frozen=True)
 class Commit:
-    """The new state's counters for one leased session: its new step total and seq, and what to keep for
-    a retry (None: the call carried no seq)."""
+    """The new state's counters for one leased session: its new step total and seq, what to keep for
+    a retry (None: the call carried no seq), and its new record (None: unchanged)."""
 
     lease: Lease
     steps: int
     seq: int
     replay: Replay | None
+    extra: bytes | None = None
 
 
 class CommitStatus(enum.Enum):
@@ -162,7 +165,8 @@ RemovalListener = Callable[[str, str], None]  # (model key, reason: "expired" | 
 
 class SessionStore(Protocol):
     """What the core needs from session storage. Row i of gather's arrays belongs to session_ids[i] (zeros
-    for a session that failed); column i of commit's arrays belongs to commits[i]. A store that cannot
+    for a session that failed); column i of commit's arrays belongs to commits[i]. Gather marks each session
+    used (its idle time starts again) unless `touch` says False for it (a peek reads without using). A store that cannot
     answer raises `UnavailableError` (or any exception, which the core maps to it); `healthy` is False
     while it cannot. Removals (deleted, expired, evicted) are reported to the listener, once per session
     across every process that shares the store."""
@@ -183,7 +187,7 @@ class SessionStore(Protocol):
         self, session_id: str, model_key: str, snap: Snapshot, now: float
     ) -> tuple[SessionInfo, bool]: ...
     async def gather(
-        self, model_key: str, session_ids: list[str], now: float
+        self, model_key: str, session_ids: list[str], now: float, touch: list[bool] | None = None
     ) -> tuple[list[Lease | ServeError], F32, F32]: ...
     async def commit(
         self, model_key: str, commits: list[Commit], hn: F32, cn: F32, now: float
@@ -208,6 +212,7 @@ class _Page:
         self.born = np.zeros(PAGE, np.int64)  # which life of a session id holds the slot
         self.owner = np.zeros(PAGE, np.int64)  # moves when a stream resumes it (see MemorySessionStore.detach)
         self.digest = np.zeros((PAGE, DIGEST_BYTES), np.uint8)  # all zero: no replay kept
+        self.extra = np.zeros((PAGE, sig.extra), np.uint8)  # the record beside the state (Signature.extra)
         self.live = np.zeros(PAGE, np.bool_)
         self.ids: list[str | None] = [None] * PAGE
 
@@ -223,7 +228,7 @@ class _Page:
             self.born,
             self.owner,
         )
-        return sum(int(a.nbytes) for a in arrays) + int(self.digest.nbytes + self.live.nbytes)
+        return sum(int(a.nbytes) for a in arrays) + int(self.digest.nbytes + self.extra.nbytes + self.live.nbytes)
 
 
 class _Slab:
@@ -261,6 +266,7 @@ class _Slab:
         p.c[:, i, :] = 0.0
         p.steps[i] = p.seq[i] = 0
         p.digest[i] = 0
+        p.extra[i] = 0
         p.version[i] += 1
 
     def release(self, slot: int) -> None:
@@ -400,6 +406,7 @@ class MemorySessionStore:
             last_used=last,
             expires=last + self.ttl,
             incarnation=_incarnation(p, i),
+            extra=p.extra[i].tobytes(),
         )
 
     def _remove(self, session_id: str, reason: str) -> None:
@@ -548,7 +555,7 @@ class MemorySessionStore:
         return self._info(session_id, key, slab, slot, now), created
 
     async def gather(
-        self, model_key: str, session_ids: list[str], now: float
+        self, model_key: str, session_ids: list[str], now: float, touch: list[bool] | None = None
     ) -> tuple[list[Lease | ServeError], F32, F32]:
         slab = self._slabs[model_key]
         leases: list[Lease | ServeError] = []
@@ -566,15 +573,17 @@ class MemorySessionStore:
                 missing.append(n)
                 continue
             p, i = slab.at(slot)
-            p.last_used[i] = now  # NOTE: a queued step keeps its session from expiring mid-batch
+            if touch is None or touch[n]:
+                p.last_used[i] = now  # NOTE: a queued step keeps its session from expiring mid-batch
             replay = None
             if p.digest[i].any():
                 out = self._outputs.get(sid)
                 outputs = None if out is None else np.frombuffer(out, np.float32).reshape(-1, slab.sig.outputs)
                 replay = Replay(int(p.seq[i]), p.digest[i].tobytes(), outputs)
             leases.append(
-                Lease(sid, _token(slot, int(p.version[i]), int(p.born[i])), int(p.steps[i]), int(p.seq[i]), replay)
-            )
+                Lease(sid, _token(slot, int(p.version[i]), int(p.born[i])), int(p.steps[i]), int(p.seq[i]), replay,
+                      p.extra[i].tobytes())
+            )  # fmt: skip
             slots[n] = slot
         h, c = slab.read(np.asarray(slots, np.int64))
         if missing:
@@ -599,6 +608,8 @@ class MemorySessionStore:
                 continue
             p.steps[i], p.seq[i], p.last_used[i] = cm.steps, cm.seq, now
             p.version[i] += 1
+            if cm.extra is not None:
+                p.extra[i] = np.frombuffer(cm.extra, np.uint8)
             if cm.replay is None:
                 p.digest[i] = 0
                 self._outputs.pop(cm.lease.session_id, None)
@@ -687,6 +698,7 @@ def write_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
             f"idle_{k}": np.asarray([now - p.last_used[i] for p, i in pick], np.float64),
             f"created_{k}": np.asarray([p.created[i] - now for p, i in pick], np.float64),
             f"digest_{k}": np.asarray([p.digest[i] for p, i in pick], np.uint8).reshape(-1, DIGEST_BYTES),
+            f"extra_{k}": np.asarray([p.extra[i] for p, i in pick], np.uint8).reshape(len(pick), sig.extra),
             f"outlen_{k}": np.asarray([len(o) // 4 for o in outputs], np.int64),
             f"outputs_{k}": np.frombuffer(b"".join(outputs), np.float32),
         })  # fmt: skip
@@ -729,7 +741,7 @@ def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
         raise
     except Exception as e:
         raise refuse(f"the file is damaged or not a snapshot ({type(e).__name__})") from None
-    rows: list[tuple[str, str, F32, F32, int, int, float, float, bytes, bytes]] = []
+    rows: list[tuple[str, str, F32, F32, int, int, float, float, bytes, bytes, bytes]] = []
     try:
         for k, (key, dims) in enumerate(meta["models"].items()):
             slab = store._slabs.get(key)
@@ -752,12 +764,17 @@ def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
             ends = np.cumsum(outlen)
             if int(ends[-1] if n else 0) != outputs.size:
                 raise refuse(f"the kept outputs of {key} do not add up")
+            # NOTE: records beside the state of another width (older files, live scoring switched): they start again
+            extra = loaded.get(f"extra_{k}")
+            if extra is None or extra.shape != (n, sig.extra):
+                extra = np.zeros((n, sig.extra), np.uint8)
             for i, sid in enumerate(ids):
                 check_store_id(sid)
                 out = outputs[int(ends[i] - outlen[i]) : int(ends[i])].tobytes()
                 rows.append((sid, key, h[:, i, :], c[:, i, :], int(loaded[f"steps_{k}"][i]),
                              int(loaded[f"seq_{k}"][i]), float(loaded[f"idle_{k}"][i]),
-                             float(loaded[f"created_{k}"][i]), loaded[f"digest_{k}"][i].tobytes(), out))  # fmt: skip
+                             float(loaded[f"created_{k}"][i]), loaded[f"digest_{k}"][i].tobytes(), out,
+                             extra[i].astype(np.uint8).tobytes()))  # fmt: skip
     except SnapshotFileError:
         raise
     except Exception as e:
@@ -766,7 +783,7 @@ def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
         raise refuse("it repeats session ids, or the store already holds some of them")
     if len(rows) + len(store._index) > store.max_sessions:
         raise refuse(f"it holds {len(rows)} sessions, over --max-sessions {store.max_sessions}")
-    for sid, key, h1, c1, steps, seq, idle, created, digest, out in rows:
+    for sid, key, h1, c1, steps, seq, idle, created, digest, out, extra_row in rows:
         slab = store._slabs[key]
         slot = slab.alloc(sid, now - idle, next(store._births))
         store._index[sid] = (store._key_index[key] << 40) | slot
@@ -774,6 +791,7 @@ def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
         p.h[:, i, :], p.c[:, i, :] = h1, c1
         p.steps[i], p.seq[i], p.created[i] = steps, seq, now + created
         p.digest[i] = np.frombuffer(digest, np.uint8)
+        p.extra[i] = np.frombuffer(extra_row, np.uint8)
         if out:
             store._outputs[sid] = out
     return len(rows)
