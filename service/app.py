@@ -89,7 +89,7 @@ class Server:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
-        self.repo = repo or ModelRepository.load(settings.models, settings.ort_threads)
+        self.repo = repo or ModelRepository.load(settings.models, settings.ort_threads, settings.live_scoring)
         widest = max(m.signature.outputs for m in self.repo.all())
         # NOTE: a full-size answer must fit in one message: every step's outputs as 4-byte floats, and for a step
         # batch up to one item (id and error message, ~512 bytes) per counted step
@@ -118,6 +118,7 @@ class Server:
         self.live = LiveRepository(
             self.dataplane, settings.models, settings.ort_threads, settings.model_poll_s,
             one_of_workers=bool(os.environ.get(MULTIPROC_ENV)),  # NOTE: set by --workers for its processes
+            live_scoring=settings.live_scoring,
         )  # fmt: skip
         self.dataplane.live = self.live
         # NOTE: keys from a file or the environment, never a flag (ps shows flags)

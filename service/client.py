@@ -57,6 +57,11 @@ def _step_request(session_id: str, inputs: ArrayLike, seq: int | None) -> pb.Ste
     return req
 
 
+def _peek_request(session_id: str, inputs: ArrayLike) -> pb.PeekRequest:
+    m, _ = _matrix(inputs)
+    return pb.PeekRequest(session_id=session_id, inputs=m)
+
+
 def _stream_request(obs: ArrayLike, singles: collections.deque[bool]) -> pb.StreamRequest:
     m, single = _matrix(obs)
     singles.append(single)
@@ -162,6 +167,15 @@ class Client:
         """Steps for many sessions in one call: (session_id, inputs[, seq]) each; per item outputs or its error."""
         return _batch_outputs(self._call("StepBatch", _batch_request(items)))
 
+    def peek(self, session_id: str, inputs: ArrayLike) -> F32:
+        """What-if: outputs [T, O] of hypothetical steps ([F] or [T, F]); the session is left exactly as it was."""
+        return to_numpy(self._call("Peek", _peek_request(session_id, inputs)).outputs)
+
+    def fork_session(self, session_id: str, new_session_id: str | None = None, scored: bool = False) -> pb.SessionInfo:
+        """A new session from this one's current state; `scored`: its steps count as the truth (live accuracy)."""
+        req = pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id or "", scored=scored)
+        return self._call("ForkSession", req)  # type: ignore[no-any-return]
+
     def reset_session(self, session_id: str) -> pb.SessionInfo:
         return self._call("ResetSession", pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]
 
@@ -263,6 +277,15 @@ class AsyncClient:
         self, items: Iterable[tuple[str, ArrayLike] | tuple[str, ArrayLike, int | None]]
     ) -> list[F32 | ClientError]:
         return _batch_outputs(await self._call("StepBatch", _batch_request(items)))
+
+    async def peek(self, session_id: str, inputs: ArrayLike) -> F32:
+        return to_numpy((await self._call("Peek", _peek_request(session_id, inputs))).outputs)
+
+    async def fork_session(
+        self, session_id: str, new_session_id: str | None = None, scored: bool = False
+    ) -> pb.SessionInfo:
+        req = pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id or "", scored=scored)
+        return await self._call("ForkSession", req)  # type: ignore[no-any-return]
 
     async def reset_session(self, session_id: str) -> pb.SessionInfo:
         return await self._call("ResetSession", pb.SessionRef(session_id=session_id))  # type: ignore[no-any-return]

@@ -19,7 +19,10 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", default=None, help="model version (default: the newest)")
     p.add_argument("--time-col", default=None, help="column printed as the first output column (e.g. date)")
     p.add_argument("--limit", type=int, default=None, help="stream only the first N rows")
-    p.add_argument("--plot", type=Path, default=None, help="also draw forecasts against the actual target to this PNG")
+    p.add_argument(
+        "--plot", type=Path, default=None,
+        help="also draw forecasts against the actual target, and the live error the server scored, to this PNG",
+    )  # fmt: skip
 
 
 def run_stream(a: argparse.Namespace) -> int:
@@ -51,9 +54,15 @@ def run_stream(a: argparse.Namespace) -> int:
             out = csv.writer(sys.stdout)
             out.writerow([a.time_col or "row", *info.outputs])
             forecasts = []
-            for i, f in enumerate(client.stream(name, rows, version=a.version)):
+            # NOTE: the session is kept past the stream to read what the server scored, then deleted
+            for i, f in enumerate(client.stream(name, rows, version=a.version, keep=True)):
                 forecasts.append(f)
                 out.writerow([series.times[i], *(f"{v:.3f}" for v in f)])
+            accuracy = None
+            if client.session_id:
+                if info.live_scoring:
+                    accuracy = client.get_session(client.session_id).live_accuracy
+                client.delete_session(client.session_id)
     except ClientError as e:
         hint = f"; is `lstm-serve serve` running at {a.server}?" if e.code == "unavailable" else ""
         print(f"error: {e.message or e.code}{hint}", file=sys.stderr)
@@ -61,24 +70,42 @@ def run_stream(a: argparse.Namespace) -> int:
     except Exception as e:  # grpc connection problems
         print(f"error: cannot stream to {a.server}: {e}; is `lstm-serve serve` running?", file=sys.stderr)
         return 1
+    live = None
+    if accuracy is not None and accuracy.scored and any(h.count for h in accuracy.horizons):
+        live = [(h.horizon, h.mae, h.persistence_mae) for h in accuracy.horizons if h.count]
+        print("live MAE by horizon (the server's scoring; persistence in brackets): "
+              + ", ".join(f"{k}: {m:.3f} ({p:.3f})" for k, m, p in live), file=sys.stderr)  # fmt: skip
+    elif not info.live_scoring:
+        print(f"no live accuracy: {info.live_scoring_off}", file=sys.stderr)
     if a.plot:
         actual = None
         if info.target in features:
             actual = rows[:, features.index(info.target)]
-        plot_stream(a.plot, np.stack(forecasts), actual, info.target, series.times[: len(rows)])
+        plot_stream(a.plot, np.stack(forecasts), actual, info.target, series.times[: len(rows)], live)
         print(f"plot: {a.plot}", file=sys.stderr)
     return 0
 
 
-def plot_stream(path: Path, forecasts: np.ndarray, actual: np.ndarray | None, target: str, times: list[str]) -> None:
-    """Actual target against the 1-step-ahead forecast made the step before, plus the last full horizon."""
+def plot_stream(
+    path: Path,
+    forecasts: np.ndarray,
+    actual: np.ndarray | None,
+    target: str,
+    times: list[str],
+    live: list[tuple[int, float, float]] | None = None,
+) -> None:
+    """Actual target against the 1-step-ahead forecast made the step before, plus the last full horizon; with the
+    actual values, the running 1-step error as it arrived; with the server's live accuracy, MAE by horizon."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n, horizon = forecasts.shape
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    panels = 1 + (actual is not None and n > 1) + (live is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(12 + 4 * (panels - 1), 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [3] + [1.3] * (panels - 1)})  # fmt: skip
+    ax = axes[0, 0]
     xs = np.arange(n)
     if actual is not None:
         ax.plot(xs, actual, color="black", lw=1.3, label=f"actual {target}")
@@ -90,6 +117,27 @@ def plot_stream(path: Path, forecasts: np.ndarray, actual: np.ndarray | None, ta
     ax.set_ylabel(target)
     ax.legend(fontsize=8)
     ax.set_title(f"Streaming forecasts of {target} ({n} steps through one session)")
+    at = 1
+    if actual is not None and n > 1:
+        # NOTE: the error of each 1-step forecast when its truth arrived, and of persistence, as running means
+        err = np.abs(forecasts[:-1, 0].astype(np.float64) - actual[1:])
+        pers = np.abs(actual[:-1].astype(np.float64) - actual[1:])
+        seen = np.arange(1, n)
+        ex = axes[0, at]
+        ex.plot(xs[1:], np.cumsum(err) / seen, color="tab:blue", lw=1.2, label="LSTM, 1 step ahead")
+        ex.plot(xs[1:], np.cumsum(pers) / seen, color="tab:gray", ls=":", lw=1.2, label="persistence")
+        ex.set_xticks(ticks, [times[i] for i in ticks], rotation=15, fontsize=7)
+        ex.set_title("Live error: running MAE as the truth arrived", fontsize=10)
+        ex.legend(fontsize=8)
+        at += 1
+    if live is not None:
+        lx = axes[0, at]
+        ks = [k for k, _, _ in live]
+        lx.plot(ks, [m for _, m, _ in live], color="tab:blue", marker="o", label="LSTM")
+        lx.plot(ks, [p for _, _, p in live], color="tab:gray", ls=":", marker="o", label="persistence")
+        lx.set_xlabel("horizon (steps ahead)")
+        lx.set_title("Live MAE by horizon (server-side)", fontsize=10)
+        lx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

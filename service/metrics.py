@@ -64,6 +64,19 @@ class Metrics:
             "lstm_sessions_removed", "Sessions removed, by reason (deleted, expired, evicted)", ["model", "reason"],
             registry=r,
         )  # fmt: skip
+        # NOTE: live accuracy (service/core/scoring.py): MAE = error / scored, skill = 1 - error / persistence error
+        self.forecast_error = Counter(
+            "lstm_forecast_abs_error", "Absolute errors of the model's forecasts, summed as the truth arrived, by "
+            "horizon step", ["model", "version", "horizon"], registry=r,
+        )  # fmt: skip
+        self.persistence_error = Counter(
+            "lstm_forecast_persistence_abs_error", "Absolute errors of the persistence forecast (the last value seen) "
+            "at the same origins, by horizon step", ["model", "version", "horizon"], registry=r,
+        )  # fmt: skip
+        self.forecasts_scored = Counter(
+            "lstm_forecasts_scored", "Forecasts scored as the truth arrived, by horizon step",
+            ["model", "version", "horizon"], registry=r,
+        )  # fmt: skip
         self.model_info = Gauge(
             "lstm_model_info", "Loaded models (value 1)", ["model", "version", "features", "horizon"], registry=r,
             multiprocess_mode="livemax",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from service.card import CARD_KEY, ModelCard
+from service.core.scoring import Scoring
 from service.errors import ModelNotFoundError
 from service.runtime import ContractError, OnnxRuntime, Runtime, Signature
 
@@ -27,14 +29,32 @@ class ModelVersion:
     version: str
     card: ModelCard
     runtime: Runtime
+    live_scoring: bool = True  # score forecasts as the truth arrives, when the model can (service/core/scoring.py)
 
     @property
     def key(self) -> str:
         return f"{self.name}/{self.version}"
 
+    @cached_property
+    def _scoring(self) -> tuple[Scoring | None, str]:
+        if not self.live_scoring:
+            return None, "live scoring is off on this server (--live-scoring false)"
+        return Scoring.for_model(self.card, self.runtime.signature)
+
     @property
+    def scoring(self) -> Scoring | None:
+        """How this version's sessions score their forecasts; None when they do not (`scoring_off` says why)."""
+        return self._scoring[0]
+
+    @property
+    def scoring_off(self) -> str:
+        return self._scoring[1]
+
+    @cached_property
     def signature(self) -> Signature:
-        return self.runtime.signature
+        """The graph's signature, with the bytes of the live-scoring record its sessions keep."""
+        sc = self.scoring
+        return replace(self.runtime.signature, extra=sc.width if sc else 0)
 
     def describe(self) -> str:
         return f"model {self.name!r} version {self.version}"
@@ -61,7 +81,7 @@ def read_card(rt: OnnxRuntime, directory: Path, name: str, version: str) -> Mode
         raise ModelLoadError(f"{name}/{version}: the model card in {where} is not JSON: {e}") from None
 
 
-def load_version(directory: Path, threads: int = 1) -> ModelVersion:
+def load_version(directory: Path, threads: int = 1, live_scoring: bool = True) -> ModelVersion:
     """Load, check and warm up `<name>/<version>/model.onnx`; anything wrong is a `ModelLoadError` that says what."""
     name, version = directory.parent.name, directory.name
     if not (version.isascii() and version.isdigit()) or int(version) < 1:
@@ -92,7 +112,7 @@ def load_version(directory: Path, threads: int = 1) -> ModelVersion:
             f"L={sig.layers} H={sig.hidden}"
         )
     log.info("loaded %s/%s: F=%d O=%d L=%d H=%d C=%d%s", name, version, *sig.dims, " (no card)" * card.derived)
-    return ModelVersion(name, version, card, rt)
+    return ModelVersion(name, version, card, rt, live_scoring)
 
 
 class ModelRepository:
@@ -104,9 +124,9 @@ class ModelRepository:
             self._by_name.setdefault(m.name, {})[m.version] = m
 
     @classmethod
-    def load(cls, root: Path, threads: int = 1) -> ModelRepository:
+    def load(cls, root: Path, threads: int = 1, live_scoring: bool = True) -> ModelRepository:
         """Load and warm up every model under `root`; a broken model is a `ModelLoadError`."""
-        found = [load_version(path.parent, threads) for path in sorted(root.glob("*/*/model.onnx"))]
+        found = [load_version(path.parent, threads, live_scoring) for path in sorted(root.glob("*/*/model.onnx"))]
         if not found:
             raise ModelLoadError(f"no models found: expected <name>/<version>/model.onnx under {root.name!r}")
         return cls(found)

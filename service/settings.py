@@ -24,6 +24,12 @@ class Settings(BaseSettings):
         description="look for new <name>/<version>/ directories under --models this often, and load "
         "them without a restart (0: only through the repository API)",
     )
+    live_scoring: bool = Field(
+        True,
+        description="score every session's forecasts as the truth arrives (models whose target is an input): "
+        "Prometheus lstm_forecast_* and per session in GetSession; costs horizon*(horizon+1)*4 + 16*horizon + 17 "
+        "bytes per session",
+    )
     ort_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads per model")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most session steps coalesced into one ONNX call")
     max_queue_delay_ms: float = Field(

@@ -33,6 +33,7 @@ from typing import Protocol, cast
 import numpy as np
 from numpy.typing import NDArray
 
+from service.core.scoring import Scored
 from service.core.sessions import MAX_COUNTER, Commit, CommitStatus, Lease, Replay, SessionStore
 from service.errors import (
     DeadlineExceededError,
@@ -118,6 +119,7 @@ class _Work:
     future: _Answer
     deadline: float | None = None  # perf_counter time by which it must have started, or None
     enqueued: float = field(default_factory=time.perf_counter)
+    peek: bool = False  # what-if: run on a copy of the session's state, commit nothing, touch nothing
 
     def resolve(self, outcome: StepOutcome | ServeError) -> None:
         """Answer the caller, unless it has gone (cancelled) or was answered already."""
@@ -173,6 +175,13 @@ class Batcher:
         self._batch_size = metrics.batch_size.labels(model.key)
         self._steps = metrics.steps.labels(model.key)
         self._depth = metrics.queue_depth.labels(model.key)
+        self._scoring = model.scoring
+        horizons = range(1, self._scoring.horizon + 1) if self._scoring else range(0)
+        self._scored = [
+            tuple(m.labels(model.name, model.version, str(k)) for m in (metrics.forecast_error,
+                  metrics.persistence_error, metrics.forecasts_scored))
+            for k in horizons
+        ]  # fmt: skip
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -236,16 +245,17 @@ class Batcher:
         return await group.future
 
     async def submit(
-        self, session_id: str | None, x: F32, seq: int | None, deadline: float | None = None
+        self, session_id: str | None, x: F32, seq: int | None, deadline: float | None = None, peek: bool = False
     ) -> StepOutcome:
         """Queue a validated [T, F] call and wait for its outcome; past `deadline` (perf_counter) it is
-        answered deadline_exceeded without running."""
+        answered deadline_exceeded without running. A `peek` runs on a copy of the session's state: its
+        outcome has the session's steps and seq as they are, and the session is not changed in any way."""
         self._admit(1)
         assert self._loop_ref is not None, "start() the batcher first"
         fut: asyncio.Future[StepOutcome] = self._loop_ref.create_future()
         if session_id is not None:
             self._awaiting.pop(session_id, None)
-        self._pending.append(_Work(session_id, x, seq, fut, deadline))
+        self._pending.append(_Work(session_id, x, seq, fut, deadline, peek=peek))
         self._depth.inc()
         self._idle.clear()
         self._wake()
@@ -363,9 +373,10 @@ class Batcher:
                 )
             batch = [w for w in batch if w.deadline is None or w.deadline >= started]
         sessions = [w for w in batch if w.session_id is not None]
+        touch = [not w.peek for w in sessions] if any(w.peek for w in sessions) else None
         try:
             leases, h_s, c_s = await self.store.gather(
-                self.model.key, [w.session_id or "" for w in sessions], self.clock()
+                self.model.key, [w.session_id or "" for w in sessions], self.clock(), touch
             )
         except Exception as e:
             for w in batch:
@@ -377,7 +388,7 @@ class Batcher:
             if isinstance(got, ServeError):
                 w.resolve(got)
                 continue
-            verdict = self._check_seq(w, got)
+            verdict = None if w.peek else self._check_seq(w, got)
             if verdict is not None:
                 w.resolve(verdict)
             else:
@@ -414,13 +425,18 @@ class Batcher:
         self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
         self._batch_size.observe(len(run))
         finite = self._finite_rows(y, hn, cn)
-        commits: list[Commit] = []
-        idx: list[int] = []
-        for i, (w, held, _) in enumerate(run):
-            if held is not None and finite[i]:
-                commits.append(Commit(held, held.steps + w.x.shape[0], held.seq + 1, self._replay(w, y[i])))
-                idx.append(i)
+        idx = [i for i, (w, held, _) in enumerate(run) if held is not None and finite[i] and not w.peek]
         every = len(idx) == len(run)
+        extras: list[bytes | None] = [None] * len(idx)
+        scored: Scored | None = None
+        if self._scoring is not None and idx:
+            leased = [cast(Lease, run[i][1]).extra for i in idx]
+            new_extras, scored = self._scoring.score(leased, x if every else x[idx], y if every else y[idx])
+            extras = list(new_extras)
+        commits: list[Commit] = []
+        for j, i in enumerate(idx):
+            w, lease = run[i][0], cast(Lease, run[i][1])
+            commits.append(Commit(lease, lease.steps + w.x.shape[0], lease.seq + 1, self._replay(w, y[i]), extras[j]))
         status: dict[int, CommitStatus] = {}
         if commits:
             try:
@@ -432,6 +448,8 @@ class Batcher:
                 status = dict.fromkeys(idx, CommitStatus.GONE)
             else:
                 status = dict(zip(idx, outcome, strict=True))
+            if scored is not None:
+                self._count_scored(scored, [status[i] is CommitStatus.COMMITTED for i in idx])
         steps = 0
         stale: list[tuple[_Work, Lease]] = []
         for i, (w, held, _) in enumerate(run):
@@ -442,6 +460,8 @@ class Batcher:
                 )
             elif held is None:
                 w.resolve(StepOutcome(y[i], 0, 0))
+            elif w.peek:
+                w.resolve(StepOutcome(y[i], held.steps, held.seq))
             elif status[i] is CommitStatus.COMMITTED:
                 w.resolve(StepOutcome(y[i], held.steps + w.x.shape[0], held.seq + 1))
             elif status[i] is CommitStatus.STALE:
@@ -456,6 +476,19 @@ class Batcher:
         self._steps.inc(steps)
         for w, held in stale:
             w.resolve(await self._stale(held))
+
+    def _count_scored(self, scored: Scored, committed: list[bool]) -> None:
+        """Add what the applied steps scored to the metrics (steps not applied scored nothing)."""
+        if not all(committed):
+            if not any(committed):
+                return
+            scored = Scored(scored.model[committed], scored.persistence[committed], scored.count[committed])
+        model, pers, count = scored.model.sum(axis=0), scored.persistence.sum(axis=0), scored.count.sum(axis=0)
+        for k, (err, per, n) in enumerate(self._scored):
+            if count[k]:
+                err.inc(float(model[k]))
+                per.inc(float(pers[k]))
+                n.inc(int(count[k]))
 
     @staticmethod
     def _finite_rows(y: F32, hn: F32, cn: F32) -> NDArray[np.bool_] | list[bool]:

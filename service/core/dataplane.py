@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from service.core.batcher import Batcher, StepOutcome
+from service.core.scoring import SessionScore
 from service.core.sessions import SessionInfo, SessionStore, Snapshot, check_session_id, session_gone
 from service.errors import (
     DeadlineExceededError,
@@ -91,6 +92,7 @@ class StreamMessage:
     seq: int | None = None
     open: StreamOpen | None = None
     error: ServeError | None = None  # the transport could not decode this message: reply with this error
+    peek: bool = False  # what-if: the outputs of these steps on a copy of the state (see DataPlane.peek)
 
 
 @dataclass(frozen=True)
@@ -367,6 +369,14 @@ class DataPlane:
         with self._as_client(owner, session_id):
             return self._unscoped(owner, await self.store.info(self._scoped(owner, session_id), self.clock()))
 
+    def live_accuracy(self, info: SessionInfo) -> SessionScore | None:
+        """How well a session's forecasts did as the truth arrived (None: its model does not score them)."""
+        try:
+            m = self.get_model(info.model, info.version)
+        except ServeError:  # NOTE: unloaded since the session was read
+            return None
+        return None if m.scoring is None else m.scoring.summary(info.extra)
+
     async def delete_session(self, session_id: str, incarnation: str | None = None, owner: str = "") -> None:
         """Delete a session; with `incarnation`, only that life of the id (see `SessionInfo.incarnation`)."""
         with self._as_client(owner, session_id):
@@ -455,6 +465,47 @@ class DataPlane:
         x = self.validate_inputs(batcher.model, inputs)
         out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout))
         return StepResult(session_id, out.outputs, out.steps, out.seq, out.replayed)
+
+    async def peek(
+        self, session_id: str, inputs: np.ndarray, queue_timeout: float | None = None, owner: str = ""
+    ) -> StepResult:
+        """What-if: the outputs of 1..N hypothetical steps on a copy of a session's state. The session stays exactly
+        as it was: state, steps, seq, idle time and live accuracy. Batched, limited and refused like a step."""
+        self._accepting()
+        scoped = self._scoped(owner, session_id)
+        with self._as_client(owner, session_id):
+            key = await self.store.model_of(scoped, self.clock())
+            return await self._peek(key, scoped, session_id, inputs, queue_timeout)
+
+    async def _peek(
+        self, key: str, scoped: str, session_id: str, inputs: np.ndarray, queue_timeout: float | None
+    ) -> StepResult:
+        batcher = self._batcher(key, session_id)
+        x = self.validate_inputs(batcher.model, inputs)
+        out = await batcher.submit(scoped, x, None, self.deadline(queue_timeout), peek=True)
+        return StepResult(session_id, out.outputs, out.steps, out.seq)
+
+    async def fork_session(
+        self, session_id: str, new_session_id: str | None = None, scored: bool = False, owner: str = ""
+    ) -> SessionInfo:
+        """A new session from another's current state and step count (seq from 0), under a new or chosen id. The
+        fork keeps the origin's pending forecasts; its steps are scored as the truth only when `scored` (a fork is
+        for what-if). Forks and their origin are independent from then on."""
+        self._accepting()
+        scoped = self._scoped(owner, session_id)
+        new_id = uuid.uuid4().hex if new_session_id is None else new_session_id
+        new_scoped = self._scoped(owner, new_id)
+        with self._as_client(owner, session_id), self._as_client(owner, new_id):
+            key = await self.store.model_of(scoped, self.clock())
+            scoring = self._batcher(key, session_id).model.scoring
+
+            def record(extra: bytes) -> bytes:
+                return extra if scoring is None else scoring.fork(extra, scored)
+
+            info = await self.store.fork(scoped, new_scoped, self.clock(), record)
+        self.metrics.sessions_created.labels(key).inc()
+        await self._update_open()
+        return self._unscoped(owner, info)
 
     async def step_batch(
         self,
@@ -614,7 +665,12 @@ class DataPlane:
         try:
             self._accepting()
             with self._as_client(owner, sid):
-                result = await self._step(key, scoped, sid, inputs, msg.seq, None)
+                if msg.peek:
+                    if msg.seq is not None:
+                        raise InvalidInputError("a peek changes nothing, so it carries no seq: leave seq out")
+                    result = await self._peek(key, scoped, sid, inputs, None)
+                else:
+                    result = await self._step(key, scoped, sid, inputs, msg.seq, None)
         except ServeError as e:
             return StreamReply(sid, error=e, session=info)
         return StreamReply(sid, result=result, session=info)

@@ -52,9 +52,16 @@ def _files(directory: Path) -> tuple[tuple[int, int], ...]:
 
 class LiveRepository:
     def __init__(
-        self, dp: DataPlane, root: Path, threads: int = 1, poll_seconds: float = 0.0, one_of_workers: bool = False
+        self,
+        dp: DataPlane,
+        root: Path,
+        threads: int = 1,
+        poll_seconds: float = 0.0,
+        one_of_workers: bool = False,
+        live_scoring: bool = True,
     ) -> None:
         self.dp, self.root, self.threads, self.poll_seconds = dp, root, threads, poll_seconds
+        self.live_scoring = live_scoring
         # NOTE: under --workers a load or unload call reaches one worker only: those calls are refused (polling
         # runs in every worker, so new versions still go live everywhere)
         self.one_of_workers = one_of_workers
@@ -121,7 +128,7 @@ class LiveRepository:
         name, version = d.parent.name, d.name
         files = _files(d)
         try:
-            m = await asyncio.to_thread(load_version, d, self.threads)
+            m = await asyncio.to_thread(load_version, d, self.threads, self.live_scoring)
         except Exception as e:  # NOTE: whatever a directory holds, it is reported and never stops the others
             why = str(e) if isinstance(e, ModelLoadError) else f"{name}/{version}: cannot load: {type(e).__name__}"
             self._failed[(name, version)] = (files, why)

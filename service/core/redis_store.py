@@ -400,10 +400,15 @@ class RedisSessionStore:
         h, c = np.zeros((sig.layers, sig.hidden), np.float32), np.zeros((sig.layers, sig.cell), np.float32)
         st = _State(self._new_version(), os.urandom(8), bytes(8), 0, 0, wall, wall, model_key, h, c,
                     bytes(DIGEST_BYTES), None, bytes(sig.extra))  # fmt: skip
+        return await self._insert(sid, st)
+
+    async def _insert(self, sid: str, st: _State) -> SessionInfo:
+        """Write a new session, atomically with the cap (at it: evict the least recently used or refuse)."""
         got = await self._script(
             "create", [self.kp + sid, self.gp + sid],
-            [self._encode(st), int(self.ttl * 1000), wall, self.max_sessions,
-             "1" if self.cap_policy == "evict_lru" else "0", self.ip, self.kp, self.gp, model_key, sid, *self.sigs],
+            [self._encode(st), int(self.ttl * 1000), st.created, self.max_sessions,
+             "1" if self.cap_policy == "evict_lru" else "0", self.ip, self.kp, self.gp, st.model_key, sid,
+             *self.sigs],
         )  # fmt: skip
         status = int(got[0])
         if status == -1:
@@ -429,6 +434,15 @@ class RedisSessionStore:
 
         st, _ = await self._update(session_id, drop)
         self._on_removed(st.model_key, "deleted")
+
+    async def fork(self, source_id: str, session_id: str, now: float, record: Callable[[bytes], bytes]) -> SessionInfo:
+        """A new session from the source's state as read now (the source is not touched); the cap applies."""
+        sid = check_store_id(session_id)
+        src = await self._load(source_id)
+        wall = time.time()
+        st = _State(self._new_version(), os.urandom(8), bytes(8), src.steps, 0, wall, wall, src.model_key, src.h,
+                    src.c, bytes(DIGEST_BYTES), None, record(src.extra))  # fmt: skip
+        return await self._insert(sid, st)
 
     async def detach(self, session_id: str, now: float) -> SessionInfo:
         # NOTE: the version stays, so that a step in flight still commits: only the owner changes

@@ -181,6 +181,9 @@ class SessionStore(Protocol):
     async def model_of(self, session_id: str, now: float) -> str: ...
     async def delete(self, session_id: str, incarnation: str | None = None) -> None: ...
     async def detach(self, session_id: str, now: float) -> SessionInfo: ...
+    async def fork(
+        self, source_id: str, session_id: str, now: float, record: Callable[[bytes], bytes]
+    ) -> SessionInfo: ...
     async def reset(self, session_id: str, now: float) -> SessionInfo: ...
     async def export(self, session_id: str, now: float) -> Snapshot: ...
     async def restore(
@@ -508,6 +511,20 @@ class MemorySessionStore:
             if _incarnation(p, i) != incarnation:
                 raise SessionNotFoundError(f"session {session_id!r} was replaced by a newer one of the same id")
         self._remove(session_id, "deleted")
+
+    async def fork(self, source_id: str, session_id: str, now: float, record: Callable[[bytes], bytes]) -> SessionInfo:
+        """A new session `session_id` with the source's model, state and step count (seq 0, no replay), and the
+        record `record` makes of the source's; the source is not touched. The cap applies as to a create."""
+        key, slab, slot = self._locate(source_id, now)
+        p, i = slab.at(slot)
+        h, c, steps, extra = p.h[:, i, :].copy(), p.c[:, i, :].copy(), int(p.steps[i]), p.extra[i].tobytes()
+        await self.create(key, session_id, now)  # NOTE: may evict the source at the cap: its copy is taken
+        _, slab, slot = self._locate(session_id, now)
+        q, j = slab.at(slot)
+        q.h[:, j, :], q.c[:, j, :], q.steps[j] = h, c, steps
+        q.extra[j] = np.frombuffer(record(extra), np.uint8)
+        q.version[j] += 1
+        return self._info(session_id, key, slab, slot, now)
 
     async def detach(self, session_id: str, now: float) -> SessionInfo:
         """Give the session a new incarnation (state untouched), so that a holder of the old one, such as

@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from service.core.dataplane import StepResult, StreamMessage, StreamOpen, StreamReply
+from service.core.scoring import SessionScore
 from service.core.sessions import SessionInfo, Snapshot
 from service.errors import InvalidInputError, ServeError
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
@@ -37,8 +38,8 @@ def from_array(a: np.ndarray) -> pb.Matrix:
     return pb.Matrix(rows=rows, cols=cols, data=a.reshape(-1).tolist())
 
 
-def session_info(info: SessionInfo) -> pb.SessionInfo:
-    return pb.SessionInfo(
+def session_info(info: SessionInfo, accuracy: SessionScore | None = None) -> pb.SessionInfo:
+    out = pb.SessionInfo(
         session_id=info.session_id,
         model=info.model,
         version=info.version,
@@ -48,6 +49,13 @@ def session_info(info: SessionInfo) -> pb.SessionInfo:
         last_used_unix=info.last_used,
         expires_unix=info.expires,
     )
+    if accuracy is not None:
+        out.live_accuracy.scored = accuracy.scored
+        for h in accuracy.horizons:
+            out.live_accuracy.horizons.add(
+                horizon=h.horizon, count=h.count, mae=h.mae, persistence_mae=h.persistence_mae
+            )
+    return out
 
 
 def step_response(r: StepResult) -> pb.StepResponse:
@@ -88,6 +96,8 @@ def model_info(m: ModelVersion, versions: list[str]) -> pb.ModelInfo:
         hidden_size=card.hidden_size,
         num_layers=card.num_layers,
         card_json=json.dumps(card.to_dict(), sort_keys=True),
+        live_scoring=m.scoring is not None,
+        live_scoring_off=m.scoring_off,
     )
 
 
@@ -100,7 +110,7 @@ def stream_message(req: pb.StreamRequest) -> StreamMessage:
     elif start == "resume_session_id":
         opened = StreamOpen(resume_session_id=req.resume_session_id, keep=req.keep)
     inputs = to_array(req.inputs) if req.HasField("inputs") else None
-    return StreamMessage(inputs=inputs, seq=req.seq if req.HasField("seq") else None, open=opened)
+    return StreamMessage(inputs=inputs, seq=req.seq if req.HasField("seq") else None, open=opened, peek=req.peek)
 
 
 def stream_response(r: StreamReply) -> pb.StreamResponse:

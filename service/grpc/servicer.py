@@ -248,7 +248,8 @@ class PredictorServicer(ServicerBase, pb_grpc.PredictorServicer):
 
     @unary("GetSession")
     async def GetSession(self, request: pb.SessionRef, context: Any) -> pb.SessionInfo:
-        return cv.session_info(await self.dp.get_session(request.session_id, self.owner(context)))
+        info = await self.dp.get_session(request.session_id, self.owner(context))
+        return cv.session_info(info, self.dp.live_accuracy(info))
 
     @unary("Step")
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
@@ -290,6 +291,21 @@ class PredictorServicer(ServicerBase, pb_grpc.PredictorServicer):
                 else pb.StepBatchResult(response=cv.step_response(r))
                 for r in results
             ]
+        )
+
+    @unary("Peek")
+    async def Peek(self, request: pb.PeekRequest, context: Any) -> pb.StepResponse:
+        return cv.step_response(
+            await self.dp.peek(
+                request.session_id, cv.to_array(request.inputs), context.time_remaining(), self.owner(context)
+            )
+        )
+
+    @unary("ForkSession")
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: Any) -> pb.SessionInfo:
+        new_id = request.new_session_id or None
+        return cv.session_info(
+            await self.dp.fork_session(request.session_id, new_id, request.scored, self.owner(context))
         )
 
     @unary("ListModels")

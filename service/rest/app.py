@@ -369,7 +369,8 @@ def create_app(
 
     @sessions.get("/{session_id}", summary="Describe a session", responses=not_found)
     async def get_session(session_id: str, d: DataPlaneDep, owner: Owner) -> s.SessionReply:
-        return s.SessionReply.of(await d.get_session(session_id, owner))
+        info = await d.get_session(session_id, owner)
+        return s.SessionReply.of(info, d.live_accuracy(info))
 
     @sessions.delete("/{session_id}", summary="Delete a session", responses=not_found)
     async def delete_session(session_id: str, d: DataPlaneDep, owner: Owner) -> s.DeleteReply:
@@ -391,6 +392,36 @@ def create_app(
     )
     async def step(session_id: str, body: s.StepBody, d: DataPlaneDep, wait: QueueTimeout, owner: Owner) -> s.StepReply:
         return s.StepReply.of(await d.step(session_id, s.matrix(body.inputs), body.seq, wait, owner))
+
+    @sessions.post(
+        "/{session_id}/peek",
+        summary="What-if: the outputs of hypothetical steps; the session stays exactly as it was",
+        responses=_responses(
+            ErrorCode.INVALID_INPUT,
+            ErrorCode.SESSION_NOT_FOUND,
+            ErrorCode.UNAVAILABLE,
+            ErrorCode.OVERLOADED,
+            ErrorCode.DEADLINE_EXCEEDED,
+            ErrorCode.MODEL_ERROR,
+        ),
+    )
+    async def peek(session_id: str, body: s.PeekBody, d: DataPlaneDep, wait: QueueTimeout, owner: Owner) -> s.StepReply:
+        return s.StepReply.of(await d.peek(session_id, s.matrix(body.inputs), wait, owner))
+
+    @sessions.post(
+        "/{session_id}/fork",
+        status_code=201,
+        summary="A new session from this one's current state (forks and origin are independent from then on)",
+        responses=_responses(
+            ErrorCode.INVALID_INPUT,
+            ErrorCode.SESSION_NOT_FOUND,
+            ErrorCode.SESSION_EXISTS,
+            ErrorCode.SESSION_LIMIT,
+            ErrorCode.UNAVAILABLE,
+        ),
+    )
+    async def fork(session_id: str, body: s.ForkBody, d: DataPlaneDep, owner: Owner) -> s.SessionReply:
+        return s.SessionReply.of(await d.fork_session(session_id, body.session_id, body.scored, owner))
 
     @sessions.post("/{session_id}/reset", summary="Reset a session's state to zero", responses=not_found)
     async def reset(session_id: str, d: DataPlaneDep, owner: Owner) -> s.SessionReply:
@@ -530,7 +561,7 @@ def create_app(
                         if param["name"] == "name":
                             known = on_disk if path.startswith("/v2/repository/") else names
                             param["schema"] = {"type": "string", "enum": known}
-        for body in ("StepBody", "PredictBody"):
+        for body in ("StepBody", "PredictBody", "PeekBody"):
             if body in bodies:
                 bodies[body]["examples"] = [{"inputs": [example_row]}]
         # NOTE: dimensions are stated when every served model shares them (one model, or versions alike)
@@ -538,7 +569,7 @@ def create_app(
         if len(sigs) == 1:
             (sig,) = sigs
             row = {"minItems": sig.features, "maxItems": sig.features}
-            for body, field in (("StepBody", "inputs"), ("PredictBody", "inputs")):
+            for body, field in (("StepBody", "inputs"), ("PredictBody", "inputs"), ("PeekBody", "inputs")):
                 if body in bodies:
                     bodies[body]["properties"][field]["items"].update(row)
             if "SnapshotBody" in bodies:
@@ -574,7 +605,7 @@ def ws_message(text: str, first: bool, limit: int) -> StreamMessage:
                 model=msg.model, version=msg.version, session_id=msg.session_id,
                 resume_session_id=msg.resume, keep=msg.keep,
             )  # fmt: skip
-        return StreamMessage(inputs=s.matrix(msg.inputs), seq=msg.seq, open=opened)
+        return StreamMessage(inputs=s.matrix(msg.inputs), seq=msg.seq, open=opened, peek=msg.peek)
     except ServeError as e:
         return StreamMessage(inputs=None, error=e)
     except ValidationError as e:

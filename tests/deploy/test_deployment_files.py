@@ -176,7 +176,8 @@ def test_every_dashboard_panel_has_a_query_over_our_metrics() -> None:
     assert len(dash["panels"]) >= 10
     assert all("lstm_" in e for e in exprs)
     titles = " ".join(p["title"] for p in dash["panels"]).lower()
-    for topic in ("steps", "latency", "queue wait", "batch size", "open sessions", "removed", "errors", "inference"):
+    for topic in ("steps", "latency", "queue wait", "batch size", "open sessions", "removed", "errors", "inference",
+                  "live mae", "persistence"):  # fmt: skip
         assert topic in titles, topic
 
 

@@ -17,6 +17,7 @@ APPROVED_REST = {
     ("POST", "/v1/sessions/{session_id}/steps"), ("POST", "/v1/sessions/{session_id}/reset"),
     ("GET", "/v1/sessions/{session_id}/state"), ("POST", "/v1/sessions/{session_id}/state"),
     ("POST", "/v1/steps"), ("WEBSOCKET", "/v1/sessions/stream"),
+    ("POST", "/v1/sessions/{session_id}/peek"), ("POST", "/v1/sessions/{session_id}/fork"),
     # KServe v2 (Open Inference Protocol) and Triton's extensions
     ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2"), ("POST", "/v2/repository/index"),
     ("POST", "/v2/repository/models/{name}/load"), ("POST", "/v2/repository/models/{name}/unload"),
@@ -27,7 +28,8 @@ APPROVED_REST = {
 }  # fmt: skip
 APPROVED_GRPC = {
     "lstm.v1.Predictor": {"Predict", "Stream", "CreateSession", "GetSession", "Step", "ResetSession",
-                          "DeleteSession", "ExportSession", "ImportSession", "StepBatch", "ListModels", "GetModel"},
+                          "DeleteSession", "ExportSession", "ImportSession", "StepBatch", "ListModels", "GetModel",
+                          "Peek", "ForkSession"},
     "inference.GRPCInferenceService": {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
                                        "ModelInfer", "ModelStreamInfer", "ModelConfig", "RepositoryIndex",
                                        "RepositoryModelLoad", "RepositoryModelUnload"},

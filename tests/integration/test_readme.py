@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sys
 from pathlib import Path
@@ -56,6 +57,27 @@ async def test_curl_and_grpcurl_examples_run_in_order(server: Server, tmp_path: 
         assert '"error"' not in out, (line, out)
         assert "ERROR" not in err, (line, err)
     assert await server.store.count() == 0  # the last line deleted the demo session
+
+
+async def test_what_if_examples_run_in_order_and_the_peek_leaves_the_session_alone(
+    server: Server, tmp_path: Path
+) -> None:
+    """The peek and fork lines succeed as written; the GET after the peek shows the session as the steps left it
+    (3 steps, seq 1), the fork steps from it, and the last lines delete both."""
+    lines = commands(blocks("bash", "### What if?")[0])
+    outs = []
+    for line in lines:
+        rc, out, err = await run(["bash", "-c", localize(line, server)], tmp_path)
+        assert rc == 0, (line, out, err)
+        assert '"error"' not in out, (line, out)
+        outs.append(out)
+    peeked = json.loads(outs[next(i for i, c in enumerate(lines) if "/peek" in c)])
+    assert (len(peeked["outputs"]), peeked["steps"]) == (1, 3)
+    after = json.loads(outs[next(i for i, c in enumerate(lines) if c.endswith("/v1/sessions/plan"))])
+    assert (after["steps"], after["seq"]) == (3, 1)
+    forked = json.loads(outs[next(i for i, c in enumerate(lines) if "plan-wet/steps" in c)])
+    assert forked["steps"] == 5
+    assert await server.store.count() == 0
 
 
 async def test_python_and_websocket_examples_run(server: Server, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service.core.redis_store import RedisSessionStore
+from service.core.scoring import Scoring
 from service.core.sessions import (
     Commit,
     CommitStatus,
@@ -275,21 +276,25 @@ async def test_two_redis_stores_share_sessions_state_and_the_cap() -> None:
         await r.aclose()
 
 
-async def test_a_redis_session_costs_its_raw_state_plus_a_small_header() -> None:
-    """Measured by Redis (MEMORY USAGE): a session of the shipped model's size costs 2*L*H*4 bytes plus under
-    256 bytes: a 91-byte header (counters, model key, digest), the key (53 characters here) and Redis's own
-    bookkeeping, with the allocator rounding the value up to its size class (measured: 616 for 384 raw). The
-    index entry in the sorted set comes on top (measured separately: 140 bytes with a 32-character id)."""
+@pytest.mark.parametrize("scored", [False, True])
+async def test_a_redis_session_costs_its_raw_state_plus_a_small_header(scored: bool) -> None:
+    """Measured by Redis (MEMORY USAGE): a session of 2 x 48 state costs 2*L*H*4 bytes, plus its live-scoring
+    record when it has one (horizon 7: 353 bytes, and 4 for its length), plus under 256 bytes: a 91-byte header
+    (counters, model key, digest), the key (53 characters here) and Redis's own bookkeeping, with the allocator
+    rounding the value up to its size class (measured: 616 for 384 raw; 1000 for 737 raw with the record, the
+    value landing just past a size class, so 288 there). The index entry in the sorted set comes on top
+    (measured separately: 140 bytes with a 32-character id)."""
     prefix = f"lstm-test-{uuid.uuid4().hex[:8]}:"
-    sig = Signature(features=4, outputs=7, layers=1, hidden=48)
+    record = Scoring(7, 1).width if scored else 0
+    sig = Signature(features=4, outputs=7, layers=1, hidden=48, extra=record)
     s = RedisSessionStore(REDIS_URL, {"seattle-weather/1": sig}, ttl=30, max_sessions=10_000, prefix=prefix)
     await s.start()
     r = aioredis.Redis.from_url(REDIS_URL)
     try:
         ids = [(await s.create("seattle-weather/1", None, now())).session_id for _ in range(200)]
-        raw = 2 * 1 * 48 * 4
+        raw = 2 * 1 * 48 * 4 + record
         used = [await s.memory_usage(sid) for sid in ids]
-        assert raw <= max(used) < raw + 256, used[:5]
+        assert raw <= max(used) < raw + (288 if scored else 256), used[:5]
         index = await r.memory_usage(prefix + "idx:seattle-weather/1", samples=0)
         assert index / len(ids) < 160
     finally:

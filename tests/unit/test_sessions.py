@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.core.scoring import Scoring
 from service.core.sessions import (
     PAGE,
     Commit,
@@ -184,10 +185,14 @@ async def test_export_import_round_trip_and_model_mismatch() -> None:
         await two.restore("x", "m/1", Snapshot("m", "1", 0, 0, snap.h, snap.c), 1.0)
 
 
-@pytest.mark.parametrize(("layers", "hidden"), [(1, 48), (2, 128)])
-async def test_an_idle_session_costs_its_raw_state_plus_a_small_bookkeeping(layers: int, hidden: int) -> None:
-    """All memory a session takes (traced, ids and index included) is 2*L*H*4 bytes plus under 256 bytes."""
-    sig = Signature(features=4, outputs=7, layers=layers, hidden=hidden)
+@pytest.mark.parametrize(("layers", "hidden", "scored"), [(1, 48, False), (2, 128, False), (2, 240, True)])
+async def test_an_idle_session_costs_its_raw_state_plus_a_small_bookkeeping(
+    layers: int, hidden: int, scored: bool
+) -> None:
+    """All memory a session takes (traced, ids and index included) is 2*L*H*4 bytes, plus its live-scoring record
+    when its model scores forecasts (horizon 7: 7*7*4 bytes of forecasts and counters), plus under 256 bytes."""
+    record = Scoring(7, 1).width if scored else 0
+    sig = Signature(features=4, outputs=7, layers=layers, hidden=hidden, extra=record)
     s = MemorySessionStore({"m/1": sig}, ttl=60, max_sessions=100_000)
     for _ in range(PAGE):  # NOTE: the first page; then fill whole pages so no capacity is spare
         await s.create("m/1", None, 0.0)
@@ -198,9 +203,11 @@ async def test_an_idle_session_costs_its_raw_state_plus_a_small_bookkeeping(laye
         await s.create("m/1", None, 0.0)
     after, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    raw = 2 * layers * hidden * 4
+    raw = 2 * layers * hidden * 4 + record
     per_session = (after - before) / n
     assert raw <= per_session < raw + 256, per_session
+    if scored:
+        assert record == 7 * 7 * 4 + 7 * 4 + 2 * 7 * 8 + 17
 
 
 async def test_growing_adds_pages_without_copying_existing_state() -> None:

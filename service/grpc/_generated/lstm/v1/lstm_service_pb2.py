@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alstm/v1/lstm_service.proto\x12\x07lstm.v1\"2\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x03(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"Q\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1f\n\x06inputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Matrix\"S\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Matrix\"J\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xa1\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x01\x12\x16\n\x0elast_used_unix\x18\x07 \x01(\x01\x12\x14\n\x0c\x65xpires_unix\x18\x08 \x01(\x01\"\\\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\x10\n\x03seq\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x06\n\x04_seq\"r\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x07outputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"+\n\x15\x44\x65leteSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x85\x01\n\x0fSessionSnapshot\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x1a\n\x01h\x18\x05 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\x1a\n\x01\x63\x18\x06 \x01(\x0b\x32\x0f.lstm.v1.Matrix\"V\n\x14ImportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x08snapshot\x18\x02 \x01(\x0b\x32\x18.lstm.v1.SessionSnapshot\"7\n\x10StepBatchRequest\x12#\n\x05steps\x18\x01 \x03(\x0b\x32\x14.lstm.v1.StepRequest\"g\n\x0fStepBatchResult\x12)\n\x08response\x18\x01 \x01(\x0b\x32\x15.lstm.v1.StepResponseH\x00\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0e.lstm.v1.ErrorH\x00\x42\x08\n\x06result\">\n\x11StepBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.lstm.v1.StepBatchResult\"\xad\x01\n\rStreamRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.lstm.v1.CreateSessionRequestH\x00\x12\x1b\n\x11resume_session_id\x18\x02 \x01(\tH\x00\x12\x0c\n\x04keep\x18\x03 \x01(\x08\x12\x1f\n\x06inputs\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\x10\n\x03seq\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\x07\n\x05startB\x06\n\x04_seq\"\xba\x01\n\x0eStreamResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x07outputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x1d\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x0e.lstm.v1.Error\x12%\n\x07session\x18\x07 \x01(\x0b\x32\x14.lstm.v1.SessionInfo\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xbc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\x12\x0f\n\x07outputs\x18\x06 \x03(\t\x12\x0f\n\x07horizon\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x11\n\tcard_json\x18\n \x01(\t2\x88\x06\n\tPredictor\x12<\n\x07Predict\x12\x17.lstm.v1.PredictRequest\x1a\x18.lstm.v1.PredictResponse\x12=\n\x06Stream\x12\x16.lstm.v1.StreamRequest\x1a\x17.lstm.v1.StreamResponse(\x01\x30\x01\x12\x44\n\rCreateSession\x12\x1d.lstm.v1.CreateSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x37\n\nGetSession\x12\x13.lstm.v1.SessionRef\x1a\x14.lstm.v1.SessionInfo\x12\x33\n\x04Step\x12\x14.lstm.v1.StepRequest\x1a\x15.lstm.v1.StepResponse\x12\x39\n\x0cResetSession\x12\x13.lstm.v1.SessionRef\x1a\x14.lstm.v1.SessionInfo\x12\x44\n\rDeleteSession\x12\x13.lstm.v1.SessionRef\x1a\x1e.lstm.v1.DeleteSessionResponse\x12>\n\rExportSession\x12\x13.lstm.v1.SessionRef\x1a\x18.lstm.v1.SessionSnapshot\x12\x44\n\rImportSession\x12\x1d.lstm.v1.ImportSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x42\n\tStepBatch\x12\x19.lstm.v1.StepBatchRequest\x1a\x1a.lstm.v1.StepBatchResponse\x12\x45\n\nListModels\x12\x1a.lstm.v1.ListModelsRequest\x1a\x1b.lstm.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.lstm.v1.GetModelRequest\x1a\x12.lstm.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alstm/v1/lstm_service.proto\x12\x07lstm.v1\"2\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x03(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"Q\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1f\n\x06inputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Matrix\"S\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12 \n\x07outputs\x18\x03 \x01(\x0b\x32\x0f.lstm.v1.Matrix\"J\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xcf\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x01\x12\x16\n\x0elast_used_unix\x18\x07 \x01(\x01\x12\x14\n\x0c\x65xpires_unix\x18\x08 \x01(\x01\x12,\n\rlive_accuracy\x18\t \x01(\x0b\x32\x15.lstm.v1.LiveAccuracy\"J\n\x0cLiveAccuracy\x12\x0e\n\x06scored\x18\x01 \x01(\x08\x12*\n\x08horizons\x18\x02 \x03(\x0b\x32\x18.lstm.v1.HorizonAccuracy\"}\n\x0fHorizonAccuracy\x12\x0f\n\x07horizon\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x10\n\x03mae\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0fpersistence_mae\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_maeB\x12\n\x10_persistence_mae\"\\\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\x10\n\x03seq\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x06\n\x04_seq\"r\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x07outputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"B\n\x0bPeekRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x06inputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Matrix\"P\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\x12\x0e\n\x06scored\x18\x03 \x01(\x08\"+\n\x15\x44\x65leteSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x85\x01\n\x0fSessionSnapshot\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x1a\n\x01h\x18\x05 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\x1a\n\x01\x63\x18\x06 \x01(\x0b\x32\x0f.lstm.v1.Matrix\"V\n\x14ImportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x08snapshot\x18\x02 \x01(\x0b\x32\x18.lstm.v1.SessionSnapshot\"7\n\x10StepBatchRequest\x12#\n\x05steps\x18\x01 \x03(\x0b\x32\x14.lstm.v1.StepRequest\"g\n\x0fStepBatchResult\x12)\n\x08response\x18\x01 \x01(\x0b\x32\x15.lstm.v1.StepResponseH\x00\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0e.lstm.v1.ErrorH\x00\x42\x08\n\x06result\">\n\x11StepBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.lstm.v1.StepBatchResult\"\xbb\x01\n\rStreamRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.lstm.v1.CreateSessionRequestH\x00\x12\x1b\n\x11resume_session_id\x18\x02 \x01(\tH\x00\x12\x0c\n\x04keep\x18\x03 \x01(\x08\x12\x1f\n\x06inputs\x18\x04 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\x10\n\x03seq\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04peek\x18\x06 \x01(\x08\x42\x07\n\x05startB\x06\n\x04_seq\"\xba\x01\n\x0eStreamResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x07outputs\x18\x02 \x01(\x0b\x32\x0f.lstm.v1.Matrix\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x1d\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x0e.lstm.v1.Error\x12%\n\x07session\x18\x07 \x01(\x0b\x32\x14.lstm.v1.SessionInfo\"\x13\n\x11ListModelsRequest\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.lstm.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xec\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\x12\x0f\n\x07outputs\x18\x06 \x03(\t\x12\x0f\n\x07horizon\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x11\n\tcard_json\x18\n \x01(\t\x12\x14\n\x0clive_scoring\x18\x0b \x01(\x08\x12\x18\n\x10live_scoring_off\x18\x0c \x01(\t2\xff\x06\n\tPredictor\x12<\n\x07Predict\x12\x17.lstm.v1.PredictRequest\x1a\x18.lstm.v1.PredictResponse\x12=\n\x06Stream\x12\x16.lstm.v1.StreamRequest\x1a\x17.lstm.v1.StreamResponse(\x01\x30\x01\x12\x44\n\rCreateSession\x12\x1d.lstm.v1.CreateSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x37\n\nGetSession\x12\x13.lstm.v1.SessionRef\x1a\x14.lstm.v1.SessionInfo\x12\x33\n\x04Step\x12\x14.lstm.v1.StepRequest\x1a\x15.lstm.v1.StepResponse\x12\x39\n\x0cResetSession\x12\x13.lstm.v1.SessionRef\x1a\x14.lstm.v1.SessionInfo\x12\x44\n\rDeleteSession\x12\x13.lstm.v1.SessionRef\x1a\x1e.lstm.v1.DeleteSessionResponse\x12>\n\rExportSession\x12\x13.lstm.v1.SessionRef\x1a\x18.lstm.v1.SessionSnapshot\x12\x44\n\rImportSession\x12\x1d.lstm.v1.ImportSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x42\n\tStepBatch\x12\x19.lstm.v1.StepBatchRequest\x1a\x1a.lstm.v1.StepBatchResponse\x12\x33\n\x04Peek\x12\x14.lstm.v1.PeekRequest\x1a\x15.lstm.v1.StepResponse\x12@\n\x0b\x46orkSession\x12\x1b.lstm.v1.ForkSessionRequest\x1a\x14.lstm.v1.SessionInfo\x12\x45\n\nListModels\x12\x1a.lstm.v1.ListModelsRequest\x1a\x1b.lstm.v1.ListModelsResponse\x12\x38\n\x08GetModel\x12\x18.lstm.v1.GetModelRequest\x1a\x12.lstm.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,35 +44,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONREF']._serialized_start=375
   _globals['_SESSIONREF']._serialized_end=407
   _globals['_SESSIONINFO']._serialized_start=410
-  _globals['_SESSIONINFO']._serialized_end=571
-  _globals['_STEPREQUEST']._serialized_start=573
-  _globals['_STEPREQUEST']._serialized_end=665
-  _globals['_STEPRESPONSE']._serialized_start=667
-  _globals['_STEPRESPONSE']._serialized_end=781
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=783
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=826
-  _globals['_SESSIONSNAPSHOT']._serialized_start=829
-  _globals['_SESSIONSNAPSHOT']._serialized_end=962
-  _globals['_IMPORTSESSIONREQUEST']._serialized_start=964
-  _globals['_IMPORTSESSIONREQUEST']._serialized_end=1050
-  _globals['_STEPBATCHREQUEST']._serialized_start=1052
-  _globals['_STEPBATCHREQUEST']._serialized_end=1107
-  _globals['_STEPBATCHRESULT']._serialized_start=1109
-  _globals['_STEPBATCHRESULT']._serialized_end=1212
-  _globals['_STEPBATCHRESPONSE']._serialized_start=1214
-  _globals['_STEPBATCHRESPONSE']._serialized_end=1276
-  _globals['_STREAMREQUEST']._serialized_start=1279
-  _globals['_STREAMREQUEST']._serialized_end=1452
-  _globals['_STREAMRESPONSE']._serialized_start=1455
-  _globals['_STREAMRESPONSE']._serialized_end=1641
-  _globals['_LISTMODELSREQUEST']._serialized_start=1643
-  _globals['_LISTMODELSREQUEST']._serialized_end=1662
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1664
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1720
-  _globals['_GETMODELREQUEST']._serialized_start=1722
-  _globals['_GETMODELREQUEST']._serialized_end=1770
-  _globals['_MODELINFO']._serialized_start=1773
-  _globals['_MODELINFO']._serialized_end=1961
-  _globals['_PREDICTOR']._serialized_start=1964
-  _globals['_PREDICTOR']._serialized_end=2740
+  _globals['_SESSIONINFO']._serialized_end=617
+  _globals['_LIVEACCURACY']._serialized_start=619
+  _globals['_LIVEACCURACY']._serialized_end=693
+  _globals['_HORIZONACCURACY']._serialized_start=695
+  _globals['_HORIZONACCURACY']._serialized_end=820
+  _globals['_STEPREQUEST']._serialized_start=822
+  _globals['_STEPREQUEST']._serialized_end=914
+  _globals['_STEPRESPONSE']._serialized_start=916
+  _globals['_STEPRESPONSE']._serialized_end=1030
+  _globals['_PEEKREQUEST']._serialized_start=1032
+  _globals['_PEEKREQUEST']._serialized_end=1098
+  _globals['_FORKSESSIONREQUEST']._serialized_start=1100
+  _globals['_FORKSESSIONREQUEST']._serialized_end=1180
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1182
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1225
+  _globals['_SESSIONSNAPSHOT']._serialized_start=1228
+  _globals['_SESSIONSNAPSHOT']._serialized_end=1361
+  _globals['_IMPORTSESSIONREQUEST']._serialized_start=1363
+  _globals['_IMPORTSESSIONREQUEST']._serialized_end=1449
+  _globals['_STEPBATCHREQUEST']._serialized_start=1451
+  _globals['_STEPBATCHREQUEST']._serialized_end=1506
+  _globals['_STEPBATCHRESULT']._serialized_start=1508
+  _globals['_STEPBATCHRESULT']._serialized_end=1611
+  _globals['_STEPBATCHRESPONSE']._serialized_start=1613
+  _globals['_STEPBATCHRESPONSE']._serialized_end=1675
+  _globals['_STREAMREQUEST']._serialized_start=1678
+  _globals['_STREAMREQUEST']._serialized_end=1865
+  _globals['_STREAMRESPONSE']._serialized_start=1868
+  _globals['_STREAMRESPONSE']._serialized_end=2054
+  _globals['_LISTMODELSREQUEST']._serialized_start=2056
+  _globals['_LISTMODELSREQUEST']._serialized_end=2075
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2077
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2133
+  _globals['_GETMODELREQUEST']._serialized_start=2135
+  _globals['_GETMODELREQUEST']._serialized_end=2183
+  _globals['_MODELINFO']._serialized_start=2186
+  _globals['_MODELINFO']._serialized_end=2422
+  _globals['_PREDICTOR']._serialized_start=2425
+  _globals['_PREDICTOR']._serialized_end=3320
 # @@protoc_insertion_point(module_scope)

@@ -61,7 +61,7 @@ class SessionRef(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model", "version", "steps", "seq", "created_unix", "last_used_unix", "expires_unix")
+    __slots__ = ("session_id", "model", "version", "steps", "seq", "created_unix", "last_used_unix", "expires_unix", "live_accuracy")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class SessionInfo(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     version: str
@@ -78,7 +79,28 @@ class SessionInfo(_message.Message):
     created_unix: float
     last_used_unix: float
     expires_unix: float
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., steps: _Optional[int] = ..., seq: _Optional[int] = ..., created_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., expires_unix: _Optional[float] = ...) -> None: ...
+    live_accuracy: LiveAccuracy
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., steps: _Optional[int] = ..., seq: _Optional[int] = ..., created_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., expires_unix: _Optional[float] = ..., live_accuracy: _Optional[_Union[LiveAccuracy, _Mapping]] = ...) -> None: ...
+
+class LiveAccuracy(_message.Message):
+    __slots__ = ("scored", "horizons")
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    HORIZONS_FIELD_NUMBER: _ClassVar[int]
+    scored: bool
+    horizons: _containers.RepeatedCompositeFieldContainer[HorizonAccuracy]
+    def __init__(self, scored: _Optional[bool] = ..., horizons: _Optional[_Iterable[_Union[HorizonAccuracy, _Mapping]]] = ...) -> None: ...
+
+class HorizonAccuracy(_message.Message):
+    __slots__ = ("horizon", "count", "mae", "persistence_mae")
+    HORIZON_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAE_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_MAE_FIELD_NUMBER: _ClassVar[int]
+    horizon: int
+    count: int
+    mae: float
+    persistence_mae: float
+    def __init__(self, horizon: _Optional[int] = ..., count: _Optional[int] = ..., mae: _Optional[float] = ..., persistence_mae: _Optional[float] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "inputs", "seq")
@@ -103,6 +125,24 @@ class StepResponse(_message.Message):
     seq: int
     replayed: bool
     def __init__(self, session_id: _Optional[str] = ..., outputs: _Optional[_Union[Matrix, _Mapping]] = ..., steps: _Optional[int] = ..., seq: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class PeekRequest(_message.Message):
+    __slots__ = ("session_id", "inputs")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    inputs: Matrix
+    def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Union[Matrix, _Mapping]] = ...) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id", "new_session_id", "scored")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    new_session_id: str
+    scored: bool
+    def __init__(self, session_id: _Optional[str] = ..., new_session_id: _Optional[str] = ..., scored: _Optional[bool] = ...) -> None: ...
 
 class DeleteSessionResponse(_message.Message):
     __slots__ = ("session_id",)
@@ -155,18 +195,20 @@ class StepBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[StepBatchResult, _Mapping]]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("open", "resume_session_id", "keep", "inputs", "seq")
+    __slots__ = ("open", "resume_session_id", "keep", "inputs", "seq", "peek")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    PEEK_FIELD_NUMBER: _ClassVar[int]
     open: CreateSessionRequest
     resume_session_id: str
     keep: bool
     inputs: Matrix
     seq: int
-    def __init__(self, open: _Optional[_Union[CreateSessionRequest, _Mapping]] = ..., resume_session_id: _Optional[str] = ..., keep: _Optional[bool] = ..., inputs: _Optional[_Union[Matrix, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+    peek: bool
+    def __init__(self, open: _Optional[_Union[CreateSessionRequest, _Mapping]] = ..., resume_session_id: _Optional[str] = ..., keep: _Optional[bool] = ..., inputs: _Optional[_Union[Matrix, _Mapping]] = ..., seq: _Optional[int] = ..., peek: _Optional[bool] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("session_id", "outputs", "steps", "seq", "replayed", "error", "session")
@@ -205,7 +247,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "features", "target", "outputs", "horizon", "hidden_size", "num_layers", "card_json")
+    __slots__ = ("name", "version", "versions", "features", "target", "outputs", "horizon", "hidden_size", "num_layers", "card_json", "live_scoring", "live_scoring_off")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +258,8 @@ class ModelInfo(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     CARD_JSON_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SCORING_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SCORING_OFF_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     versions: _containers.RepeatedScalarFieldContainer[str]
@@ -226,4 +270,6 @@ class ModelInfo(_message.Message):
     hidden_size: int
     num_layers: int
     card_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[str]] = ..., target: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., horizon: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., card_json: _Optional[str] = ...) -> None: ...
+    live_scoring: bool
+    live_scoring_off: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[str]] = ..., target: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., horizon: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., card_json: _Optional[str] = ..., live_scoring: _Optional[bool] = ..., live_scoring_off: _Optional[str] = ...) -> None: ...

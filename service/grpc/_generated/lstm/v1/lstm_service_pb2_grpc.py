@@ -84,6 +84,16 @@ class PredictorStub:
                 request_serializer=lstm_dot_v1_dot_lstm__service__pb2.StepBatchRequest.SerializeToString,
                 response_deserializer=lstm_dot_v1_dot_lstm__service__pb2.StepBatchResponse.FromString,
                 _registered_method=True)
+        self.Peek = channel.unary_unary(
+                '/lstm.v1.Predictor/Peek',
+                request_serializer=lstm_dot_v1_dot_lstm__service__pb2.PeekRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__service__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/lstm.v1.Predictor/ForkSession',
+                request_serializer=lstm_dot_v1_dot_lstm__service__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__service__pb2.SessionInfo.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/lstm.v1.Predictor/ListModels',
                 request_serializer=lstm_dot_v1_dot_lstm__service__pb2.ListModelsRequest.SerializeToString,
@@ -169,6 +179,21 @@ class PredictorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Peek(self, request, context):
+        """What-if: apply steps to a copy of a session's state and return their outputs. The session stays exactly as it
+        was (state, steps, seq, idle time, live accuracy); the call is batched and limited like a step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """A new session from another's current state (and its pending forecasts), under a new or chosen id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -233,6 +258,16 @@ def add_PredictorServicer_to_server(servicer, server):
                     servicer.StepBatch,
                     request_deserializer=lstm_dot_v1_dot_lstm__service__pb2.StepBatchRequest.FromString,
                     response_serializer=lstm_dot_v1_dot_lstm__service__pb2.StepBatchResponse.SerializeToString,
+            ),
+            'Peek': grpc.unary_unary_rpc_method_handler(
+                    servicer.Peek,
+                    request_deserializer=lstm_dot_v1_dot_lstm__service__pb2.PeekRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__service__pb2.StepResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=lstm_dot_v1_dot_lstm__service__pb2.ForkSessionRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__service__pb2.SessionInfo.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -515,6 +550,60 @@ class Predictor:
             '/lstm.v1.Predictor/StepBatch',
             lstm_dot_v1_dot_lstm__service__pb2.StepBatchRequest.SerializeToString,
             lstm_dot_v1_dot_lstm__service__pb2.StepBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Peek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.Predictor/Peek',
+            lstm_dot_v1_dot_lstm__service__pb2.PeekRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__service__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.Predictor/ForkSession',
+            lstm_dot_v1_dot_lstm__service__pb2.ForkSessionRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__service__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,

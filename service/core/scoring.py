@@ -1,0 +1,148 @@
+"""Live accuracy: each session scores its own forecasts as the truth arrives.
+
+A model whose target is one of its input features tells the server, at every step, the actual value of
+something it forecast earlier: the output k of the step at origin t forecasts the target at t + k, and the
+input of step t + k carries it. So every session keeps its last `horizon` forecasts (a ring of
+`horizon * horizon` float32) and the target values at those origins (for the persistence forecast of the
+same origin: the last value seen), and each step scores every forecast its target value resolves. The
+errors add up per session (shown by GetSession) and per model version and horizon step (Prometheus).
+
+The record is the session's `Signature.extra` bytes: the store keeps it beside the state and the batcher
+changes it with the state, in the same commit, so a step that is not applied (a replay, a conflict, a
+failure) is not scored, and reset or import start it again. All zeros is a fresh record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.card import ModelCard
+from service.runtime import F32, Signature
+
+F64 = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class HorizonScore:
+    """A session's live accuracy at one horizon step: forecasts scored and their mean absolute errors."""
+
+    horizon: int  # k: forecasts made k steps before the value that scored them
+    count: int
+    mae: float | None  # None until one is scored
+    persistence_mae: float | None  # the persistence forecast (the last value seen) at the same origins
+
+
+@dataclass(frozen=True)
+class SessionScore:
+    """What a session's record says, for GetSession: scored is False for a session that does not score."""
+
+    scored: bool
+    horizons: list[HorizonScore]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What one batch adds, per batch row and horizon step: [B, K] error sums and counts."""
+
+    model: F64
+    persistence: F64
+    count: NDArray[np.int64]
+
+
+class Scoring:
+    """The record layout and the scoring arithmetic for one model version (horizon K, target input column)."""
+
+    def __init__(self, horizon: int, target_index: int) -> None:
+        k = horizon
+        self.horizon, self.target_index = k, target_index
+        # NOTE: ring rows are origins, oldest first: row i of a record with n steps is origin n - K + i
+        self.dtype = np.dtype([
+            ("n", "<i8"),  # steps since the record started (create, reset, import)
+            ("since", "<i8"),  # the step from which this session's own error sums count (a fork's n at the fork)
+            ("off", "u1"),  # 1: this session's steps are not scored (a what-if fork)
+            ("fc", "<f4", (k, k)),  # the forecasts of the last K origins
+            ("last", "<f4", (k,)),  # the target values at those origins
+            ("err", "<f8", (2, k)),  # this session's absolute error sums: model, persistence
+        ])  # fmt: skip
+        self.width = self.dtype.itemsize
+        self._index: dict[int, tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.int64]]] = {}
+
+    @classmethod
+    def for_model(cls, card: ModelCard, sig: Signature) -> tuple[Scoring | None, str]:
+        """The scoring of a model, or None and why it has none."""
+        if not card.target or card.target not in card.features:
+            what = f"its target {card.target!r}" if card.target else "its card names no target"
+            return None, (
+                f"{what} is not one of its input features, so the inputs never bring the actual values of its forecasts"
+            )
+        if sig.outputs != card.horizon:
+            return None, f"it has {sig.outputs} outputs for horizon {card.horizon}: not one forecast per horizon step"
+        return cls(card.horizon, card.features.index(card.target)), ""
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.horizon * self.horizon * 4
+
+    def _pairs(self, t: int) -> tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.int64]]:
+        """For T new steps: the row (of ring + new forecasts) and column of the forecast that step t resolves at
+        horizon k, as [K, T] arrays, and the origin offset t - k (valid when n + t - k >= 0)."""
+        got = self._index.get(t)
+        if got is None:
+            k = np.arange(1, self.horizon + 1)[:, None]
+            steps = np.arange(t)[None, :]
+            rows = (self.horizon - k + steps).astype(np.intp)
+            cols = np.broadcast_to(k - 1, rows.shape).astype(np.intp)
+            got = (rows, cols, (steps - k).astype(np.int64))
+            if len(self._index) < 64:
+                self._index[t] = got
+        return got
+
+    def score(self, extras: list[bytes], x: F32, y: F32) -> tuple[list[bytes], Scored]:
+        """Records after the steps x [B, T, F] with outputs y [B, T, O], and what those steps scored."""
+        rec = np.frombuffer(b"".join(extras), self.dtype).copy()
+        b, t = x.shape[0], x.shape[1]
+        n = rec["n"]
+        actual = x[:, :, self.target_index]  # [B, T]
+        forecasts = np.concatenate((rec["fc"], y), axis=1)  # [B, K + T, K]: origins oldest first
+        lasts = np.concatenate((rec["last"], actual), axis=1)  # [B, K + T]
+        rows, cols, offset = self._pairs(t)
+        valid = ((n[:, None, None] + offset[None]) >= 0) & (rec["off"] == 0)[:, None, None]  # [B, K, T]
+        truth = actual[:, None, :].astype(np.float64)
+        model = np.where(valid, np.abs(forecasts[:, rows, cols].astype(np.float64) - truth), 0.0).sum(axis=2)
+        pers = np.where(valid, np.abs(lasts[:, rows].astype(np.float64) - truth), 0.0).sum(axis=2)
+        rec["fc"] = forecasts[:, t:]
+        rec["last"] = lasts[:, t:]
+        rec["n"] = n + t
+        rec["err"][:, 0] += model
+        rec["err"][:, 1] += pers
+        raw = rec.tobytes()
+        w = self.width
+        return [raw[i * w : (i + 1) * w] for i in range(b)], Scored(model, pers, valid.sum(axis=2).astype(np.int64))
+
+    def fork(self, extra: bytes, scored: bool) -> bytes:
+        """The record of a session forked from one with record `extra`: the same ring (so the fork's next steps
+        score forecasts made before the fork), its own error sums from zero, scored only when asked."""
+        rec = np.frombuffer(extra, self.dtype).copy() if len(extra) == self.width else np.zeros(1, self.dtype)
+        rec["err"] = 0.0
+        rec["since"] = rec["n"]
+        rec["off"] = 0 if scored else 1
+        return rec.tobytes()
+
+    def summary(self, extra: bytes) -> SessionScore:
+        """A session's live accuracy from its record."""
+        if len(extra) != self.width:
+            extra = bytes(self.width)
+        rec = np.frombuffer(extra, self.dtype)[0]
+        if rec["off"]:
+            return SessionScore(False, [])
+        n, since = int(rec["n"]), int(rec["since"])
+        horizons = []
+        for k in range(1, self.horizon + 1):
+            count = max(0, n - max(k, since))  # NOTE: step j scores horizon k when j >= k (and j >= since)
+            mae = float(rec["err"][0, k - 1]) / count if count else None
+            pers = float(rec["err"][1, k - 1]) / count if count else None
+            horizons.append(HorizonScore(k, count, mae, pers))
+        return SessionScore(True, horizons)
