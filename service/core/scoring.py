@@ -73,10 +73,15 @@ class Scoring:
     @classmethod
     def for_model(cls, card: ModelCard, sig: Signature) -> tuple[Scoring | None, str]:
         """The scoring of a model, or None and why it has none."""
-        if not card.target or card.target not in card.features:
-            what = f"its target {card.target!r}" if card.target else "its card names no target"
+        if not card.target:
             return None, (
-                f"{what} is not one of its input features, so the inputs never bring the actual values of its forecasts"
+                "its card names no target, so nothing says which input brings the actual values of its forecasts "
+                "(name one with `lstm-serve card FILE --target NAME`)"
+            )
+        if card.target not in card.features:
+            return None, (
+                f"its target {card.target!r} is not one of its input features, so the inputs never bring the actual "
+                "values of its forecasts"
             )
         if sig.outputs != card.horizon:
             return None, f"it has {sig.outputs} outputs for horizon {card.horizon}: not one forecast per horizon step"

@@ -213,7 +213,8 @@ class _Page:
         self.last_used = np.zeros(PAGE, np.float64)
         self.version = np.zeros(PAGE, np.int64)  # NOTE: moves on every change, never repeats for a slot
         self.born = np.zeros(PAGE, np.int64)  # which life of a session id holds the slot
-        self.owner = np.zeros(PAGE, np.int64)  # moves when a stream resumes it (see MemorySessionStore.detach)
+        # NOTE: moves when a stream resumes it (see MemorySessionStore.detach); 32 bits: only compared for equality
+        self.owner = np.zeros(PAGE, np.uint32)
         self.digest = np.zeros((PAGE, DIGEST_BYTES), np.uint8)  # all zero: no replay kept
         self.extra = np.zeros((PAGE, sig.extra), np.uint8)  # the record beside the state (Signature.extra)
         self.live = np.zeros(PAGE, np.bool_)

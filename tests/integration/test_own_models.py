@@ -67,6 +67,8 @@ async def test_a_cardless_torch_lstm_or_gru_is_served_over_rest_and_grpc_and_mat
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as rest:
         meta = (await rest.get(f"/v1/models/{name}")).json()
         assert (meta["features"], meta["outputs"]) == ([f"x{i}" for i in range(F)], [f"y{i}" for i in range(O)])
+        assert meta["live_scoring"] is False  # NOTE: no card, no target: nothing to score forecasts against
+        assert "names no target" in meta["live_scoring_off"]
         sid = (await rest.post("/v1/sessions", json={"model": name})).json()["session_id"]
         got = []
         for part in (x[:1], x[1:7], x[7:]):
@@ -74,6 +76,7 @@ async def test_a_cardless_torch_lstm_or_gru_is_served_over_rest_and_grpc_and_mat
             assert r.status_code == 200, r.text
             got.extend(r.json()["outputs"])
         np.testing.assert_allclose(np.asarray(got), want, atol=ATOL)
+        assert (await rest.get(f"/v1/sessions/{sid}")).json()["live_accuracy"] is None
         r = await rest.post(f"/v1/models/{name}/predict", json={"inputs": x.tolist()})
         np.testing.assert_allclose(np.asarray(r.json()["outputs"]), want, atol=ATOL)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
@@ -174,5 +177,8 @@ def test_lstm_serve_card_writes_names_into_a_users_file_and_the_server_serves_th
     ok = subprocess.run([*cmd, "--features", "a,b,c", "--target", "a"], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     (path.parent / "model.json").unlink()  # NOTE: the card is inside the file now
-    card = ModelRepository.load(tmp_path).get("named").card
+    named = ModelRepository.load(tmp_path).get("named")
+    card = named.card
     assert (card.features, card.targets[0], card.derived) == (["a", "b", "c"], "a[t+1]", False)
+    assert named.scoring is not None  # NOTE: with a target among its inputs, its sessions score their forecasts
+    assert (named.scoring.target_index, named.scoring.horizon) == (0, O)
