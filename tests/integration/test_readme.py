@@ -100,6 +100,7 @@ async def test_stream_command_example_writes_csv_and_plot(server: Server, tmp_pa
         ["bash", "-c", localize(commands(block)[0], server).replace("examples/", f"{ROOT}/examples/")], tmp_path
     )
     assert rc == 0, err
+    assert "live MAE by horizon (the server's scoring" in err  # NOTE: what the server scored, printed
     assert len((tmp_path / "forecasts.csv").read_text().splitlines()) == 121
     assert (tmp_path / "forecasts.png").stat().st_size > 10_000
 
