@@ -55,6 +55,7 @@ REPLAY_MAX_BYTES = 1024
 # NOTE: a batch expected to run for less than this runs on the event loop: handing it to a thread and back
 # costs more than the run itself (the default model runs one step in ~25 µs); longer runs go to the executor
 INLINE_RUN_SECONDS = 0.0005
+SCORE_FLUSH_SECONDS = 0.1  # NOTE: how stale the live-accuracy counters may be between scrapes (see flush_scores)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,10 @@ class Batcher:
                   metrics.persistence_error, metrics.forecasts_scored))
             for k in horizons
         ]  # fmt: skip
+        # NOTE: what batches scored, added up here and moved to the counters at most every SCORE_FLUSH_SECONDS
+        # (and before /metrics answers): 3 x horizon counter increments per batch would cost more than scoring
+        self._unflushed = np.zeros((3, len(self._scored)))  # model error, persistence error, count
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -196,6 +201,7 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.flush_scores()
         for w in [*self._running, *self._pending]:
             w.resolve(UnavailableError("the server stopped before this step completed; retry"))
         self._pending.clear()
@@ -479,16 +485,23 @@ class Batcher:
 
     def _count_scored(self, scored: Scored, committed: list[bool]) -> None:
         """Add what the applied steps scored to the metrics (steps not applied scored nothing)."""
-        if not all(committed):
-            if not any(committed):
-                return
-            scored = Scored(scored.model[committed], scored.persistence[committed], scored.count[committed])
-        model, pers, count = scored.model.sum(axis=0), scored.persistence.sum(axis=0), scored.count.sum(axis=0)
+        rows = scored.rows if all(committed) else scored.rows[committed]
+        self._unflushed += rows[0] if len(rows) == 1 else rows.sum(axis=0)
+        if self._flush_timer is None and self._loop_ref is not None:
+            self._flush_timer = self._loop_ref.call_later(SCORE_FLUSH_SECONDS, self.flush_scores)
+
+    def flush_scores(self) -> None:
+        """Move what was scored since the last flush to the Prometheus counters."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        acc = self._unflushed
         for k, (err, per, n) in enumerate(self._scored):
-            if count[k]:
-                err.inc(float(model[k]))
-                per.inc(float(pers[k]))
-                n.inc(int(count[k]))
+            if acc[2, k]:
+                err.inc(float(acc[0, k]))
+                per.inc(float(acc[1, k]))
+                n.inc(int(acc[2, k]))
+        acc[:] = 0.0
 
     @staticmethod
     def _finite_rows(y: F32, hn: F32, cn: F32) -> NDArray[np.bool_] | list[bool]:

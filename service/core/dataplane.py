@@ -223,6 +223,12 @@ class DataPlane:
             )
         return b
 
+    def flush_metrics(self) -> None:
+        """Bring the counters that the batchers add up between batches (live accuracy) up to date: before
+        /metrics answers, so that a scrape sees every step answered before it."""
+        for b in list(self._batchers.values()):
+            b.flush_scores()
+
     # --- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.store.start()

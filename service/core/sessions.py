@@ -750,7 +750,7 @@ def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
         )
 
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # NOTE: our handle: closed on errors too
             meta = json.loads(bytes(z["meta"]).decode())
             if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT or meta.get("version") != 1:
                 raise refuse("it is not an lstm-serve session snapshot (format 1)")

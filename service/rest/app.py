@@ -317,6 +317,7 @@ def create_app(
         responses=_responses(ErrorCode.UNAUTHENTICATED) if metrics_auth else None,
     )
     async def prometheus() -> Response:
+        dataplane.flush_metrics()
         return Response(exposition(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # --- models ------------------------------------------------------------------------------------

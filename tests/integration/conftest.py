@@ -31,7 +31,9 @@ ServerFactory = Callable[..., Any]
 
 
 def sample(srv: Server, name: str, **labels: str) -> float:
-    """A metric's value in a server's registry (0 when it has no sample yet)."""
+    """A metric's value in a server's registry (0 when it has no sample yet), brought up to date as a scrape of
+    /metrics would."""
+    srv.dataplane.flush_metrics()
     return srv.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
