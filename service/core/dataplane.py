@@ -450,16 +450,20 @@ class DataPlane:
         seq: int | None = None,
         queue_timeout: float | None = None,
         owner: str = "",
+        expect: Callable[[str], None] | None = None,
     ) -> StepResult:
         """Apply 1..N steps to a session in arrival order; the answer holds the outputs of every step.
 
         `queue_timeout`: seconds the call may wait in the queue; past it the call is answered deadline_exceeded
-        without running (the session unchanged).
+        without running (the session unchanged). `expect` is called with the session's model key before the
+        step is queued, and may refuse it by raising (a KServe sequence pinned to a model, say).
         """
         self._accepting()
         scoped = self._scoped(owner, session_id)
         with self._as_client(owner, session_id):
             key = await self.store.model_of(scoped, self.clock())
+            if expect is not None:
+                expect(key)
             return await self._step(key, scoped, session_id, inputs, seq, queue_timeout)
 
     async def _step(

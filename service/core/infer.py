@@ -219,8 +219,12 @@ async def infer(dp: DataPlane, req: InferRequest, owner: str = "") -> InferRespo
                 await undo()  # NOTE: a START that fails leaves things as they were
                 raise
         else:
-            model = await _pinned(dp, model, req, sid, owner)
-            result = await dp.step(sid, x[0], None, req.timeout, owner)
+            pinned: list[ModelVersion] = []
+            try:
+                result = await dp.step(sid, x[0], None, req.timeout, owner, expect=_pin(dp, req, sid, pinned))
+            except SessionNotFoundError as e:
+                raise _not_open(model, sid, e) from None
+            model = pinned[0]
         y = result.outputs[None]
         params = {"sequence_id": sid, "sequence_steps": result.steps}
         if req.end:
@@ -252,28 +256,34 @@ async def _start(
     return dp.get_model(info.model, info.version), undo
 
 
-async def _pinned(dp: DataPlane, model: ModelVersion, req: InferRequest, sid: str, owner: str) -> ModelVersion:
-    """The model version an open sequence runs: it must be the model the request names (and its version, if
-    named); an unknown sequence is refused with the message Triton gives, and why it is gone if known."""
-    try:
-        info = await dp.get_session(sid, owner)
-    except SessionNotFoundError as e:
-        why = (
-            "it expired, idle for longer than max_sequence_idle_microseconds" if "expired" in e.message
-            else "it was evicted to stay under the session cap" if "evicted" in e.message
-            else "it never started, or it has ended"
-        )  # fmt: skip
-        raise InvalidInputError(
-            f"inference request for sequence {sid} to model {model.name!r} must specify the START flag on the first "
-            f"request of the sequence; sequence {sid} is not open: {why}"
-        ) from None
-    if info.model != model.name or (req.version and info.version != req.version):
-        asked = f"{req.model}" + (f" version {req.version}" if req.version else "")
-        raise InvalidInputError(
-            f"sequence {sid} runs model {info.model!r} version {info.version}, not {asked}: send its steps to that "
-            "model, or start a new sequence"
-        )
-    return dp.get_model(info.model, info.version)
+def _not_open(model: ModelVersion, sid: str, e: SessionNotFoundError) -> InvalidInputError:
+    """An unknown sequence, refused with the message Triton gives, and why it is gone if known."""
+    why = (
+        "it expired, idle for longer than max_sequence_idle_microseconds" if "expired" in e.message
+        else "it was evicted to stay under the session cap" if "evicted" in e.message
+        else "it never started, or it has ended"
+    )  # fmt: skip
+    return InvalidInputError(
+        f"inference request for sequence {sid} to model {model.name!r} must specify the START flag on the first "
+        f"request of the sequence; sequence {sid} is not open: {why}"
+    )
+
+
+def _pin(dp: DataPlane, req: InferRequest, sid: str, pinned: list[ModelVersion]) -> Callable[[str], None]:
+    """The check of an open sequence's model version, made on the step's own lookup of the session (no second
+    one): it must be the model the request names (and its version, if named); the version goes in `pinned`."""
+
+    def check(key: str) -> None:
+        name, version = key.split("/", 1)
+        if name != req.model or (req.version and version != req.version):
+            asked = f"{req.model}" + (f" version {req.version}" if req.version else "")
+            raise InvalidInputError(
+                f"sequence {sid} runs model {name!r} version {version}, not {asked}: send its steps to that "
+                "model, or start a new sequence"
+            )
+        pinned.append(dp.get_model(name, version))
+
+    return check
 
 
 def unload_parameters(params: dict[str, Any]) -> tuple[str | None, bool]:
