@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -54,15 +55,19 @@ def run_stream(a: argparse.Namespace) -> int:
             out = csv.writer(sys.stdout)
             out.writerow([a.time_col or "row", *info.outputs])
             forecasts = []
-            # NOTE: the session is kept past the stream to read what the server scored, then deleted
-            for i, f in enumerate(client.stream(name, rows, version=a.version, keep=True)):
-                forecasts.append(f)
-                out.writerow([series.times[i], *(f"{v:.3f}" for v in f)])
             accuracy = None
-            if client.session_id:
-                if info.live_scoring:
+            # NOTE: the session is kept past the stream to read what the server scored, then deleted (also when
+            # the stream fails half-way)
+            try:
+                for i, f in enumerate(client.stream(name, rows, version=a.version, keep=True)):
+                    forecasts.append(f)
+                    out.writerow([series.times[i], *(f"{v:.3f}" for v in f)])
+                if client.session_id and info.live_scoring:
                     accuracy = client.get_session(client.session_id).live_accuracy
-                client.delete_session(client.session_id)
+            finally:
+                if client.session_id:
+                    with contextlib.suppress(Exception):  # NOTE: the first error is the one to report
+                        client.delete_session(client.session_id)
     except ClientError as e:
         hint = f"; is `lstm-serve serve` running at {a.server}?" if e.code == "unavailable" else ""
         print(f"error: {e.message or e.code}{hint}", file=sys.stderr)

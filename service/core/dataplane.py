@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from service.core.batcher import Batcher, StepOutcome
-from service.core.scoring import SessionScore
+from service.core.scoring import OFF_AT, SessionScore, restart
 from service.core.sessions import SessionInfo, SessionStore, Snapshot, check_session_id, session_gone
 from service.errors import (
     DeadlineExceededError,
@@ -394,12 +394,15 @@ class DataPlane:
         newest (its state is zero either way): the end of its pinning."""
         scoped = self._scoped(owner, session_id)
         with self._as_client(owner, session_id):
-            info = await self.store.reset(scoped, self.clock())
+            info = await self.store.reset(scoped, self.clock(), restart)  # NOTE: an unscored fork stays unscored
             newest = self.repo.get(info.model)
             if newest.version != info.version:
                 self._accepting()
                 await self.store.delete(scoped, info.incarnation)
+                unscored = len(info.extra) > OFF_AT and bool(info.extra[OFF_AT])
                 info = await self.store.create(newest.key, scoped, self.clock())
+                if unscored and info.extra:
+                    info = await self.store.reset(scoped, self.clock(), lambda r: restart(r, off=True))
                 self.metrics.sessions_created.labels(newest.key).inc()
                 await self._update_open()
             return self._unscoped(owner, info)
@@ -423,8 +426,14 @@ class DataPlane:
                 )
             if not np.isfinite(arr).all():
                 raise InvalidInputError(f"snapshot {name} holds non-finite values")
+        # NOTE: the server's own copy (a KServe START undone) comes back exactly; one from the wire starts the record
+        # again, as an unscored fork stays unscored
+        exact = len(snapshot.extra) == sig.extra > 0
+        record = (lambda _: snapshot.extra) if exact else restart
         with self._as_client(owner, session_id):
-            info, created = await self.store.restore(self._scoped(owner, session_id), model.key, snapshot, self.clock())
+            info, created = await self.store.restore(
+                self._scoped(owner, session_id), model.key, snapshot, self.clock(), record
+            )
         if created:
             self.metrics.sessions_created.labels(model.key).inc()
         await self._update_open()
@@ -513,6 +522,10 @@ class DataPlane:
                 return extra if scoring is None else scoring.fork(extra, scored)
 
             info = await self.store.fork(scoped, new_scoped, self.clock(), record)
+            if key not in self._batchers:  # NOTE: its version was unloaded while the fork was made: not a session
+                with contextlib.suppress(ServeError):
+                    await self.store.delete(new_scoped, info.incarnation)
+                raise session_gone(session_id, "unloaded", self.limits.session_ttl)
         self.metrics.sessions_created.labels(key).inc()
         await self._update_open()
         return self._unscoped(owner, info)

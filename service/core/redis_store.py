@@ -3,9 +3,13 @@ one sorted set of session ids per model version by last use, and Lua scripts for
 
 Layout (prefix `lstm:` by default):
 - `{prefix}s:{id}`: the session. `HEADER` (version, born, owner, steps, seq, created, last used), the model
-  key, the length of the record beside the state (when there is one), then h and c as raw float32
-  (`L*H*4` bytes each), the record (live scoring), a 16-byte replay digest (zeros: none) and the kept
+  key, then h and c as raw float32 (`L*H*4` bytes each), a 16-byte replay digest (zeros: none) and the kept
   replay outputs. The key's TTL is the idle TTL, refreshed by every use.
+- `{prefix}r:{id}`: the session's record beside its state (live scoring), when its model has one: the
+  session's version when it was written (8 bytes), then the record. Its own key, written by the same scripts
+  with the same TTL, so that the session value keeps the layout every older server reads (a rolling upgrade
+  or a rollback shares one Redis); a record whose version is not the session's (an older server stepped the
+  session since) is stale and reads as a fresh one.
 - `{prefix}idx:{model key}`: sorted set of the model version's session ids, scored by last use (Unix time);
   it counts sessions for the cap, finds the least recently used one, and lets a sweep find expired ones.
 - `{prefix}gone:{id}`: why a session id went (expired, evicted, unloaded), for an hour, for clear error messages.
@@ -44,6 +48,7 @@ from service.core.sessions import (
     Commit,
     CommitStatus,
     Lease,
+    Record,
     RemovalListener,
     Replay,
     SessionInfo,
@@ -65,25 +70,26 @@ from service.runtime import F32, Signature
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 HEADER = struct.Struct("<8s8s8sqqddH")  # version, born, owner, steps, seq, created, last_used, len(model key)
-EXTRA = struct.Struct("<I")  # after the model key when HAS_EXTRA is set in its length: bytes of the record
-HAS_EXTRA = 0x8000  # NOTE: values written before the record existed have it clear: they read as an empty record
 GONE_TTL_S = 3600
 UNAVAILABLE = "the session store (Redis) is unavailable; retry shortly (with seq, a retry is safe)"
 
-# KEYS: session keys; ARGV: ttl_ms, now, idx prefix, offset of the id in a key, then per key: model key and
-# '1' to mark it used (refresh its TTL and last-use score; '0': a peek, which reads without using). Returns each
-# value or false.
+# KEYS: session keys; ARGV: ttl_ms, now, idx prefix, offset of the id in a key, record prefix, then per key: model
+# key and '1' to mark it used (refresh its TTL and last-use score; '0': a peek, which reads without using).
+# Returns per key {value, record or ''}, or false.
 GATHER = """
-local ttl, now, idx, off = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local ttl, now, idx, off, rp = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local out = {}
 for i, key in ipairs(KEYS) do
   local v = redis.call('GET', key)
   if v then
-    if ARGV[4 + 2 * i] == '1' then
+    local id = string.sub(key, off + 1)
+    local r = redis.call('GET', rp .. id)
+    if ARGV[5 + 2 * i] == '1' then
       redis.call('PEXPIRE', key, ttl)
-      redis.call('ZADD', idx .. ARGV[3 + 2 * i], now, string.sub(key, off + 1))
+      if r then redis.call('PEXPIRE', rp .. id, ttl) end
+      redis.call('ZADD', idx .. ARGV[4 + 2 * i], now, id)
     end
-    out[i] = v
+    out[i] = {v, r or ''}
   else
     out[i] = false
   end
@@ -91,16 +97,16 @@ end
 return out
 """
 
-# KEYS: session keys; ARGV: ttl_ms, now, idx prefix, offset of the id in a key, then per key: expected version
-# and born (16 bytes), new value (empty: delete), model key, and '1' to keep the stored owner (a step does not
-# change who owns the session; a resume may have changed it since the lease). Returns 1 committed, 0 stale,
-# -1 gone, per key.
+# KEYS: session keys; ARGV: ttl_ms, now, idx prefix, offset of the id in a key, record prefix, then per key:
+# expected version and born (16 bytes), new value (empty: delete), model key, '1' to keep the stored owner (a
+# step does not change who owns the session; a resume may have changed it since the lease), and the new record
+# (empty: keep the one there, tagged with the new version). Returns 1 committed, 0 stale, -1 gone, per key.
 COMMIT = """
-local ttl, now, idx, off = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local ttl, now, idx, off, rp = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local out = {}
 for i, key in ipairs(KEYS) do
-  local base = 4 + (i - 1) * 4
-  local want, new, model = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local base = 5 + (i - 1) * 5
+  local want, new, model, rec = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 5]
   local v = redis.call('GET', key)
   if ARGV[base + 4] == '1' and new ~= '' and v then
     new = string.sub(new, 1, 16) .. string.sub(v, 17, 24) .. string.sub(new, 25)
@@ -112,10 +118,16 @@ for i, key in ipairs(KEYS) do
   else
     local id = string.sub(key, off + 1)
     if new == '' then
-      redis.call('DEL', key)
+      redis.call('DEL', key, rp .. id)
       redis.call('ZREM', idx .. model, id)
     else
       redis.call('SET', key, new, 'PX', ttl)
+      if rec ~= '' then
+        redis.call('SET', rp .. id, rec, 'PX', ttl)
+      else
+        local r = redis.call('GET', rp .. id)
+        if r then redis.call('SET', rp .. id, string.sub(new, 1, 8) .. string.sub(r, 9), 'PX', ttl) end
+      end
       redis.call('ZADD', idx .. model, now, id)
     end
     out[i] = 1
@@ -124,32 +136,39 @@ end
 return out
 """
 
-# KEYS[1]: session key, KEYS[2]: its gone key; ARGV: value, ttl_ms, now, cap, evict (1/0), idx prefix,
-# key prefix, gone prefix, model key, id, then every model key (for the cap). Returns {status, evicted
-# model, evicted id}: 1 created, -1 exists, -2 at the cap. Expired sorted-set entries met on the way are
-# removed (the sweep reports them).
+# KEYS[1]: session key, KEYS[2]: its gone key, KEYS[3]: its record key; ARGV: value, ttl_ms, now, cap, evict
+# (1/0), idx prefix, key prefix, gone prefix, model key, id, record ('' for none), record prefix, an id to mark
+# used and never evict ('' for none: a fork's origin, of the same model), then every model key (for the cap).
+# Returns {status, evicted model, evicted id}: 1 created, -1 exists, -2 at the cap. Expired sorted-set entries
+# met on the way are removed (the sweep reports them).
 CREATE = """
 local value, ttl, now, cap, evict = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local idx, kp, gp, model, id = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local rec, rp, keep = ARGV[11], ARGV[12], ARGV[13]
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, '', ''} end
+if keep ~= '' and redis.call('PEXPIRE', kp .. keep, ttl) == 1 then
+  redis.call('PEXPIRE', rp .. keep, ttl)
+  redis.call('ZADD', idx .. model, now, keep)
+end
 local n = 0
-for i = 11, #ARGV do n = n + redis.call('ZCARD', idx .. ARGV[i]) end
+for i = 14, #ARGV do n = n + redis.call('ZCARD', idx .. ARGV[i]) end
 local ev_model, ev_id = '', ''
 while n >= cap do
   local best_model, best_id, best_score = nil, nil, nil
-  for i = 11, #ARGV do
-    local first = redis.call('ZRANGE', idx .. ARGV[i], 0, 0, 'WITHSCORES')
+  for i = 14, #ARGV do
+    local first = redis.call('ZRANGE', idx .. ARGV[i], 0, 1, 'WITHSCORES')
+    if first[1] == keep then table.remove(first, 1); table.remove(first, 1) end
     if first[1] and (best_score == nil or tonumber(first[2]) < best_score) then
       best_model, best_id, best_score = ARGV[i], first[1], tonumber(first[2])
     end
   end
-  if best_id == nil then break end
+  if best_id == nil then return {-2, '', ''} end
   if redis.call('EXISTS', kp .. best_id) == 0 then
     redis.call('ZREM', idx .. best_model, best_id)
     redis.call('SET', gp .. best_id, 'expired', 'EX', 3600)
     n = n - 1
   elseif evict == '1' then
-    redis.call('DEL', kp .. best_id)
+    redis.call('DEL', kp .. best_id, rp .. best_id)
     redis.call('ZREM', idx .. best_model, best_id)
     redis.call('SET', gp .. best_id, 'evicted', 'EX', 3600)
     ev_model, ev_id = best_model, best_id
@@ -159,6 +178,7 @@ while n >= cap do
   end
 end
 redis.call('SET', KEYS[1], value, 'PX', ttl)
+if rec ~= '' then redis.call('SET', KEYS[3], rec, 'PX', ttl) else redis.call('DEL', KEYS[3]) end
 redis.call('ZADD', idx .. model, now, id)
 redis.call('DEL', KEYS[2])
 return {1, ev_model, ev_id}
@@ -233,7 +253,7 @@ class RedisSessionStore:
             cap_policy,
         )
         self.timeout, self.health_interval = timeout, health_interval
-        self.kp, self.gp, self.ip = f"{prefix}s:", f"{prefix}gone:", f"{prefix}idx:"
+        self.kp, self.gp, self.ip, self.rp = f"{prefix}s:", f"{prefix}gone:", f"{prefix}idx:", f"{prefix}r:"
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False, health_check_interval=0
         )
@@ -312,22 +332,21 @@ class RedisSessionStore:
     # --- encoding --------------------------------------------------------------------------------------
     def _encode(self, st: _State) -> bytes:
         model = st.model_key.encode()
-        n = len(model) | (HAS_EXTRA if st.extra else 0)
-        head = HEADER.pack(st.version, st.born, st.owner, st.steps, st.seq, st.created, st.last_used, n)
-        extra = EXTRA.pack(len(st.extra)) if st.extra else b""
+        head = HEADER.pack(st.version, st.born, st.owner, st.steps, st.seq, st.created, st.last_used, len(model))
         out = b"" if st.outputs is None else st.outputs.astype(np.float32).tobytes()
-        return b"".join((head, model, extra, st.h.astype(np.float32).tobytes(), st.c.astype(np.float32).tobytes(),
-                         st.extra, st.digest, out))  # fmt: skip
+        return b"".join((head, model, st.h.astype(np.float32).tobytes(), st.c.astype(np.float32).tobytes(),
+                         st.digest, out))  # fmt: skip
 
-    def _decode(self, raw: bytes) -> _State:
+    @staticmethod
+    def _record(st: _State) -> bytes:
+        """The value of the session's record key: its version, then the record ('' for a model without one)."""
+        return st.version + st.extra if st.extra else b""
+
+    def _decode(self, raw: bytes, record: bytes = b"") -> _State:
         version, born, owner, steps, seq, created, last_used, n = HEADER.unpack_from(raw)
         at = HEADER.size
-        model_key = raw[at : at + (n & ~HAS_EXTRA)].decode()
-        at += n & ~HAS_EXTRA
-        width = 0
-        if n & HAS_EXTRA:
-            (width,) = EXTRA.unpack_from(raw, at)
-            at += EXTRA.size
+        model_key = raw[at : at + n].decode()
+        at += n
         sig = self.sigs.get(model_key)
         if sig is None:
             raise SessionNotFoundError(f"a session in Redis runs {model_key}, which this server does not serve")
@@ -335,12 +354,12 @@ class RedisSessionStore:
         h = np.frombuffer(raw, np.float32, sig.layers * sig.hidden, at).reshape(sig.layers, sig.hidden)
         c = np.frombuffer(raw, np.float32, sig.layers * sig.cell, at + size).reshape(sig.layers, sig.cell)
         at += size + sig.layers * sig.cell * 4
-        # NOTE: a record of another width (written with live scoring switched otherwise) starts again, empty
-        extra = raw[at : at + width] if width == sig.extra else bytes(sig.extra)
-        at += width
         digest = raw[at : at + DIGEST_BYTES]
         rest = raw[at + DIGEST_BYTES :]
         outputs = np.frombuffer(rest, np.float32).reshape(-1, sig.outputs) if rest else None
+        # NOTE: a record of another version (an older server stepped the session) or width starts again, empty
+        fresh = len(record) == 8 + sig.extra and record[:8] == version
+        extra = record[8:] if fresh else bytes(sig.extra)
         return _State(version, born, owner, steps, seq, created, last_used, model_key, h, c, digest, outputs, extra)
 
     def _info(self, sid: str, st: _State) -> SessionInfo:
@@ -358,17 +377,18 @@ class RedisSessionStore:
         return session_gone(sid, cast(bytes, reason).decode() if reason else None, self.ttl)
 
     async def _load(self, sid: str) -> _State:
-        raw = await self._call(lambda: self.redis.get(self.kp + sid))
+        raw, record = await self._call(lambda: self.redis.mget(self.kp + sid, self.rp + sid))
         if raw is None:
             raise await self._not_found(sid)
-        return self._decode(cast(bytes, raw))
+        return self._decode(cast(bytes, raw), cast(bytes, record or b""))
 
     async def _cas(self, sid: str, old: _State, new: _State | None) -> CommitStatus:
         """Compare-and-set one session (None: delete it) against the version it was read at."""
         value = b"" if new is None else self._encode(new)
+        record = b"" if new is None else self._record(new)
         got = await self._script(
-            "commit", [self.kp + sid], [int(self.ttl * 1000), time.time(), self.ip, len(self.kp),
-                                        old.token(), value, old.model_key, "0"],
+            "commit", [self.kp + sid], [int(self.ttl * 1000), time.time(), self.ip, len(self.kp), self.rp,
+                                        old.token(), value, old.model_key, "0", record],
         )  # fmt: skip
         return {1: CommitStatus.COMMITTED, 0: CommitStatus.STALE}.get(int(got[0]), CommitStatus.GONE)
 
@@ -402,13 +422,14 @@ class RedisSessionStore:
                     bytes(DIGEST_BYTES), None, bytes(sig.extra))  # fmt: skip
         return await self._insert(sid, st)
 
-    async def _insert(self, sid: str, st: _State) -> SessionInfo:
-        """Write a new session, atomically with the cap (at it: evict the least recently used or refuse)."""
+    async def _insert(self, sid: str, st: _State, spare: str = "") -> SessionInfo:
+        """Write a new session, atomically with the cap (at it: evict the least recently used but `spare`, or
+        refuse)."""
         got = await self._script(
-            "create", [self.kp + sid, self.gp + sid],
+            "create", [self.kp + sid, self.gp + sid, self.rp + sid],
             [self._encode(st), int(self.ttl * 1000), st.created, self.max_sessions,
              "1" if self.cap_policy == "evict_lru" else "0", self.ip, self.kp, self.gp, st.model_key, sid,
-             *self.sigs],
+             self._record(st), self.rp, spare, *self.sigs],
         )  # fmt: skip
         status = int(got[0])
         if status == -1:
@@ -435,34 +456,39 @@ class RedisSessionStore:
         st, _ = await self._update(session_id, drop)
         self._on_removed(st.model_key, "deleted")
 
-    async def fork(self, source_id: str, session_id: str, now: float, record: Callable[[bytes], bytes]) -> SessionInfo:
-        """A new session from the source's state as read now (the source is not touched); the cap applies."""
+    async def fork(self, source_id: str, session_id: str, now: float, record: Record) -> SessionInfo:
+        """A new session from the source's state as read now; the cap applies, and the fork is a use of the
+        source (so that at the cap it is not the one evicted)."""
         sid = check_store_id(session_id)
         src = await self._load(source_id)
+        if src.model_key not in self.sigs:  # NOTE: its model version was unloaded while the source was read
+            raise UnavailableError(f"{src.model_key} was just unloaded; fork a session of the newest version")
         wall = time.time()
         st = _State(self._new_version(), os.urandom(8), bytes(8), src.steps, 0, wall, wall, src.model_key, src.h,
                     src.c, bytes(DIGEST_BYTES), None, record(src.extra))  # fmt: skip
-        return await self._insert(sid, st)
+        return await self._insert(sid, st, spare=source_id)
 
     async def detach(self, session_id: str, now: float) -> SessionInfo:
         # NOTE: the version stays, so that a step in flight still commits: only the owner changes
         return await self._replace(session_id, lambda st: replace(st, owner=os.urandom(8)))
 
-    async def reset(self, session_id: str, now: float) -> SessionInfo:
+    async def reset(self, session_id: str, now: float, record: Record | None = None) -> SessionInfo:
         def zero(st: _State) -> _State:
             z = np.zeros_like(st.h)
             return replace(st, version=self._new_version(), steps=0, seq=0, h=z, c=np.zeros_like(st.c),
                            last_used=time.time(), digest=bytes(DIGEST_BYTES), outputs=None,
-                           extra=bytes(len(st.extra)))  # fmt: skip
+                           extra=bytes(len(st.extra)) if record is None else record(st.extra))  # fmt: skip
 
         return await self._replace(session_id, zero)
 
     async def export(self, session_id: str, now: float) -> Snapshot:
         st = await self._load(session_id)
         name, version = st.model_key.split("/", 1)
-        return Snapshot(name, version, st.steps, st.seq, st.h.copy(), st.c.copy())
+        return Snapshot(name, version, st.steps, st.seq, st.h.copy(), st.c.copy(), st.extra)
 
-    async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> tuple[SessionInfo, bool]:
+    async def restore(
+        self, session_id: str, model_key: str, snap: Snapshot, now: float, record: Record | None = None
+    ) -> tuple[SessionInfo, bool]:
         check_store_id(session_id)
         check_counters(snap)
         created = False
@@ -484,7 +510,7 @@ class RedisSessionStore:
         def write(st: _State) -> _State:
             return replace(st, version=self._new_version(), steps=snap.steps, seq=snap.seq, h=snap.h, c=snap.c,
                            last_used=time.time(), digest=bytes(DIGEST_BYTES), outputs=None,
-                           extra=bytes(len(st.extra)))  # fmt: skip
+                           extra=bytes(len(st.extra)) if record is None else record(st.extra))  # fmt: skip
 
         return await self._replace(session_id, write), created
 
@@ -499,7 +525,7 @@ class RedisSessionStore:
         marks = ["1" if touch is None or t else "0" for t in (touch or [True] * len(session_ids))]
         raws = await self._script(
             "gather", [self.kp + sid for sid in session_ids],
-            [int(self.ttl * 1000), time.time(), self.ip, len(self.kp),
+            [int(self.ttl * 1000), time.time(), self.ip, len(self.kp), self.rp,
              *(v for mark in marks for v in (model_key, mark))],
         )  # fmt: skip
         leases: list[Lease | ServeError] = []
@@ -507,7 +533,7 @@ class RedisSessionStore:
             if not raw:
                 leases.append(await self._not_found(sid))
                 continue
-            st = self._decode(raw)
+            st = self._decode(raw[0], raw[1])
             if st.model_key != model_key:
                 leases.append(SessionNotFoundError(f"session {sid!r} now runs {st.model_key}; resend the step"))
                 continue
@@ -520,7 +546,7 @@ class RedisSessionStore:
         if not commits:
             return []
         wall = time.time()
-        args: list[Any] = [int(self.ttl * 1000), wall, self.ip, len(self.kp)]
+        args: list[Any] = [int(self.ttl * 1000), wall, self.ip, len(self.kp), self.rp]
         keys = []
         for i, cm in enumerate(commits):
             old = cast(_State, cm.lease.token)  # NOTE: our own token, see gather
@@ -531,7 +557,7 @@ class RedisSessionStore:
                 replay.outputs if replay else None, old.extra if cm.extra is None else cm.extra,
             )  # fmt: skip
             keys.append(self.kp + cm.lease.session_id)
-            args += [old.token(), self._encode(new), model_key, "1"]
+            args += [old.token(), self._encode(new), model_key, "1", self._record(new)]
         got = await self._script("commit", keys, args)
         return [{1: CommitStatus.COMMITTED, 0: CommitStatus.STALE}.get(int(g), CommitStatus.GONE) for g in got]
 
@@ -569,7 +595,7 @@ class RedisSessionStore:
         for at in range(0, len(ids), 1000):
             chunk = ids[at : at + 1000]
             pipe = self.redis.pipeline(transaction=False)
-            pipe.delete(*(self.kp + sid for sid in chunk))
+            pipe.delete(*(self.kp + sid for sid in chunk), *(self.rp + sid for sid in chunk))
             for sid in chunk:
                 pipe.set(self.gp + sid, "unloaded", ex=3600)
             pipe.zrem(self.ip + model_key, *chunk)
@@ -581,5 +607,8 @@ class RedisSessionStore:
 
     async def memory_usage(self, session_id: str) -> int:
         """Bytes Redis uses for a session's key and value (MEMORY USAGE), for capacity planning and tests."""
-        used: int | None = await self._call(lambda: self.redis.memory_usage(self.kp + session_id, samples=0))
-        return int(used or 0)
+        total = 0
+        for key in (self.kp + session_id, self.rp + session_id):
+            used: int | None = await self._call(lambda key=key: self.redis.memory_usage(key, samples=0))  # type: ignore[misc]
+            total += int(used or 0)
+        return total

@@ -27,6 +27,18 @@ F64 = NDArray[np.float64]
 FEW = 4  # NOTE: one step of up to this many sessions is scored in plain Python (faster than numpy's fixed costs)
 
 
+OFF_AT = 16  # NOTE: the byte offset of `off` in every record (after n and since), whatever the horizon
+
+
+def restart(record: bytes, off: bool | None = None) -> bytes:
+    """A record started again (reset, import) that keeps whether its session scores (or sets it): an unscored
+    what-if fork stays unscored. Empty for a model without a record."""
+    if not record:
+        return record
+    flag = record[OFF_AT] if off is None else int(off)
+    return bytes(OFF_AT) + bytes([flag]) + bytes(len(record) - OFF_AT - 1)
+
+
 @dataclass(frozen=True)
 class HorizonScore:
     """A session's live accuracy at one horizon step: forecasts scored and their mean absolute errors."""
@@ -81,6 +93,8 @@ class Scoring:
             ("err", "<f8", (2, k)),  # this session's absolute error sums: model, persistence
         ])  # fmt: skip
         self.width = self.dtype.itemsize
+        assert self.dtype.fields is not None
+        assert self.dtype.fields["off"][1] == OFF_AT
         self._struct = struct.Struct(f"<qqB{k * k}f{k}f{2 * k}d")  # NOTE: the same record, for `_one_step`
         assert self._struct.size == self.width
         self._index: dict[int, tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.int64]]] = {}

@@ -118,6 +118,7 @@ class Snapshot:
     seq: int
     h: F32  # [L, H]
     c: F32  # [L, C]: [L, 0] for a model without a cell state (a GRU)
+    extra: bytes = b""  # the record beside the state, in the server's own copies (empty on the wire)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,9 @@ class CommitStatus(enum.Enum):
 
 
 RemovalListener = Callable[[str, str], None]  # (model key, reason: "expired" | "evicted" | "deleted" | "unloaded")
+# NOTE: the new record beside the state from the one there (zeros for a new session): reset, restore and fork
+# take one; without it a reset or restore zeroes the record
+Record = Callable[[bytes], bytes]
 
 
 class SessionStore(Protocol):
@@ -181,13 +185,11 @@ class SessionStore(Protocol):
     async def model_of(self, session_id: str, now: float) -> str: ...
     async def delete(self, session_id: str, incarnation: str | None = None) -> None: ...
     async def detach(self, session_id: str, now: float) -> SessionInfo: ...
-    async def fork(
-        self, source_id: str, session_id: str, now: float, record: Callable[[bytes], bytes]
-    ) -> SessionInfo: ...
-    async def reset(self, session_id: str, now: float) -> SessionInfo: ...
+    async def fork(self, source_id: str, session_id: str, now: float, record: Record) -> SessionInfo: ...
+    async def reset(self, session_id: str, now: float, record: Record | None = None) -> SessionInfo: ...
     async def export(self, session_id: str, now: float) -> Snapshot: ...
     async def restore(
-        self, session_id: str, model_key: str, snap: Snapshot, now: float
+        self, session_id: str, model_key: str, snap: Snapshot, now: float, record: Record | None = None
     ) -> tuple[SessionInfo, bool]: ...
     async def gather(
         self, model_key: str, session_ids: list[str], now: float, touch: list[bool] | None = None
@@ -513,13 +515,19 @@ class MemorySessionStore:
                 raise SessionNotFoundError(f"session {session_id!r} was replaced by a newer one of the same id")
         self._remove(session_id, "deleted")
 
-    async def fork(self, source_id: str, session_id: str, now: float, record: Callable[[bytes], bytes]) -> SessionInfo:
+    async def fork(self, source_id: str, session_id: str, now: float, record: Record) -> SessionInfo:
         """A new session `session_id` with the source's model, state and step count (seq 0, no replay), and the
-        record `record` makes of the source's; the source is not touched. The cap applies as to a create."""
+        record `record` makes of the source's. The cap applies as to a create; the fork is a use of the source,
+        so that at the cap another session is evicted, never the source (a source alone at the cap: refused)."""
         key, slab, slot = self._locate(source_id, now)
         p, i = slab.at(slot)
         h, c, steps, extra = p.h[:, i, :].copy(), p.c[:, i, :].copy(), int(p.steps[i]), p.extra[i].tobytes()
-        await self.create(key, session_id, now)  # NOTE: may evict the source at the cap: its copy is taken
+        if len(self._index) >= self.max_sessions == 1:  # NOTE: the source is the one session there is
+            raise SessionLimitError(
+                f"the server holds its maximum of {self.max_sessions} sessions; delete unused sessions or retry later"
+            )
+        p.last_used[i] = now
+        await self.create(key, session_id, now)
         _, slab, slot = self._locate(session_id, now)
         q, j = slab.at(slot)
         q.h[:, j, :], q.c[:, j, :], q.steps[j] = h, c, steps
@@ -535,10 +543,13 @@ class MemorySessionStore:
         p.owner[i] += 1
         return self._info(session_id, key, slab, slot, now)
 
-    async def reset(self, session_id: str, now: float) -> SessionInfo:
+    async def reset(self, session_id: str, now: float, record: Record | None = None) -> SessionInfo:
         key, slab, slot = self._locate(session_id, now)
-        slab.clear_state(slot)
         p, i = slab.at(slot)
+        old = p.extra[i].tobytes()
+        slab.clear_state(slot)
+        if record is not None:
+            p.extra[i] = np.frombuffer(record(old), np.uint8)
         p.last_used[i] = now
         self._outputs.pop(session_id, None)
         return self._info(session_id, key, slab, slot, now)
@@ -547,9 +558,12 @@ class MemorySessionStore:
         key, slab, slot = self._locate(session_id, now)
         name, version = key.split("/", 1)
         p, i = slab.at(slot)
-        return Snapshot(name, version, int(p.steps[i]), int(p.seq[i]), p.h[:, i, :].copy(), p.c[:, i, :].copy())
+        return Snapshot(name, version, int(p.steps[i]), int(p.seq[i]), p.h[:, i, :].copy(), p.c[:, i, :].copy(),
+                        p.extra[i].tobytes())  # fmt: skip
 
-    async def restore(self, session_id: str, model_key: str, snap: Snapshot, now: float) -> tuple[SessionInfo, bool]:
+    async def restore(
+        self, session_id: str, model_key: str, snap: Snapshot, now: float, record: Record | None = None
+    ) -> tuple[SessionInfo, bool]:
         """Write a snapshot into a session, creating it if needed; returns the session and whether it is new."""
         check_store_id(session_id)
         check_counters(snap)
@@ -564,8 +578,11 @@ class MemorySessionStore:
             raise InvalidInputError(
                 f"session {session_id!r} runs {key}; the snapshot is of {model_key}: delete the session first"
             )
-        slab.clear_state(slot)
         p, i = slab.at(slot)
+        old = p.extra[i].tobytes()
+        slab.clear_state(slot)
+        if record is not None:
+            p.extra[i] = np.frombuffer(record(old), np.uint8)
         p.h[:, i, :] = snap.h
         p.c[:, i, :] = snap.c
         p.steps[i], p.seq[i], p.last_used[i] = snap.steps, snap.seq, now

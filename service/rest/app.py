@@ -421,7 +421,8 @@ def create_app(
             ErrorCode.UNAVAILABLE,
         ),
     )
-    async def fork(session_id: str, body: s.ForkBody, d: DataPlaneDep, owner: Owner) -> s.SessionReply:
+    async def fork(session_id: str, d: DataPlaneDep, owner: Owner, body: s.ForkBody | None = None) -> s.SessionReply:
+        body = body or s.ForkBody()  # NOTE: every field is optional, so is the body
         return s.SessionReply.of(await d.fork_session(session_id, body.session_id, body.scored, owner))
 
     @sessions.post("/{session_id}/reset", summary="Reset a session's state to zero", responses=not_found)
@@ -566,7 +567,7 @@ def create_app(
             if body in bodies:
                 bodies[body]["examples"] = [{"inputs": [example_row]}]
         # NOTE: dimensions are stated when every served model shares them (one model, or versions alike)
-        sigs = {m.signature for m in dp.repo.all()}
+        sigs = {m.runtime.signature for m in dp.repo.all()}  # NOTE: the graphs' (live scoring aside)
         if len(sigs) == 1:
             (sig,) = sigs
             row = {"minItems": sig.features, "maxItems": sig.features}

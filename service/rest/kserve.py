@@ -334,7 +334,7 @@ def kserve_routers(
         versions, ended = await repository().unload(name, version, force)
         return {"name": name, "unloaded": versions, "sessions_ended": ended}
 
-    sigs = {m.signature for m in dp.repo.all()}
+    sigs = {m.runtime.signature for m in dp.repo.all()}  # NOTE: the graphs' (live scoring aside)
     (sig,) = sigs if len(sigs) == 1 else (None,)
     body = infer_body_schema(sig.features if sig else None, sig.outputs if sig else None)
     infer_doc: dict[str, Any] = {

@@ -508,3 +508,22 @@ async def test_repository_errors_are_the_same_on_rest_and_grpc(make_server: Serv
         )
         assert "last model" in message
         assert (await rest.post("/v1/sessions", json={"model": MODEL})).status_code == 201
+
+
+async def test_a_deleted_session_is_404_on_every_operation_until_an_import_creates_it_again(
+    rest: httpx.AsyncClient,
+) -> None:
+    """After DELETE, every operation on the session is 404 session_not_found (the fuzzer's use-after-free check
+    is off because of the last line): an import is an upsert, and creates the session again."""
+    sid = (await rest.post("/v1/sessions", json={"model": "seattle-weather"})).json()["session_id"]
+    snap = (await rest.get(f"/v1/sessions/{sid}/state")).json()
+    assert (await rest.delete(f"/v1/sessions/{sid}")).status_code == 200
+    row = {"inputs": [[0.0, 12.8, 5.0, 4.7]]}
+    calls = [("GET", "", None), ("GET", "/state", None), ("POST", "/steps", row), ("POST", "/peek", row),
+             ("POST", "/fork", {}), ("POST", "/reset", None), ("DELETE", "", None)]  # fmt: skip
+    for method, tail, body in calls:
+        r = await rest.request(method, f"/v1/sessions/{sid}{tail}", json=body)
+        assert (r.status_code, r.json()["code"]) == (404, "session_not_found"), (method, tail, r.text)
+    again = await rest.post(f"/v1/sessions/{sid}/state", json=snap)
+    assert again.status_code == 200
+    assert (await rest.get(f"/v1/sessions/{sid}")).status_code == 200

@@ -33,6 +33,11 @@ async def test_schemathesis_finds_nothing_with_every_check(
         server = await make_server()
     proc = await asyncio.create_subprocess_exec(
         st, "run", f"http://127.0.0.1:{server.http_port}/openapi.json", "--checks", "all", "--max-examples", "40",
+        # NOTE: all but use_after_free: it takes a session re-created by an import (POST /v1/sessions/{id}/state,
+        # an upsert by design) or by a fork with a chosen id as "deleted resource still available", since only
+        # a creation at a prefix of the path counts for it (seen: DELETE, import, GET 200). test_errors checks
+        # that a deleted session is 404 on every operation
+        "--exclude-checks", "use_after_free",
         "--seed", "1", "--no-color", *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         cwd=tmp_path,
     )  # fmt: skip

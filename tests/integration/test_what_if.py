@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ import websockets
 from google.protobuf.json_format import MessageToDict
 
 from service.app import Server
+from service.errors import ServeError
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from tests.fixtures import reference_run
@@ -54,12 +56,13 @@ async def snapshot(rest: httpx.AsyncClient, sid: str) -> tuple[dict[str, Any], d
 TIMES = ("created", "last_used", "expires", "createdUnix", "lastUsedUnix", "expiresUnix")
 
 
-def assert_same_session(a: dict[str, Any], b: dict[str, Any]) -> None:
-    """Equal, with times within 0.1 ms (see `snapshot`)."""
+def assert_same_session(a: dict[str, Any], b: dict[str, Any], used: bool = False) -> None:
+    """Equal, with times within 0.1 ms (see `snapshot`); with `used`, the session may have been used since (a
+    fork is a use of its origin: at the cap another session is evicted, not the origin)."""
     assert {k: v for k, v in a.items() if k not in TIMES} == {k: v for k, v in b.items() if k not in TIMES}
     for t in TIMES:
         if t in a:
-            assert abs(a[t] - b[t]) < 1e-4, t
+            assert a[t] >= b[t] - 1e-4 if used else abs(a[t] - b[t]) < 1e-4, t
 
 
 def described(info: pb.SessionInfo) -> dict[str, Any]:
@@ -208,7 +211,8 @@ async def test_grpc_peek_and_fork(channel: grpc.aio.Channel, weather: np.ndarray
     assert (fork.session_id, fork.steps, fork.seq) == ("g-fork", 40, 0)
     got = await stub.Step(pb.StepRequest(session_id="g-fork", inputs=matrix(week)))
     np.testing.assert_allclose(array(got.outputs), want, atol=ATOL)
-    assert_same_session(described(await stub.GetSession(pb.SessionRef(session_id=sid))), described(before))
+    after = described(await stub.GetSession(pb.SessionRef(session_id=sid)))
+    assert_same_session(after, described(before), used=True)
 
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stub.Peek(pb.PeekRequest(session_id=sid, inputs=matrix(weather[:1, :2])))
@@ -282,4 +286,100 @@ async def test_peek_and_fork_on_a_shared_redis_store(
         assert fork.status_code == 201
         got = await http.post(f"{ub}/v1/sessions/shared-fork/steps", json={"inputs": weather[25:27].tolist()})
         np.testing.assert_allclose(got.json()["outputs"], reference_run(weather[:27])[25:], atol=ATOL)
-        assert_same_session((await http.get(f"{ub}/v1/sessions/{sid}")).json(), before)
+        assert_same_session((await http.get(f"{ub}/v1/sessions/{sid}")).json(), before, used=True)
+
+
+async def test_an_unscored_fork_stays_unscored_through_reset_and_import(
+    server: Server, rest: httpx.AsyncClient, weather: np.ndarray
+) -> None:
+    """Reset and import start a session's live accuracy again, but a what-if fork stays a what-if fork: its
+    made-up inputs never count as the truth."""
+    origin = (await rest.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+    await rest.post(f"/v1/sessions/{origin}/steps", json={"inputs": weather[:30].tolist()})
+    assert (await rest.post(f"/v1/sessions/{origin}/fork")).status_code == 201  # NOTE: no body: all defaults
+    await rest.post(f"/v1/sessions/{origin}/fork", json={"session_id": "quiet"})
+    labels = {"model": MODEL, "version": "1", "horizon": "1"}
+    scored = sample(server, "lstm_forecasts_scored_total", **labels)
+    fake = rain(weather[30:40], 80.0)
+    assert (await rest.post("/v1/sessions/quiet/reset")).status_code == 200
+    await rest.post("/v1/sessions/quiet/steps", json={"inputs": fake.tolist()})
+    snap = (await rest.get(f"/v1/sessions/{origin}/state")).json()
+    assert (await rest.post("/v1/sessions/quiet/state", json=snap)).status_code == 200
+    await rest.post("/v1/sessions/quiet/steps", json={"inputs": fake.tolist()})
+    assert (await rest.get("/v1/sessions/quiet")).json()["live_accuracy"] == {"scored": False, "horizons": []}
+    assert sample(server, "lstm_forecasts_scored_total", **labels) == scored
+    # a reset of a scored session starts its scores again, scored
+    await rest.post(f"/v1/sessions/{origin}/reset")
+    await rest.post(f"/v1/sessions/{origin}/steps", json={"inputs": weather[:3].tolist()})
+    again = (await rest.get(f"/v1/sessions/{origin}")).json()["live_accuracy"]
+    assert again["scored"] is True
+    assert [h["count"] for h in again["horizons"]][:3] == [2, 1, 0]
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_fork_at_the_cap_evicts_another_session_never_its_origin(
+    make_server: ServerFactory, prefix: str, store: str, weather: np.ndarray
+) -> None:
+    """With evict_lru at the cap, forking the least recently used session evicts the next one: the fork is a use
+    of its origin. With room for one session only, the fork is refused (429) and the origin stays."""
+    extra = {"state_store": REDIS_URL, "redis_key_prefix": prefix} if store == "redis" else {}
+    srv = await make_server(max_sessions=2, session_cap_policy="evict_lru", **extra)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as rest:
+        for sid in ("origin", "other"):
+            await rest.post("/v1/sessions", json={"model": MODEL, "session_id": sid})
+            await rest.post(f"/v1/sessions/{sid}/steps", json={"inputs": weather[:5].tolist()})
+            await asyncio.sleep(0.01)
+        assert (await rest.post("/v1/sessions/origin/fork", json={"session_id": "f"})).status_code == 201
+        assert (await rest.get("/v1/sessions/origin")).status_code == 200
+        gone = await rest.get("/v1/sessions/other")
+        assert gone.status_code == 404
+        assert "evicted" in gone.json()["error"]
+    alone = await make_server(max_sessions=1, session_cap_policy="evict_lru", **extra)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{alone.http_port}", timeout=30) as rest:
+        await rest.post("/v1/sessions", json={"model": MODEL, "session_id": "only"})
+        refused = await rest.post("/v1/sessions/only/fork", json={"session_id": "f"})
+        assert (refused.status_code, refused.json()["code"]) == (429, "session_limit")
+        assert (await rest.get("/v1/sessions/only")).status_code == 200
+
+
+async def test_a_fork_that_races_a_forced_unload_leaves_no_session_behind(
+    make_server: ServerFactory, prefix: str, tmp_path: Path
+) -> None:
+    """On Redis, a fork whose version is unloaded while it reads the origin ends like the origin (unloaded),
+    and no session of the unloaded version is left in Redis."""
+    import shutil
+
+    import redis.asyncio as aioredis
+
+    from tests.conftest import SHIPPED_MODEL
+
+    repo = tmp_path / "models"
+    for v in ("1", "2"):
+        shutil.copytree(SHIPPED_MODEL, repo / MODEL / v)
+    srv = await make_server(models=repo, state_store=REDIS_URL, redis_key_prefix=prefix)
+    dp, store = srv.dataplane, srv.store
+    await dp.create_session(MODEL, "1", "src")
+    reading, go = asyncio.Event(), asyncio.Event()
+    load = store._load  # type: ignore[attr-defined]
+
+    async def slow_load(sid: str) -> Any:  # NOTE: the real read, held until the unload has run
+        st = await load(sid)
+        if sid == "src" and not reading.is_set():
+            reading.set()
+            await go.wait()
+        return st
+
+    store._load = slow_load  # type: ignore[attr-defined]
+    fork = asyncio.create_task(dp.fork_session("src", "orphan"))
+    await reading.wait()
+    assert await dp.remove_model(MODEL, "1", force=True) == 1
+    go.set()
+    with pytest.raises(ServeError) as e:
+        await fork
+    assert e.value.code.value in ("session_not_found", "unavailable")
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        assert not await r.exists(f"{prefix}s:orphan")
+        assert await r.zscore(f"{prefix}idx:{MODEL}/1", "orphan") is None
+    finally:
+        await r.aclose()
