@@ -38,8 +38,9 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "lstm-serve.json"
 
 def reference(x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(str(ROOT / "models" / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    zeros = np.zeros((1, 1, 48), np.float32)
-    y, _, _ = sess.run(None, {"x": x[None].astype(np.float32), "h0": zeros, "c0": zeros})
+    # NOTE: the state's sizes from the graph ([L, B, H]), not assumed: the shipped model changes with retraining
+    state = {i.name: np.zeros((i.shape[0], 1, i.shape[2]), np.float32) for i in sess.get_inputs() if i.name != "x"}
+    y, _, _ = sess.run(None, {"x": x[None].astype(np.float32), **state})
     return np.asarray(y[0])
 
 
