@@ -327,3 +327,28 @@ async def test_a_cancelled_v2_stream_stops_applying_the_requests_it_had_read(
     await asyncio.sleep(0.5)
     assert await steps() == settled  # NOTE: nothing runs any more after the cancel
     assert settled < 60 * 4096 / 2, (info.steps, settled)
+
+
+async def test_a_start_whose_step_fails_leaves_the_open_sequence_and_its_live_accuracy_as_they_were(
+    make_server: ServerFactory, weather: np.ndarray
+) -> None:
+    """A START restarts a sequence that is still open; when the START's own step then fails (here: past its 1 µs
+    timeout in the queue), the old sequence comes back exactly: state, counters and live accuracy."""
+    srv = await make_server()
+    url = f"/v2/models/{MODEL}/infer"
+
+    def body(x: np.ndarray, **params: Any) -> dict[str, Any]:
+        return {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.tolist()}],
+                "parameters": params}  # fmt: skip
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as rest:
+        r = await rest.post(url, json=body(weather[:20], sequence_id=9, sequence_start=True))
+        assert r.status_code == 200, r.text
+        state = (await rest.get("/v1/sessions/9/state")).json()
+        info = (await rest.get("/v1/sessions/9")).json()
+        assert info["live_accuracy"]["horizons"][0]["count"] == 19
+        r = await rest.post(url, json=body(weather[20:21], sequence_id=9, sequence_start=True, timeout=1))
+        assert r.status_code == 504, r.text
+        assert (await rest.get("/v1/sessions/9/state")).json() == state
+        again = (await rest.get("/v1/sessions/9")).json()
+        assert (again["steps"], again["live_accuracy"]) == (info["steps"], info["live_accuracy"])
