@@ -460,6 +460,7 @@ class DataPlane:
         queue_timeout: float | None = None,
         owner: str = "",
         expect: Callable[[str], None] | None = None,
+        peek: bool = False,
     ) -> StepResult:
         """Apply 1..N steps to a session in arrival order; the answer holds the outputs of every step.
 
@@ -473,16 +474,24 @@ class DataPlane:
             key = await self.store.model_of(scoped, self.clock())
             if expect is not None:
                 expect(key)
-            return await self._step(key, scoped, session_id, inputs, seq, queue_timeout)
+            return await self._step(key, scoped, session_id, inputs, seq, queue_timeout, peek)
 
     async def _step(
-        self, key: str, scoped: str, session_id: str, inputs: np.ndarray, seq: int | None, queue_timeout: float | None
+        self,
+        key: str,
+        scoped: str,
+        session_id: str,
+        inputs: np.ndarray,
+        seq: int | None,
+        queue_timeout: float | None,
+        peek: bool = False,
     ) -> StepResult:
-        """A step of a session known to run model `key` (the batch checks it again: it may have changed since)."""
+        """A step of a session known to run model `key` (the batch checks it again: it may have changed since);
+        with `peek`, on a copy of its state (see `peek`)."""
         check_seq(seq)
         batcher = self._batcher(key, session_id)
         x = self.validate_inputs(batcher.model, inputs)
-        out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout))
+        out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout), peek=peek)
         return StepResult(session_id, out.outputs, out.steps, out.seq, out.replayed)
 
     async def peek(
@@ -490,19 +499,7 @@ class DataPlane:
     ) -> StepResult:
         """What-if: the outputs of 1..N hypothetical steps on a copy of a session's state. The session stays exactly
         as it was: state, steps, seq, idle time and live accuracy. Batched, limited and refused like a step."""
-        self._accepting()
-        scoped = self._scoped(owner, session_id)
-        with self._as_client(owner, session_id):
-            key = await self.store.model_of(scoped, self.clock())
-            return await self._peek(key, scoped, session_id, inputs, queue_timeout)
-
-    async def _peek(
-        self, key: str, scoped: str, session_id: str, inputs: np.ndarray, queue_timeout: float | None
-    ) -> StepResult:
-        batcher = self._batcher(key, session_id)
-        x = self.validate_inputs(batcher.model, inputs)
-        out = await batcher.submit(scoped, x, None, self.deadline(queue_timeout), peek=True)
-        return StepResult(session_id, out.outputs, out.steps, out.seq)
+        return await self.step(session_id, inputs, None, queue_timeout, owner, peek=True)
 
     async def fork_session(
         self, session_id: str, new_session_id: str | None = None, scored: bool = False, owner: str = ""
@@ -688,12 +685,9 @@ class DataPlane:
         try:
             self._accepting()
             with self._as_client(owner, sid):
-                if msg.peek:
-                    if msg.seq is not None:
-                        raise InvalidInputError("a peek changes nothing, so it carries no seq: leave seq out")
-                    result = await self._peek(key, scoped, sid, inputs, None)
-                else:
-                    result = await self._step(key, scoped, sid, inputs, msg.seq, None)
+                if msg.peek and msg.seq is not None:
+                    raise InvalidInputError("a peek changes nothing, so it carries no seq: leave seq out")
+                result = await self._step(key, scoped, sid, inputs, msg.seq, None, msg.peek)
         except ServeError as e:
             return StreamReply(sid, error=e, session=info)
         return StreamReply(sid, result=result, session=info)

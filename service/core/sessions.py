@@ -266,13 +266,14 @@ class _Slab:
         self.live += 1
         return slot
 
-    def clear_state(self, slot: int) -> None:
+    def clear_state(self, slot: int, record: Record | None = None) -> None:
+        """Zero a slot's state and counters; its record too, or make it `record` of the one there."""
         p, i = self.at(slot)
         p.h[:, i, :] = 0.0
         p.c[:, i, :] = 0.0
         p.steps[i] = p.seq[i] = 0
         p.digest[i] = 0
-        p.extra[i] = 0
+        p.extra[i] = 0 if record is None else np.frombuffer(record(p.extra[i].tobytes()), np.uint8)
         p.version[i] += 1
 
     def release(self, slot: int) -> None:
@@ -545,11 +546,8 @@ class MemorySessionStore:
 
     async def reset(self, session_id: str, now: float, record: Record | None = None) -> SessionInfo:
         key, slab, slot = self._locate(session_id, now)
+        slab.clear_state(slot, record)
         p, i = slab.at(slot)
-        old = p.extra[i].tobytes()
-        slab.clear_state(slot)
-        if record is not None:
-            p.extra[i] = np.frombuffer(record(old), np.uint8)
         p.last_used[i] = now
         self._outputs.pop(session_id, None)
         return self._info(session_id, key, slab, slot, now)
@@ -578,11 +576,8 @@ class MemorySessionStore:
             raise InvalidInputError(
                 f"session {session_id!r} runs {key}; the snapshot is of {model_key}: delete the session first"
             )
+        slab.clear_state(slot, record)
         p, i = slab.at(slot)
-        old = p.extra[i].tobytes()
-        slab.clear_state(slot)
-        if record is not None:
-            p.extra[i] = np.frombuffer(record(old), np.uint8)
         p.h[:, i, :] = snap.h
         p.c[:, i, :] = snap.c
         p.steps[i], p.seq[i], p.last_used[i] = snap.steps, snap.seq, now

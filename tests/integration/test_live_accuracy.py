@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from model.data import forecast_origins
+from model.data import Split, forecast_origins
 from model.evaluate import scores
 from service.app import Server
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
@@ -45,7 +45,7 @@ async def test_streaming_the_test_part_scores_what_the_offline_evaluation_scored
     (the card's streaming LSTM and persistence scores, and ONNX Runtime run offline), within float rounding."""
     split = SHIPPED_CARD.dataset["split"]
     first, n = split["test"]
-    origins = forecast_origins(_Split(first, n), K, SHIPPED_CARD.dataset["context"])
+    origins = forecast_origins(Split(n, split["train"][1], first), K, SHIPPED_CARD.dataset["context"])
     o0, o1 = int(origins[0]), int(origins[-1])
     readings: dict[int, np.ndarray] = {}  # row r -> sums after rows [0, r] were applied
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
@@ -83,13 +83,6 @@ async def test_streaming_the_test_part_scores_what_the_offline_evaluation_scored
         assert err == pytest.approx(readings[n - 1][0, k - 1], rel=1e-9)
         pers = sample(server, "lstm_forecast_persistence_abs_error_total", horizon=str(k), **labels)
         assert pers == pytest.approx(readings[n - 1][1, k - 1], rel=1e-9)
-
-
-class _Split:
-    """The two numbers forecast_origins reads from a split."""
-
-    def __init__(self, val_end: int, n: int) -> None:
-        self.val_end, self.n = val_end, n
 
 
 @pytest.fixture
