@@ -41,13 +41,16 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis.asyncio as aioredis
+from numpy.typing import NDArray
 from redis.exceptions import NoScriptError, RedisError
 
 from service.core.sessions import (
     DIGEST_BYTES,
+    BlockCommit,
     Commit,
     CommitStatus,
     Lease,
+    LeaseBlock,
     Record,
     RemovalListener,
     Replay,
@@ -55,6 +58,8 @@ from service.core.sessions import (
     Snapshot,
     check_counters,
     check_store_id,
+    commit_block_by_items,
+    gather_block_by_items,
     session_gone,
 )
 from service.errors import (
@@ -560,6 +565,15 @@ class RedisSessionStore:
             args += [old.token(), self._encode(new), model_key, "1", self._record(new)]
         got = await self._script("commit", keys, args)
         return [{1: CommitStatus.COMMITTED, 0: CommitStatus.STALE}.get(int(g), CommitStatus.GONE) for g in got]
+
+    async def gather_block(self, model_key: str, session_ids: list[str], now: float) -> LeaseBlock:
+        # NOTE: one script call either way; the per-session work is the decoding of what Redis returns
+        return await gather_block_by_items(self, model_key, session_ids, now, self.sigs[model_key].extra)
+
+    async def commit_block(
+        self, model_key: str, block: LeaseBlock, commit: BlockCommit, hn: F32, cn: F32, now: float
+    ) -> NDArray[np.int8]:
+        return await commit_block_by_items(self, model_key, block, commit, hn, cn, now)
 
     async def expire(self, now: float) -> int:
         """Report sessions whose keys Redis expired (once across replicas) and drop their index entries."""

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -161,6 +161,42 @@ class CommitStatus(enum.Enum):
     GONE = "gone"  # the session no longer exists (deleted, expired, evicted): not written
 
 
+# NOTE: a step block's commit status per row, as small ints in one array (see SessionStore.commit_block)
+COMMITTED, STALE, GONE = 0, 1, 2
+_STATUS_CODE = {CommitStatus.COMMITTED: COMMITTED, CommitStatus.STALE: STALE, CommitStatus.GONE: GONE}
+
+
+@dataclass(frozen=True)
+class LeaseBlock:
+    """Many sessions as one batch found them, as whole arrays: row i is session_ids[i]. A row in `failed` is
+    not there (its error; zeros in every array). `token` is the store's own, to compare-and-set against; what
+    is kept for a retry of a row's last call is read only on demand (`replay(i)`), as few calls need it."""
+
+    session_ids: list[str]
+    failed: dict[int, ServeError]
+    steps: NDArray[np.int64]  # [K]
+    seq: NDArray[np.int64]  # [K]
+    extra: NDArray[np.uint8]  # [K, E]: the records beside the states
+    h: F32  # [L, K, H]
+    c: F32  # [L, K, C]
+    token: object
+    replay: Callable[[int], Replay | None]
+
+
+@dataclass(frozen=True)
+class BlockCommit:
+    """New counters for some rows of a LeaseBlock (column j of the new states is row rows[j]): step totals and
+    seqs, the input digests of calls that carried seq (a zero row: none, nothing is kept for a retry) and the
+    outputs to keep for those retries (None: too large to keep); new records (None: unchanged)."""
+
+    rows: NDArray[np.intp]
+    steps: NDArray[np.int64]
+    seq: NDArray[np.int64]
+    digests: NDArray[np.uint8]  # [n, DIGEST_BYTES]
+    outputs: F32 | None  # [n, T, O]
+    extra: NDArray[np.uint8] | None  # [n, E]
+
+
 RemovalListener = Callable[[str, str], None]  # (model key, reason: "expired" | "evicted" | "deleted" | "unloaded")
 # NOTE: the new record beside the state from the one there (zeros for a new session): reset, restore and fork
 # take one; without it a reset or restore zeroes the record
@@ -197,10 +233,54 @@ class SessionStore(Protocol):
     async def commit(
         self, model_key: str, commits: list[Commit], hn: F32, cn: F32, now: float
     ) -> list[CommitStatus]: ...
+    # NOTE: gather and commit for a step block, as arrays (no object per session); a store without a faster way
+    # implements them with `gather_block_by_items` / `commit_block_by_items`. Statuses: COMMITTED, STALE, GONE.
+    async def gather_block(self, model_key: str, session_ids: list[str], now: float) -> LeaseBlock: ...
+    async def commit_block(
+        self, model_key: str, block: LeaseBlock, commit: BlockCommit, hn: F32, cn: F32, now: float
+    ) -> NDArray[np.int8]: ...
     async def expire(self, now: float) -> int: ...
     async def count(self, model_key: str | None = None) -> int: ...
     def add_model(self, model_key: str, sig: Signature) -> None: ...
     async def drop_model(self, model_key: str) -> int: ...
+
+
+async def gather_block_by_items(
+    store: SessionStore, model_key: str, session_ids: list[str], now: float, width: int
+) -> LeaseBlock:
+    """`gather_block` by way of `gather`, for a store with no faster way (records of `width` bytes)."""
+    leases, h, c = await store.gather(model_key, session_ids, now)
+    held = [lease if isinstance(lease, Lease) else None for lease in leases]
+    k, blank = len(held), bytes(width)
+    return LeaseBlock(
+        session_ids,
+        {i: lease for i, lease in enumerate(leases) if isinstance(lease, ServeError)},
+        np.fromiter((lease.steps if lease else 0 for lease in held), np.int64, k),
+        np.fromiter((lease.seq if lease else 0 for lease in held), np.int64, k),
+        np.frombuffer(b"".join(lease.extra if lease else blank for lease in held), np.uint8).reshape(k, width),
+        h,
+        c,
+        held,
+        lambda i: None if held[i] is None else cast(Lease, held[i]).replay,
+    )
+
+
+async def commit_block_by_items(
+    store: SessionStore, model_key: str, block: LeaseBlock, bc: BlockCommit, hn: F32, cn: F32, now: float
+) -> NDArray[np.int8]:
+    """`commit_block` by way of `commit` (for a block from `gather_block_by_items`)."""
+    held = cast(list[Lease | None], block.token)
+    commits = []
+    for j, r in enumerate(bc.rows.tolist()):
+        lease = held[r]
+        assert lease is not None, "only rows that were gathered are committed"
+        digest = bc.digests[j]
+        kept = None if bc.outputs is None else bc.outputs[j]
+        replay = Replay(int(bc.seq[j]), digest.tobytes(), kept) if digest.any() else None
+        extra = None if bc.extra is None else bc.extra[j].tobytes()
+        commits.append(Commit(lease, int(bc.steps[j]), int(bc.seq[j]), replay, extra))
+    status = await store.commit(model_key, commits, hn, cn, now)
+    return np.fromiter((_STATUS_CODE[s] for s in status), np.int8, len(status))
 
 
 class _Page:
@@ -286,34 +366,70 @@ class _Slab:
 
     def read(self, slots: NDArray[np.int64]) -> tuple[F32, F32]:
         """The states of the given slots as [L, len(slots), H] and [L, len(slots), C] copies."""
-        pages, offs = slots >> PAGE_BITS, slots & (PAGE - 1)
-        if len(self.pages) == 1:
-            p = self.pages[0]
-            return p.h[:, offs, :], p.c[:, offs, :]
-        sig = self.sig
-        h = np.empty((sig.layers, len(slots), sig.hidden), np.float32)
-        c = np.empty((sig.layers, len(slots), sig.cell), np.float32)
-        for page in np.unique(pages):
-            m = pages == page
-            p = self.pages[int(page)]
-            h[:, m, :] = p.h[:, offs[m], :]
-            c[:, m, :] = p.c[:, offs[m], :]
-        return h, c
+        rows = _Rows(self, slots)
+        return rows.state("h"), rows.state("c")
 
     def write(self, slots: NDArray[np.int64], h: F32, c: F32) -> None:
-        pages, offs = slots >> PAGE_BITS, slots & (PAGE - 1)
-        if len(self.pages) == 1:
-            p = self.pages[0]
-            p.h[:, offs, :], p.c[:, offs, :] = h, c
-            return
-        for page in np.unique(pages):
-            m = pages == page
-            p = self.pages[int(page)]
-            p.h[:, offs[m], :] = h[:, m, :]
-            p.c[:, offs[m], :] = c[:, m, :]
+        rows = _Rows(self, slots)
+        rows.put_state("h", h)
+        rows.put_state("c", c)
 
     def nbytes(self) -> int:
         return sum(p.nbytes() for p in self.pages)
+
+
+class _Rows:
+    """Slots of a slab grouped by page once, to read and write per-slot arrays (`_Page` fields) as whole arrays:
+    row by row along the slot axis (`take`), never through boolean masks (several times slower)."""
+
+    __slots__ = ("groups", "n", "sig")
+
+    def __init__(self, slab: _Slab, slots: NDArray[np.int64]) -> None:
+        pages, offs = slots >> PAGE_BITS, slots & (PAGE - 1)
+        self.n, self.sig = len(slots), slab.sig
+        # NOTE: (page, positions in slots or None for all of them, slots within the page)
+        self.groups: list[tuple[_Page, NDArray[np.intp] | None, NDArray[np.int64]]]
+        if not len(slots) or int(pages.min()) == int(pages.max()):
+            self.groups = [(slab.pages[int(pages[0]) if len(slots) else 0], None, offs)] if slab.pages else []
+        else:
+            self.groups = []
+            for g in np.unique(pages).tolist():
+                at = np.flatnonzero(pages == g)
+                self.groups.append((slab.pages[g], at, offs[at]))
+
+    def get(self, name: str) -> NDArray[Any]:
+        """A per-slot field ([PAGE, ...] in each page) for these slots."""
+        if len(self.groups) == 1 and self.groups[0][1] is None:
+            page, _, offs = self.groups[0]
+            return cast(NDArray[Any], getattr(page, name).take(offs, axis=0))
+        first: NDArray[Any] = getattr(self.groups[0][0], name)
+        out = np.empty((self.n, *first.shape[1:]), first.dtype)
+        for page, at, offs in self.groups:
+            out[at] = getattr(page, name).take(offs, axis=0)
+        return out
+
+    def put(self, name: str, values: NDArray[Any] | float) -> None:
+        for page, at, offs in self.groups:
+            getattr(page, name)[offs] = values if at is None or not isinstance(values, np.ndarray) else values[at]
+
+    def state(self, name: str) -> F32:
+        """A state field ([L, PAGE, H] in each page) for these slots, as [L, n, H]."""
+        sig = self.sig
+        out = np.empty((sig.layers, self.n, sig.hidden if name == "h" else sig.cell), np.float32)
+        for page, at, offs in self.groups:
+            arr = getattr(page, name)
+            for layer in range(sig.layers):
+                if at is None:
+                    out[layer] = arr[layer].take(offs, axis=0)
+                else:
+                    out[layer, at] = arr[layer].take(offs, axis=0)
+        return out
+
+    def put_state(self, name: str, values: F32) -> None:
+        for page, at, offs in self.groups:
+            arr = getattr(page, name)
+            for layer in range(self.sig.layers):
+                arr[layer][offs] = values[layer] if at is None else values[layer, at]
 
 
 def _incarnation(p: _Page, i: int) -> str:
@@ -654,6 +770,95 @@ class MemorySessionStore:
             slots.append(slot)
         if written:
             slab.write(np.asarray(slots, np.int64), hn[:, written, :], cn[:, written, :])
+        return status
+
+    async def gather_block(self, model_key: str, session_ids: list[str], now: float) -> LeaseBlock:
+        """`gather` as arrays: one index lookup per session, everything else whole-array."""
+        slab = self._slabs[model_key]
+        k, get = len(session_ids), self._index.get
+        where = np.fromiter((get(sid, -1) for sid in session_ids), np.int64, k)
+        ok = (where >> 40) == self._key_index[model_key]  # NOTE: -1 (not there) and other models' sessions fail
+        slots = np.where(ok, where & ((1 << 40) - 1), 0)
+        rows = _Rows(slab, slots)
+        ok &= now - rows.get("last_used") <= self.ttl
+        failed: dict[int, ServeError] = {}
+        for i in np.flatnonzero(~ok).tolist():  # NOTE: the rare rows, one by one: the errors `gather` gives
+            sid = session_ids[i]
+            try:
+                key = self._locate(sid, now)[0]  # NOTE: removes an expired one and says so
+            except ServeError as e:
+                failed[i] = e
+            else:
+                failed[i] = SessionNotFoundError(f"session {sid!r} now runs {key}; resend the step")
+        if failed:
+            slots = np.where(ok, slots, 0)
+            rows = _Rows(slab, slots)
+        good = rows if not failed else _Rows(slab, slots[ok])
+        good.put("last_used", now)  # NOTE: a queued step keeps its session from expiring mid-batch
+        steps, seq, digest, extra = rows.get("steps"), rows.get("seq"), rows.get("digest"), rows.get("extra")
+        version, born = rows.get("version"), rows.get("born")
+        h, c = rows.state("h"), rows.state("c")
+        if failed:
+            bad = ~ok
+            for a in (steps, seq, digest, extra, version):
+                a[bad] = 0
+            h[:, bad, :] = 0.0
+            c[:, bad, :] = 0.0
+        outputs = slab.sig.outputs
+
+        def replay(i: int) -> Replay | None:
+            if not digest[i].any():
+                return None
+            out = self._outputs.get(session_ids[i])
+            kept = None if out is None else np.frombuffer(out, np.float32).reshape(-1, outputs)
+            return Replay(int(seq[i]), digest[i].tobytes(), kept)
+
+        return LeaseBlock(session_ids, failed, steps, seq, extra, h, c, (slots, version, born, digest), replay)
+
+    async def commit_block(
+        self, model_key: str, block: LeaseBlock, bc: BlockCommit, hn: F32, cn: F32, now: float
+    ) -> NDArray[np.int8]:
+        """`commit` as arrays: a row whose slot's version is still the leased one is written (versions never
+        repeat for a slot, so an equal one means nothing happened to it); the others are told apart one by one."""
+        slab = self._slabs.get(model_key)
+        n = len(bc.rows)
+        if slab is None:  # NOTE: unloaded while the block ran
+            return np.full(n, GONE, np.int8)
+        slots_all, versions, borns, digests = cast(
+            tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.uint8]], block.token
+        )
+        slots = slots_all[bc.rows]
+        rows = _Rows(slab, slots)
+        current = rows.get("version")
+        same = current == versions[bc.rows]
+        status = np.zeros(n, np.int8)  # NOTE: COMMITTED
+        for j in np.flatnonzero(~same).tolist():
+            sid, slot = block.session_ids[int(bc.rows[j])], int(slots[j])
+            found = self._where(sid)
+            p, i = slab.at(slot)
+            moved = found is None or found[0] != model_key or found[2] != slot or int(p.born[i]) != borns[bc.rows[j]]
+            status[j] = GONE if moved else STALE
+        w = np.flatnonzero(same)
+        if len(w) == 0:
+            return status
+        put = rows if len(w) == n else _Rows(slab, slots[w])
+        put.put("steps", bc.steps[w])
+        put.put("seq", bc.seq[w])
+        put.put("last_used", now)
+        put.put("version", current[w] + 1)
+        put.put("digest", bc.digests[w])
+        if bc.extra is not None:
+            put.put("extra", bc.extra[w])
+        kept: NDArray[np.bool_] = np.asarray(bc.digests.any(axis=1))
+        had: NDArray[np.bool_] = np.asarray(digests[bc.rows].any(axis=1))
+        for j in np.flatnonzero((kept | had) & same).tolist():  # NOTE: only sessions that send seq keep outputs
+            sid = block.session_ids[int(bc.rows[j])]
+            if kept[j] and bc.outputs is not None:
+                self._outputs[sid] = bc.outputs[j].tobytes()
+            else:
+                self._outputs.pop(sid, None)
+        put.put_state("h", hn if len(w) == n else hn[:, w, :])
+        put.put_state("c", cn if len(w) == n else cn[:, w, :])
         return status
 
     async def expire(self, now: float) -> int:

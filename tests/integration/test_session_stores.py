@@ -22,6 +22,10 @@ import redis.asyncio as aioredis
 from service.core.redis_store import RedisSessionStore
 from service.core.scoring import Scoring
 from service.core.sessions import (
+    COMMITTED,
+    GONE,
+    STALE,
+    BlockCommit,
     Commit,
     CommitStatus,
     Lease,
@@ -503,3 +507,59 @@ async def test_redis_values_written_before_the_record_existed_read_with_an_empty
         if keys:
             await r.delete(*keys)
         await r.aclose()
+
+
+async def test_a_block_gathers_and_commits_what_single_leases_would(make_store: Factory) -> None:
+    """gather_block/commit_block on many sessions: states, counters, records and replays as gather/commit keep
+    them; a row whose session was reset meanwhile is STALE and one deleted is GONE (neither written); missing
+    sessions and another model's are failed rows with zeros."""
+    sigs = {"m/1": replace(SIG, extra=3), "m/2": SIG}
+    s, _ = await make_store(sigs, max_sessions=2000)
+    ids = [f"b{i}" for i in range(1100)]  # NOTE: more than a page of memory-store slots
+    for sid in ids:
+        await s.create("m/1", sid, now())
+    await s.create("m/2", "other", now())
+    block = await s.gather_block("m/1", [*ids, "nobody", "other"], now())
+    assert set(block.failed) == {1100, 1101}
+    assert isinstance(block.failed[1100], SessionNotFoundError)
+    assert "now runs m/2" in block.failed[1101].message
+    assert not block.h.any()
+    assert block.steps.tolist() == [0] * 1102
+    assert block.replay(0) is None
+    k = 1100
+    rows = np.arange(k)
+    h = np.arange(2 * k * 8, dtype=np.float32).reshape(2, k, 8)
+    digests = np.zeros((k, 16), np.uint8)
+    digests[::2] = 7  # NOTE: even rows carried seq: their digest and outputs are kept for a retry
+    outputs = np.full((k, 1, 2), 0.5, np.float32)
+    extra = np.tile(np.array([1, 2, 3], np.uint8), (k, 1))
+    await s.reset("b1", now())
+    await s.delete("b2")
+    status = await s.commit_block(
+        "m/1", block, BlockCommit(rows, np.full(k, 4), np.full(k, 1), digests, outputs, extra), h, -h, now()
+    )
+    assert status[1] == STALE
+    assert status[2] == GONE
+    assert (status[3:] == COMMITTED).all()
+    assert status[0] == COMMITTED
+    (lease0, lease1, lease3), hs, cs = await s.gather("m/1", ["b0", "b1", "b3"], now())
+    assert isinstance(lease0, Lease)
+    assert isinstance(lease1, Lease)
+    assert isinstance(lease3, Lease)
+    assert (lease0.steps, lease0.seq, lease0.extra, lease3.extra) == (4, 1, b"\x01\x02\x03", b"\x01\x02\x03")
+    assert lease1.steps == 0
+    assert not hs[:, 1].any()
+    np.testing.assert_array_equal(hs[:, 0], h[:, 0])
+    np.testing.assert_array_equal(cs[:, 2], -h[:, 3])
+    assert lease0.replay is not None
+    assert lease0.replay.digest == bytes([7] * 16)
+    assert lease3.replay is None
+    np.testing.assert_array_equal(lease0.replay.outputs, outputs[0])
+    again = await s.gather_block("m/1", ["b1099", "b0"], now())
+    assert again.steps.tolist() == [4, 4]
+    assert not again.failed
+    replay = again.replay(1)
+    assert replay is not None
+    assert replay.seq == 1
+    assert replay.digest == bytes([7] * 16)
+    np.testing.assert_array_equal(again.h[:, 0], h[:, 1099])
