@@ -136,10 +136,18 @@ class Scoring:
 
     def score(self, extras: list[bytes], x: F32, y: F32) -> tuple[list[bytes], Scored]:
         """Records after the steps x [B, T, F] with outputs y [B, T, O], and what those steps scored."""
-        b, t = x.shape[0], x.shape[1]
-        if t == 1 and b <= FEW:
+        b = x.shape[0]
+        if x.shape[1] == 1 and b <= FEW:
             return self._one_step(extras, x, y)
-        rec = np.frombuffer(b"".join(extras), self.dtype).copy()
+        raw, scored = self.score_rows(np.frombuffer(b"".join(extras), np.uint8).reshape(b, self.width), x, y)
+        w = self.width
+        flat = raw.tobytes()
+        return [flat[i * w : (i + 1) * w] for i in range(b)], scored
+
+    def score_rows(self, extra: NDArray[np.uint8], x: F32, y: F32) -> tuple[NDArray[np.uint8], Scored]:
+        """`score` on records as one [B, width] array (a step block's), returning the new ones likewise."""
+        t = x.shape[1]
+        rec = np.ascontiguousarray(extra).view(self.dtype).reshape(-1).copy()
         n = rec["n"]
         actual = x[:, :, self.target_index]  # [B, T]
         forecasts = np.concatenate((rec["fc"], y), axis=1)  # [B, K + T, K]: origins oldest first
@@ -154,10 +162,8 @@ class Scoring:
         rec["n"] = n + t
         rec["err"][:, 0] += model
         rec["err"][:, 1] += pers
-        raw = rec.tobytes()
-        w = self.width
         per_row: F64 = np.stack((model, pers, valid.sum(axis=2)), axis=1, dtype=np.float64)
-        return [raw[i * w : (i + 1) * w] for i in range(b)], Scored(per_row)
+        return rec.view(np.uint8).reshape(len(rec), self.width), Scored(per_row)
 
     def _one_step(self, extras: list[bytes], x: F32, y: F32) -> tuple[list[bytes], Scored]:
         """`score` for one step of a few sessions (the usual call at low load) in plain Python on the unpacked
