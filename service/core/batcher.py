@@ -34,7 +34,19 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.core.scoring import Scored
-from service.core.sessions import MAX_COUNTER, Commit, CommitStatus, Lease, Replay, SessionStore
+from service.core.sessions import (
+    COMMITTED,
+    DIGEST_BYTES,
+    MAX_COUNTER,
+    STALE,
+    BlockCommit,
+    Commit,
+    CommitStatus,
+    Lease,
+    LeaseBlock,
+    Replay,
+    SessionStore,
+)
 from service.errors import (
     DeadlineExceededError,
     ModelError,
@@ -66,6 +78,18 @@ class StepOutcome:
     steps: int  # time steps applied to the session in total (0 for a stateless prediction)
     seq: int  # seq of this call (0 for a stateless prediction)
     replayed: bool = False
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    """The results of a step block, row by row as whole arrays; a row in `errors` failed alone (its outputs are
+    zeros and its counters 0)."""
+
+    outputs: F32  # [K, T, O]
+    steps: NDArray[np.int64]  # [K] time steps applied to the session in total
+    seq: NDArray[np.int64]  # [K] seq of this call
+    replayed: NDArray[np.bool_]  # [K] a retry of the last applied seq (the state did not move)
+    errors: dict[int, ServeError]
 
 
 class _Answer(Protocol):
@@ -112,6 +136,22 @@ class _Member:
         self.group.settle(self.i, exception)
 
 
+class _Unanswered:
+    """Where the outcome of a call that is only checked, never answered, would go (see `_execute_block`)."""
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, result: StepOutcome, /) -> None:
+        raise AssertionError("never answered")
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        raise AssertionError("never answered")
+
+
+_NO_ANSWER = _Unanswered()
+
+
 @dataclass
 class _Work:
     session_id: str | None  # None: stateless prediction from a zero state
@@ -134,6 +174,26 @@ class _Work:
     @functools.cached_property
     def digest(self) -> bytes:
         return hashlib.blake2b(self.x.tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class _Block:
+    """Steps of many distinct sessions as one array (a packed step batch): run as one batch of its own."""
+
+    session_ids: list[str]
+    x: F32  # [K, T, F]
+    seq: NDArray[np.uint64] | None  # [K], 0: that row has no seq
+    future: asyncio.Future[BlockOutcome]
+    deadline: float | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    def resolve(self, outcome: BlockOutcome | ServeError) -> None:
+        if self.future.done():
+            return
+        if isinstance(outcome, ServeError):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
 
 
 class Batcher:
@@ -159,8 +219,9 @@ class Batcher:
         self._per_call = 0.0  # moving average of batch time / calls in the batch (seconds), 0 until measured
         self._per_step = 0.0  # moving average of ONNX Runtime time per session-step (seconds), 0 until measured
         self.clock = clock
-        self._pending: deque[_Work] = deque()
-        self._running: list[_Work] = []  # the batch being executed
+        self._pending: deque[_Work | _Block] = deque()
+        self._block_rows = 0  # NOTE: queued blocks count a call per row: their rows beyond the first, in all
+        self._running: list[_Work | _Block] = []  # the batch being executed
         # NOTE: the loop is looked up once: asyncio.get_running_loop() makes a getpid() system call on Python 3.11
         self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None  # the batch loop sleeps on this until work arrives
@@ -205,6 +266,7 @@ class Batcher:
         for w in [*self._running, *self._pending]:
             w.resolve(UnavailableError("the server stopped before this step completed; retry"))
         self._pending.clear()
+        self._block_rows = 0
         self._running = []
         self._depth.set(0)
         self._idle.set()
@@ -215,21 +277,22 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        """Calls queued (a step block counts one per session)."""
+        return len(self._pending) + self._block_rows
 
     # --- submission --------------------------------------------------------------------------------
     def _admit(self, n: int) -> None:
         """Refuse n more calls when stopped or overloaded."""
         if self._stopped:
             raise UnavailableError("the server has stopped; retry on another replica or after restart")
-        if len(self._pending) + n > self.max_queue:
+        if self.queued + n > self.max_queue:
             raise OverloadedError(
                 f"{self.model.describe()} has its maximum of {self.max_queue} step calls queued; retry shortly"
             )
-        if self.max_queue_wait and len(self._pending) * self._per_call > self.max_queue_wait:
+        if self.max_queue_wait and self.queued * self._per_call > self.max_queue_wait:
             raise OverloadedError(
                 f"{self.model.describe()} is overloaded: a step would wait about "
-                f"{len(self._pending) * self._per_call * 1000:.0f} ms in the queue; retry shortly"
+                f"{self.queued * self._per_call * 1000:.0f} ms in the queue; retry shortly"
             )
 
     async def submit_many(
@@ -245,10 +308,26 @@ class Batcher:
         for i, (session_id, x, seq) in enumerate(calls):
             self._awaiting.pop(session_id, None)
             self._pending.append(_Work(session_id, x, seq, _Member(group, i), deadline))
-        self._depth.inc(len(calls))
+        self._depth.set(self.queued)
         self._idle.clear()
         self._wake()
         return await group.future
+
+    async def submit_block(
+        self, session_ids: list[str], x: F32, seq: NDArray[np.uint64] | None, deadline: float | None = None
+    ) -> BlockOutcome:
+        """Queue a block: validated steps [K, T, F] of K distinct sessions (seq per row, 0 for none), run as one
+        batch of its own, gathered, run and committed as whole arrays; each row succeeds or fails alone."""
+        k = len(session_ids)
+        self._admit(k)
+        assert self._loop_ref is not None, "start() the batcher first"
+        block = _Block(session_ids, x, seq, self._loop_ref.create_future(), deadline)
+        self._pending.append(block)
+        self._block_rows += k - 1
+        self._depth.set(self.queued)
+        self._idle.clear()
+        self._wake()
+        return await block.future
 
     async def submit(
         self, session_id: str | None, x: F32, seq: int | None, deadline: float | None = None, peek: bool = False
@@ -262,7 +341,7 @@ class Batcher:
         if session_id is not None:
             self._awaiting.pop(session_id, None)
         self._pending.append(_Work(session_id, x, seq, fut, deadline, peek=peek))
-        self._depth.inc()
+        self._depth.set(self.queued)
         self._idle.clear()
         self._wake()
         return await fut
@@ -285,16 +364,26 @@ class Batcher:
             if timer is not None:
                 timer.cancel()
 
-    def _select(self) -> list[_Work]:
+    def _select(self) -> list[_Work] | _Block:
         """Take up to max_batch_size calls with the first call's T, one per session, keeping session order.
-        Only the calls before the batch is full are looked at (a long queue costs nothing per batch)."""
+        Only the calls before the batch is full are looked at (a long queue costs nothing per batch). A block
+        runs alone, when it is first in the queue (so that no call of its sessions overtakes it or is overtaken)."""
         taken: list[_Work] = []
-        skipped: list[_Work] = []
+        skipped: list[_Work | _Block] = []
         seen: set[str] = set()
         steps: int | None = None
         pending = self._pending
         while pending and len(taken) < self.max_batch_size:
             w = pending.popleft()
+            if isinstance(w, _Block):
+                if w.future.done() or (not taken and not skipped):
+                    self._block_rows -= len(w.session_ids) - 1
+                    if not w.future.done():
+                        return w
+                    continue
+                skipped.append(w)
+                seen.update(w.session_ids)
+                continue
             if w.future.done():  # cancelled by its caller before it ran
                 continue
             fits = steps is None or w.x.shape[0] == steps
@@ -312,7 +401,7 @@ class Batcher:
         """Wait, at most max_queue_delay, for the callers answered in the last max_queue_delay to come back
         (closed-loop clients do, within a round trip). With nobody recently answered but the caller itself,
         as for a lone client or after a pause, nothing waits."""
-        if self.max_queue_delay <= 0:
+        if self.max_queue_delay <= 0 or isinstance(self._pending[0], _Block):
             return
         now = time.perf_counter()
         awaiting = self._awaiting
@@ -339,24 +428,28 @@ class Batcher:
             batch = self._select()
             if not batch:
                 continue
-            self._running = batch
+            block = batch if isinstance(batch, _Block) else None
+            running: list[_Work | _Block] = [block] if block is not None else list(cast(list[_Work], batch))
+            self._running = running
             began = time.perf_counter()
             try:
-                await self._execute(batch)
+                await (self._execute_block(block) if block is not None else self._execute(cast(list[_Work], batch)))
             except Exception as e:  # pragma: no cover - _execute resolves its own errors
                 log.exception("batch failed")
-                for w in batch:
+                for w in running:
                     w.resolve(e if isinstance(e, ServeError) else ModelError("inference failed"))
             self._running = []
             answered = time.perf_counter()
-            per_call = (answered - began) / len(batch)
+            calls = len(block.session_ids) if block is not None else len(running)
+            per_call = (answered - began) / calls
             self._per_call = per_call if not self._per_call else 0.8 * self._per_call + 0.2 * per_call
-            if len(self._pending) < self.max_batch_size:  # NOTE: with a full batch queued, nobody waits for company
-                queued = {w.session_id for w in self._pending}  # NOTE: their next call is already here
-                for w in batch:
+            # NOTE: with a full batch queued, nobody waits for company; a block's client is one caller
+            if block is None and len(self._pending) < self.max_batch_size:
+                queued = {w.session_id for w in self._pending if isinstance(w, _Work)}  # NOTE: already here
+                for w in cast(list[_Work], batch):
                     if w.session_id is not None and w.session_id not in queued:
                         self._awaiting[w.session_id] = answered
-            self._depth.set(len(self._pending))
+            self._depth.set(self.queued)
 
     def _timed_run(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32, float]:
         """Run the model in the executor thread and time only the run (not the wait for a thread)."""
@@ -481,7 +574,146 @@ class Batcher:
                 )
         self._steps.inc(steps)
         for w, held in stale:
-            w.resolve(await self._stale(held))
+            w.resolve(await self._stale(held.session_id))
+
+    def _run_chunks(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32, float]:
+        """`_timed_run` for a block: in ONNX calls of at most max_batch_size rows (what one call may take)."""
+        m = self.max_batch_size
+        if x.shape[0] <= m:
+            return self._timed_run(x, h, c)
+        t0 = time.perf_counter()
+        run = self.model.runtime.run
+        parts = [
+            run(x[i : i + m], np.ascontiguousarray(h[:, i : i + m]), np.ascontiguousarray(c[:, i : i + m]))
+            for i in range(0, x.shape[0], m)
+        ]
+        y = np.concatenate([p[0] for p in parts])
+        hn = np.concatenate([p[1] for p in parts], axis=1)
+        cn = np.concatenate([p[2] for p in parts], axis=1)
+        return y, hn, cn, time.perf_counter() - t0
+
+    async def _execute_block(self, b: _Block) -> None:
+        """A step block as whole arrays: gather, seq checks, one run, scoring and commit, without an object per row
+        (rows that replay, conflict or fail take the one-by-one path, with the same answers as single calls)."""
+        started = time.perf_counter()
+        self._queue_wait.observe(started - b.enqueued)  # NOTE: one observation per block (it is one call)
+        if b.deadline is not None and b.deadline < started:
+            b.resolve(
+                DeadlineExceededError(
+                    f"the step batch waited {(started - b.enqueued) * 1000:.0f} ms in the queue, past its deadline; "
+                    "it was not run and no session changed: retry, or allow more time"
+                )
+            )
+            return
+        try:
+            lb = await self.store.gather_block(self.model.key, b.session_ids, self.clock())
+        except Exception as e:
+            b.resolve(self._store_failed(e))
+            return
+        k, t = b.x.shape[0], b.x.shape[1]
+        sig = self.model.signature
+        errors: dict[int, ServeError] = dict(lb.failed)
+        outputs = np.zeros((k, t, sig.outputs), np.float32)
+        steps_out = np.zeros(k, np.int64)
+        seq_out = np.zeros(k, np.int64)
+        replayed = np.zeros(k, np.bool_)
+        ok = np.ones(k, np.bool_)
+        if errors:
+            ok[list(errors)] = False
+        nxt = lb.seq + 1
+        # NOTE: a row runs when it has no seq or the next one, and its counters stay below their maximum
+        fresh = ok if b.seq is None else ok & ((b.seq == 0) | (b.seq == nxt.astype(np.uint64)))
+        run = fresh & (nxt < MAX_COUNTER) & (lb.steps + t < MAX_COUNTER)
+        for i in np.flatnonzero(ok & ~run).tolist():  # NOTE: retries, conflicts, full counters: one by one
+            seq = None if b.seq is None or not b.seq[i] else int(b.seq[i])
+            lease = Lease(lb.session_ids[i], None, int(lb.steps[i]), int(lb.seq[i]), lb.replay(i))
+            verdict = self._check_seq(_Work(lease.session_id, b.x[i], seq, _NO_ANSWER), lease)
+            if isinstance(verdict, StepOutcome):
+                outputs[i], steps_out[i], seq_out[i], replayed[i] = verdict.outputs, verdict.steps, verdict.seq, True
+            else:
+                errors[i] = verdict if verdict is not None else ModelError("inference failed")
+        idx = np.flatnonzero(run)
+        if len(idx):
+            every = len(idx) == k
+            x = b.x if every else b.x[idx]
+            h, c = (lb.h, lb.c) if every else (lb.h[:, idx, :], lb.c[:, idx, :])
+            try:
+                if self._per_step and self._per_step * x.shape[0] * t < INLINE_RUN_SECONDS:
+                    y, hn, cn, took = self._run_chunks(x, h, c)
+                else:
+                    assert self._loop_ref is not None
+                    y, hn, cn, took = await self._loop_ref.run_in_executor(self.executor, self._run_chunks, x, h, c)
+            except Exception:
+                log.exception("ONNX Runtime failed on %s", self.model.key)
+                for i in idx.tolist():
+                    errors[i] = ModelError(f"{self.model.describe()} failed to run this batch")
+            else:
+                self._inference.observe(took)
+                per_step = took / (x.shape[0] * t)
+                self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
+                self._batch_size.observe(len(idx))
+                self._steps.inc(len(idx) * t)
+                await self._commit_block(b, lb, idx, x, y, hn, cn, errors, outputs, steps_out, seq_out)
+        b.resolve(BlockOutcome(outputs, steps_out, seq_out, replayed, errors))
+
+    async def _commit_block(
+        self, b: _Block, lb: LeaseBlock, idx: NDArray[np.intp], x: F32, y: F32, hn: F32, cn: F32,
+        errors: dict[int, ServeError], outputs: F32, steps_out: NDArray[np.int64], seq_out: NDArray[np.int64],
+    ) -> None:  # fmt: skip
+        """Commit the rows of a block that ran (idx: block rows; x, y, hn, cn: theirs) and fill in their answers."""
+        finite = np.asarray(self._finite_rows(y, hn, cn), np.bool_)
+        for j in np.flatnonzero(~finite).tolist():
+            errors[int(idx[j])] = ModelError(
+                f"{self.model.describe()} produced non-finite outputs for these inputs; state unchanged"
+            )
+        pos = np.flatnonzero(finite)  # NOTE: positions in idx / in the run's arrays
+        if not len(pos):
+            return
+        every = len(pos) == len(idx)
+        rows = idx if every else idx[pos]
+        ys = y if every else y[pos]
+        t = x.shape[1]
+        digests = np.zeros((len(rows), DIGEST_BYTES), np.uint8)
+        kept = None
+        if b.seq is not None:
+            with_seq = np.flatnonzero(b.seq[rows])
+            if len(with_seq):  # NOTE: rows with seq keep their input digest (and small outputs) for a retry
+                xs = np.ascontiguousarray(x if every else x[pos])
+                view, width, blake = xs.data.cast("B"), xs[0].nbytes, hashlib.blake2b
+                hashes = b"".join(
+                    blake(view[j * width : (j + 1) * width], digest_size=16).digest() for j in with_seq.tolist()
+                )
+                digests[with_seq] = np.frombuffer(hashes, np.uint8).reshape(-1, DIGEST_BYTES)
+                kept = ys if ys[0].nbytes <= REPLAY_MAX_BYTES else None
+        extra, scored = None, None
+        if self._scoring is not None:
+            extra, scored = self._scoring.score_rows(lb.extra[rows], x if every else x[pos], ys)
+        new_steps, new_seq = lb.steps[rows] + t, lb.seq[rows] + 1
+        try:
+            status = await self.store.commit_block(
+                self.model.key, lb, BlockCommit(rows, new_steps, new_seq, digests, kept, extra),
+                hn if every else hn[:, pos, :], cn if every else cn[:, pos, :], self.clock(),
+            )  # fmt: skip
+        except Exception as e:
+            failed = self._store_failed(e)
+            for r in rows.tolist():
+                errors[r] = failed
+            return
+        done = status == COMMITTED
+        if scored is not None:
+            self._count_scored(scored, done.tolist())
+        won = rows[done]
+        outputs[won] = ys[done]
+        steps_out[won], seq_out[won] = new_steps[done], new_seq[done]
+        for j in np.flatnonzero(~done).tolist():
+            sid = lb.session_ids[int(rows[j])]
+            errors[int(rows[j])] = (
+                await self._stale(sid)
+                if status[j] == STALE
+                else SessionNotFoundError(
+                    f"session {sid!r} was deleted, expired or evicted while this step ran; the step was not applied"
+                )
+            )
 
     def _count_scored(self, scored: Scored, committed: list[bool]) -> None:
         """Add what the applied steps scored to the metrics (steps not applied scored nothing)."""
@@ -514,14 +746,14 @@ class Batcher:
             np.isfinite(y).all(axis=(1, 2)) & np.isfinite(hn).all(axis=(0, 2)) & np.isfinite(cn).all(axis=(0, 2))
         )
 
-    async def _stale(self, lease: Lease) -> ServeError:
+    async def _stale(self, session_id: str) -> ServeError:
         """The answer to a step whose session changed while it ran: a conflict naming the seq to send now."""
         try:
-            now = await self.store.info(lease.session_id, self.clock())
+            now = await self.store.info(session_id, self.clock())
         except ServeError as e:
             return e
         return SeqConflictError(
-            f"session {lease.session_id!r} was changed (reset, imported or stepped elsewhere) while this step ran; "
+            f"session {session_id!r} was changed (reset, imported or stepped elsewhere) while this step ran; "
             f"the step was not applied: expected seq {now.seq + 1}"
         )
 

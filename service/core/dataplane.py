@@ -18,10 +18,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
-from service.core.batcher import Batcher, StepOutcome
+from service.core.batcher import Batcher, BlockOutcome, StepOutcome
 from service.core.scoring import OFF_AT, SessionScore, restart
-from service.core.sessions import SessionInfo, SessionStore, Snapshot, check_session_id, session_gone
+from service.core.sessions import SESSION_ID, SessionInfo, SessionStore, Snapshot, check_session_id, session_gone
 from service.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -591,6 +592,118 @@ class DataPlane:
                     results[i] = StepResult(sid, out.outputs, out.steps, out.seq, out.replayed)
         assert all(r is not None for r in results)  # NOTE: every item failed early or went to a batcher
         return cast(list[StepResult | ServeError], results)
+
+    async def step_block(
+        self,
+        session_ids: list[str],
+        inputs: np.ndarray,
+        seq: NDArray[np.uint64] | None = None,
+        queue_timeout: float | None = None,
+        owner: str = "",
+    ) -> BlockOutcome:
+        """Steps of many sessions as one [K, T, F] array (a packed step batch): T steps for each of K distinct
+        sessions, seq per row (0: none). Decoded, gathered, run and committed as whole arrays; each row succeeds
+        or fails alone (the answers a step of its own would get), and the results come back as arrays."""
+        self._accepting()
+        k = len(session_ids)
+        if not k:
+            raise InvalidInputError("the packed step batch holds no sessions; send at least one session id")
+        if inputs.ndim != 3 or inputs.shape[0] != k:
+            raise InvalidInputError(
+                f"packed inputs must be [sessions, steps, features] with one row per session id ({k}); "
+                f"got shape {list(inputs.shape)}"
+            )
+        t = inputs.shape[1]
+        if t == 0:
+            raise InvalidInputError("packed inputs hold no steps; send at least one step per session")
+        if k * t > self.limits.max_steps_per_call:
+            raise InvalidInputError(
+                f"the packed step batch holds {k} x {t} = {k * t} steps; the limit per call is "
+                f"{self.limits.max_steps_per_call}: split it"
+            )
+        if seq is not None and len(seq) != k:
+            raise InvalidInputError(
+                f"seq must be empty or hold one value per session ({k}, 0 for none); got {len(seq)}"
+            )
+        if not np.issubdtype(inputs.dtype, np.number):
+            raise InvalidInputError("inputs must be numbers")
+        x = np.ascontiguousarray(inputs, dtype=np.float32)
+        errors: dict[int, ServeError] = {}
+        # NOTE: the usual rows (valid, distinct ids) cost a regex match and a set insertion each; the others fail alone
+        valid = SESSION_ID.fullmatch
+        checked = [valid(sid) is not None for sid in session_ids]
+        if not all(checked) or len(set(session_ids)) < k:
+            seen: set[str] = set()
+            for i, sid in enumerate(session_ids):
+                try:
+                    if sid in seen:  # NOTE: a later row of a session already in the batch fails alone
+                        raise InvalidInputError(f"session {sid!r} is in this step batch already: one row per session")
+                    seen.add(sid)
+                    check_session_id(sid)
+                except ServeError as e:
+                    errors[i] = e
+        scoped = [f"{owner}.{sid}" for sid in session_ids] if owner else session_ids
+        groups: dict[str, list[int]] = {}
+        if len(self._batchers) == 1:  # NOTE: one model version served: every session runs it (the block checks)
+            groups[next(iter(self._batchers))] = [i for i in range(k) if i not in errors] if errors else list(range(k))
+        else:
+            for i in range(k):
+                if i in errors:
+                    continue
+                try:
+                    with self._as_client(owner, session_ids[i]):
+                        key = await self.store.model_of(scoped[i], self.clock())
+                        self._batcher(key, session_ids[i])
+                    groups.setdefault(key, []).append(i)
+                except ServeError as e:
+                    errors[i] = e
+        groups = {key: rows for key, rows in groups.items() if rows}
+        with np.errstate(over="ignore", invalid="ignore"):
+            all_finite = bool(np.isfinite(x.sum()))  # NOTE: one reduction says "all finite" in the usual case
+        if not all_finite:
+            bad = set(np.flatnonzero(~np.isfinite(x).all(axis=(1, 2))).tolist())
+            for key, rows in groups.items():
+                for i in bad.intersection(rows):
+                    try:
+                        self.validate_inputs(self._batchers[key].model, x[i])  # NOTE: says which value, and raises
+                    except ServeError as e:
+                        errors[i] = e
+                groups[key] = [i for i in rows if i not in bad]
+            groups = {key: rows for key, rows in groups.items() if rows}
+        deadline = self.deadline(queue_timeout)
+        sig_out = max(self._batchers[key].model.signature.outputs for key in groups) if groups else 0
+        outputs = np.zeros((k, t, sig_out), np.float32)
+        steps_out, seq_out = np.zeros(k, np.int64), np.zeros(k, np.int64)
+        replayed = np.zeros(k, np.bool_)
+
+        async def run(key: str, rows: list[int]) -> None:
+            batcher = self._batchers.get(key)
+            model = batcher.model if batcher is not None else None
+            try:
+                if batcher is None or model is None:  # NOTE: unloaded while this batch was decoded
+                    raise UnavailableError("the model version of these sessions was unloaded")
+                self.validate_inputs(model, x[rows[0]])  # NOTE: the shape against this model: once for all rows
+                every = len(rows) == k
+                got = await batcher.submit_block(
+                    scoped if every else [scoped[i] for i in rows],
+                    x if every else x[rows],
+                    None if seq is None else (seq if every else seq[rows]),
+                    deadline,
+                )
+            except ServeError as e:
+                for i in rows:
+                    errors[i] = e
+                return
+            at = np.asarray(rows)
+            o = got.outputs.shape[2]
+            outputs[at, :, :o], steps_out[at], seq_out[at], replayed[at] = got.outputs, got.steps, got.seq, got.replayed
+            for j, failed in got.errors.items():
+                errors[rows[j]] = failed
+
+        await asyncio.gather(*(run(key, rows) for key, rows in groups.items()))
+        for i, failed in errors.items():
+            self._as_client(owner, session_ids[i]).rename(failed)
+        return BlockOutcome(outputs, steps_out, seq_out, replayed, errors)
 
     # --- streams -----------------------------------------------------------------------------------
     async def stream(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from service.core.batcher import REPLAY_MAX_BYTES
+from service.core.batcher import REPLAY_MAX_BYTES, BlockOutcome
 from service.core.dataplane import DataPlane, Limits, StepResult, StreamMessage, StreamOpen
 from service.core.sessions import MemorySessionStore
 from service.errors import (
@@ -26,10 +26,12 @@ from service.metrics import Metrics
 from tests.fixtures import FakeRuntime, GatedRuntime, NonFiniteRuntime, fake_repo
 
 
-async def make_dp(runtime: FakeRuntime | None = None, **limits: float) -> tuple[DataPlane, FakeRuntime]:
+async def make_dp(
+    runtime: FakeRuntime | None = None, max_sessions: int = 1000, **limits: float
+) -> tuple[DataPlane, FakeRuntime]:
     rt = runtime or FakeRuntime()
     repo = fake_repo(rt)
-    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=1000)
+    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=max_sessions)
     dp = DataPlane(repo, store, Metrics(), Limits(**limits))  # type: ignore[arg-type]
     await dp.start()
     return dp, rt
@@ -589,4 +591,157 @@ async def test_counters_never_pass_their_maximum() -> None:
     assert (await dp.get_session("full")).seq == MAX_COUNTER - 1
     await dp.reset_session("full")
     assert (await dp.step("full", rows(1, 1)[0])).seq == 1
+    await dp.stop()
+
+
+def block_error_codes(out: BlockOutcome) -> dict[int, str]:
+    return {i: e.code.value for i, e in out.errors.items()}
+
+
+async def test_a_packed_block_spanning_pages_runs_in_max_batch_chunks_and_matches_single_steps() -> None:
+    """1,500 sessions (two pages of slots) stepped as one [K, T, F] block run in ONNX calls of max_batch_size
+    rows; each row gets its own run's outputs and counters, as single steps of the same sessions do."""
+    dp, rt = await make_dp(max_sessions=2000, max_batch_size=64)
+    k = 1500
+    sids = [(await dp.create_session("fake", None, f"p{i}")).session_id for i in range(k)]
+    twins = [(await dp.create_session("fake", None, f"q{i}")).session_id for i in range(3)]
+    x1 = np.stack(rows(1, k, t=2))
+    rt.calls.clear()
+    got = await dp.step_block(sids, x1, np.full(k, 1, np.uint64))
+    assert rt.calls == [64] * 23 + [28]
+    assert not got.errors
+    assert (got.steps == 2).all()
+    assert (got.seq == 1).all()
+    assert not got.replayed.any()
+    x2 = np.stack(rows(2, k, t=1))
+    again = await dp.step_block(sids, x2, None)
+    assert (again.steps == 3).all()
+    assert (again.seq == 2).all()
+    for i in (0, 1023, 1024, k - 1):  # NOTE: both pages, and the rows at their edge
+        np.testing.assert_allclose(got.outputs[i], expected([x1[i]]), atol=1e-6)
+        np.testing.assert_allclose(again.outputs[i], expected([x1[i], x2[i]])[2:], atol=1e-6)
+    for j, twin in enumerate(twins):  # NOTE: the same calls one at a time give the same answers
+        a = await dp.step(twin, x1[j], seq=1)
+        b = await dp.step(twin, x2[j])
+        np.testing.assert_array_equal(a.outputs, got.outputs[j])
+        np.testing.assert_array_equal(b.outputs, again.outputs[j])
+        assert (b.steps, b.seq) == (3, 2)
+    await dp.stop()
+
+
+async def test_packed_rows_fail_alone_as_single_steps_would_and_leave_their_sessions_unchanged() -> None:
+    """In one block: a retry of the last seq replays its outputs, other rows get the error a single step of
+    theirs gets (unknown, repeated or invalid id, NaN, a seq gap, a retry with other inputs, full counters),
+    and only the good rows move their sessions."""
+    from service.core.sessions import MAX_COUNTER, Snapshot
+
+    dp, _ = await make_dp()
+    for name in ("good", "retry", "gap", "other", "nan"):
+        await dp.create_session("fake", None, name)
+    zeros = np.zeros((1, 4), np.float32)
+    await dp.import_session("full", Snapshot("fake", "1", 0, MAX_COUNTER - 1, zeros, zeros))
+    first = rows(1, 1)[0]
+    r = await dp.step("retry", first, seq=1)
+    await dp.step("other", first, seq=1)
+    ids = ["good", "retry", "nobody", "good", "bad id!", "gap", "other", "nan", "full"]
+    x = np.stack([rows(10 + i, 1)[0] for i in range(len(ids))])
+    x[1] = first  # NOTE: the same inputs as seq 1: a retry
+    x[7, 0, 1] = np.nan
+    seq = np.array([1, 1, 0, 0, 0, 5, 1, 0, 0], np.uint64)
+    out = await dp.step_block(ids, x, seq)
+    assert block_error_codes(out) == {
+        2: "session_not_found", 3: "invalid_input", 4: "invalid_input", 5: "seq_conflict", 6: "seq_conflict",
+        7: "invalid_input", 8: "seq_conflict",
+    }  # fmt: skip
+    assert "in this step batch already" in out.errors[3].message
+    assert "different inputs" in out.errors[6].message
+    assert "NaN" in out.errors[7].message
+    assert "largest step count or seq" in out.errors[8].message
+    assert out.replayed.tolist() == [False, True] + [False] * 7
+    np.testing.assert_array_equal(out.outputs[1], r.outputs)
+    assert (out.steps[:2].tolist(), out.seq[:2].tolist()) == ([1, 1], [1, 1])
+    assert not out.outputs[2:].any()
+    assert not out.steps[2:].any()
+    for sid, (steps, seq_now) in {
+        "good": (1, 1),
+        "retry": (1, 1),
+        "gap": (0, 0),
+        "other": (1, 1),
+        "nan": (0, 0),
+    }.items():
+        info = await dp.get_session(sid)
+        assert (info.steps, info.seq) == (steps, seq_now), sid
+    for bad in (np.zeros((2, 1, 3), np.float32), np.zeros((1, 0, 3), np.float32), np.zeros((1, 1, 5), np.float32)):
+        got = dp.step_block(["good"], bad)
+        if bad.shape[0] != 1:
+            with pytest.raises(InvalidInputError, match="one row per session id"):
+                await got
+        elif bad.shape[1] == 0:
+            with pytest.raises(InvalidInputError, match="no steps"):
+                await got
+        else:
+            assert "feature values" in (await got).errors[0].message
+    with pytest.raises(InvalidInputError, match="limit per call"):
+        await dp.step_block(["good"], np.zeros((1, 5000, 3), np.float32))
+    await dp.stop()
+
+
+@pytest.mark.parametrize("race", ["delete", "reset"])
+async def test_a_block_racing_a_delete_or_reset_answers_that_row_with_what_won(race: str) -> None:
+    """A session deleted or reset while its block runs is not written and its row says why; the other rows
+    are applied."""
+    dp, rt = await make_dp(GatedRuntime())
+    assert isinstance(rt, GatedRuntime)
+    ids = [(await dp.create_session("fake", None, f"r{i}")).session_id for i in range(3)]
+    running = asyncio.create_task(dp.step_block(ids, np.stack(rows(1, 3)), np.ones(3, np.uint64)))
+    await asyncio.to_thread(rt.entered.wait, 5)
+    await (dp.delete_session(ids[1]) if race == "delete" else dp.reset_session(ids[1]))
+    rt.release.set()
+    out = await running
+    assert block_error_codes(out) == {1: "session_not_found" if race == "delete" else "seq_conflict"}
+    assert "while this step ran" in out.errors[1].message
+    assert [(await dp.get_session(s)).steps for s in (ids[0], ids[2])] == [1, 1]
+    if race == "reset":
+        assert (await dp.get_session(ids[1])).steps == 0
+    await dp.stop()
+
+
+async def test_a_block_keeps_its_place_among_single_steps_of_its_sessions() -> None:
+    """Queued behind a single step of one of its sessions and ahead of another, a block runs between them."""
+    dp, rt = await make_dp(GatedRuntime())
+    assert isinstance(rt, GatedRuntime)
+    ids = [(await dp.create_session("fake", None, f"o{i}")).session_id for i in range(3)]
+    blocker = (await dp.create_session("fake", None, None)).session_id
+    first = asyncio.create_task(dp.step(blocker, rows(1, 1)[0]))
+    await asyncio.to_thread(rt.entered.wait, 5)
+    before = asyncio.create_task(dp.step(ids[0], rows(2, 1)[0], seq=1))
+    block = asyncio.create_task(dp.step_block(ids, np.stack(rows(3, 3)), np.array([2, 1, 1], np.uint64)))
+    await asyncio.sleep(0)
+    after = asyncio.create_task(dp.step(ids[0], rows(4, 1)[0], seq=3))
+    await asyncio.sleep(0)
+    rt.release.set()
+    await first
+    b, out, a = await asyncio.gather(before, block, after)
+    assert (b.seq, out.seq.tolist(), a.seq) == (1, [2, 1, 1], 3)
+    assert not out.errors
+    assert rt.calls == [1, 1, 3, 1]
+    await dp.stop()
+
+
+async def test_a_block_larger_than_the_queue_is_overloaded_and_one_past_its_deadline_is_not_run() -> None:
+    """A block counts one queued call per row; every row of a refused or late block says so, none ran."""
+    dp, rt = await make_dp(GatedRuntime(), max_queue=4, default_deadline=0.05)
+    assert isinstance(rt, GatedRuntime)
+    ids = [(await dp.create_session("fake", None, f"d{i}")).session_id for i in range(5)]
+    refused = await dp.step_block(ids, np.stack(rows(1, 5)))  # NOTE: as items of a step batch, each row says so
+    assert block_error_codes(refused) == dict.fromkeys(range(5), "overloaded")
+    blocker = (await dp.create_session("fake", None, None)).session_id
+    first = asyncio.create_task(dp.step(blocker, rows(1, 1)[0], queue_timeout=10))
+    await asyncio.to_thread(rt.entered.wait, 5)
+    late = asyncio.create_task(dp.step_block(ids[:3], np.stack(rows(2, 3))))
+    await asyncio.sleep(0.1)
+    rt.release.set()
+    await first
+    assert {e.code.value for e in (await late).errors.values()} == {"deadline_exceeded"}
+    assert [(await dp.get_session(s)).steps for s in ids] == [0] * 5
     await dp.stop()
