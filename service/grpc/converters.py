@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from numpy.typing import NDArray
 
+from service.core.batcher import BlockOutcome
 from service.core.dataplane import StepResult, StreamMessage, StreamOpen, StreamReply
 from service.core.scoring import SessionScore
 from service.core.sessions import SessionInfo, Snapshot
@@ -36,6 +38,40 @@ def to_array_or_error(m: pb.Matrix) -> np.ndarray | ServeError:
 def from_array(a: np.ndarray) -> pb.Matrix:
     rows, cols = a.shape
     return pb.Matrix(rows=rows, cols=cols, data=a.reshape(-1).tolist())
+
+
+def packed_steps(p: pb.PackedSteps) -> tuple[list[str], np.ndarray, NDArray[np.uint64] | None]:
+    """PackedSteps as (ids, inputs [K, T, F] float32, seq [K] or None); F follows from the number of bytes."""
+    k, t, n = len(p.session_ids), p.steps, len(p.inputs)
+    if not k:
+        raise InvalidInputError("packed.session_ids is empty; send at least one session id")
+    if t < 1:
+        raise InvalidInputError("packed.steps must be >= 1: the number of time steps for every session")
+    if n % (4 * k * t):
+        raise InvalidInputError(
+            f"packed.inputs holds {n} bytes, not a whole number of float32 values for {k} sessions x {t} steps "
+            "x F features; send K x T x F little-endian float32 values"
+        )
+    x = np.frombuffer(p.inputs, "<f4").reshape(k, t, n // (4 * k * t))
+    if p.seq and len(p.seq) != k:
+        raise InvalidInputError(f"packed.seq holds {len(p.seq)} values for {k} sessions: send none or one each")
+    seq = np.fromiter(p.seq, np.uint64, k) if p.seq else None
+    return list(p.session_ids), x, seq
+
+
+def packed_results(r: BlockOutcome) -> pb.PackedResults:
+    _, t, o = r.outputs.shape
+    failed = sorted(r.errors)
+    return pb.PackedResults(
+        steps=t,
+        outputs=o,
+        data=r.outputs.astype("<f4", copy=False).tobytes(),
+        total_steps=r.steps.tolist(),
+        seq=r.seq.tolist(),
+        replayed=r.replayed.tolist(),
+        failed=failed,
+        errors=[error(r.errors[i]) for i in failed],
+    )
 
 
 def session_info(info: SessionInfo, accuracy: SessionScore | None = None) -> pb.SessionInfo:

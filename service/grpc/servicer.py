@@ -15,7 +15,14 @@ from google.protobuf.message import DecodeError
 
 from service.auth import ApiKeys
 from service.core.dataplane import DataPlane, StreamMessage
-from service.errors import ERROR_TABLE, MalformedRequestError, PayloadTooLargeError, ServeError, as_serve_error
+from service.errors import (
+    ERROR_TABLE,
+    InvalidInputError,
+    MalformedRequestError,
+    PayloadTooLargeError,
+    ServeError,
+    as_serve_error,
+)
 from service.grpc import converters as cv
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
@@ -280,6 +287,12 @@ class PredictorServicer(ServicerBase, pb_grpc.PredictorServicer):
 
     @unary("StepBatch")
     async def StepBatch(self, request: pb.StepBatchRequest, context: Any) -> pb.StepBatchResponse:
+        if request.HasField("packed"):
+            if request.steps:
+                raise InvalidInputError("send the steps either as steps or packed, not both")
+            ids, x, seq = cv.packed_steps(request.packed)
+            block = await self.dp.step_block(ids, x, seq, context.time_remaining(), self.owner(context))
+            return pb.StepBatchResponse(packed=cv.packed_results(block))
         items = [
             (s.session_id, cv.to_array_or_error(s.inputs), s.seq if s.HasField("seq") else None) for s in request.steps
         ]

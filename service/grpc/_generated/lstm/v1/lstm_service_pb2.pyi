@@ -175,10 +175,44 @@ class ImportSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., snapshot: _Optional[_Union[SessionSnapshot, _Mapping]] = ...) -> None: ...
 
 class StepBatchRequest(_message.Message):
-    __slots__ = ("steps",)
+    __slots__ = ("steps", "packed")
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
-    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+    packed: PackedSteps
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., packed: _Optional[_Union[PackedSteps, _Mapping]] = ...) -> None: ...
+
+class PackedSteps(_message.Message):
+    __slots__ = ("session_ids", "steps", "inputs", "seq")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    steps: int
+    inputs: bytes
+    seq: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., inputs: _Optional[bytes] = ..., seq: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PackedResults(_message.Message):
+    __slots__ = ("steps", "outputs", "data", "total_steps", "seq", "replayed", "failed", "errors")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    outputs: int
+    data: bytes
+    total_steps: _containers.RepeatedScalarFieldContainer[int]
+    seq: _containers.RepeatedScalarFieldContainer[int]
+    replayed: _containers.RepeatedScalarFieldContainer[bool]
+    failed: _containers.RepeatedScalarFieldContainer[int]
+    errors: _containers.RepeatedCompositeFieldContainer[Error]
+    def __init__(self, steps: _Optional[int] = ..., outputs: _Optional[int] = ..., data: _Optional[bytes] = ..., total_steps: _Optional[_Iterable[int]] = ..., seq: _Optional[_Iterable[int]] = ..., replayed: _Optional[_Iterable[bool]] = ..., failed: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[_Union[Error, _Mapping]]] = ...) -> None: ...
 
 class StepBatchResult(_message.Message):
     __slots__ = ("response", "error")
@@ -189,10 +223,12 @@ class StepBatchResult(_message.Message):
     def __init__(self, response: _Optional[_Union[StepResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class StepBatchResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "packed")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[StepBatchResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[StepBatchResult, _Mapping]]] = ...) -> None: ...
+    packed: PackedResults
+    def __init__(self, results: _Optional[_Iterable[_Union[StepBatchResult, _Mapping]]] = ..., packed: _Optional[_Union[PackedResults, _Mapping]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("open", "resume_session_id", "keep", "inputs", "seq", "peek")

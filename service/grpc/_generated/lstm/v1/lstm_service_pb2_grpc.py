@@ -173,7 +173,8 @@ class PredictorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StepBatch(self, request, context):
-        """Steps for many sessions in one request; they are batched together. Each item succeeds or fails alone.
+        """Steps for many sessions in one request; they are batched together. Each item succeeds or fails alone. For
+        throughput, send them `packed`: one array for all sessions, run as one batch and answered as one array.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
