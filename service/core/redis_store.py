@@ -266,6 +266,7 @@ class RedisSessionStore:
                          ("create", CREATE), ("sweep", SWEEP))}  # fmt: skip
         self._healthy = False
         self._health_task: asyncio.Task[None] | None = None
+        self._closing = False
         self._on_removed: RemovalListener = lambda key, reason: None
 
     # --- lifecycle and health ------------------------------------------------------------------------
@@ -278,16 +279,23 @@ class RedisSessionStore:
 
     async def start(self) -> None:
         """Connect (a Redis that is down now is not fatal: readiness stays false until it answers)."""
+        self._closing = False
         await self._check_health()
         if not self._healthy:
             log.warning("Redis at %s does not answer yet; not ready until it does", self._safe_url())
         self._health_task = asyncio.create_task(self._health_loop(), name="redis-health")
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
+        self._closing = True
+        task = self._health_task
+        if task is not None:
+            # NOTE: cancelled until done: on Python 3.11 a cancel that lands as the health check's wait_for finishes
+            # is swallowed (the task then sleeps on, "cancelling"), which hung close() now and then
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=self.health_interval + self.timeout)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+                await task
         await self.redis.aclose()
 
     def _safe_url(self) -> str:
@@ -305,7 +313,7 @@ class RedisSessionStore:
             log.warning("Redis at %s is %s", self._safe_url(), "back" if self._healthy else "unavailable")
 
     async def _health_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.health_interval)
             await self._check_health()
 
