@@ -106,6 +106,7 @@ class Server:
             self.metrics,
             Limits(
                 max_batch_size=settings.max_batch_size,
+                block_rows=settings.block_rows,
                 max_queue_delay=settings.max_queue_delay_ms / 1000,
                 max_queue=settings.max_queue,
                 max_queue_wait=settings.max_queue_wait_ms / 1000,

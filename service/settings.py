@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     )
     ort_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads per model")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most session steps coalesced into one ONNX call")
+    block_rows: int = Field(
+        256, ge=1, le=4096,
+        description="rows of a packed step batch per ONNX call (its chunks run pipelined with the Python around them)",
+    )  # fmt: skip
     max_queue_delay_ms: float = Field(
         1.0, ge=0, le=1000, description="longest a step waits for others to batch with (never when idle)"
     )

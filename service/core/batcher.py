@@ -114,7 +114,7 @@ class _Group:
             self.outcomes[i] = outcome
             self.left -= 1
             if not self.left and not self.future.done():
-                self.future.set_result(cast(list[StepOutcome | ServeError], self.outcomes))
+                self.future.set_result(cast("list[StepOutcome | ServeError]", self.outcomes))
 
 
 class _Member:
@@ -196,6 +196,33 @@ class _Block:
             self.future.set_result(outcome)
 
 
+class _BlockAnswer:
+    """The answer to a block as it is filled in, chunk by chunk."""
+
+    __slots__ = ("errors", "outputs", "replayed", "seq", "steps")
+
+    def __init__(self, k: int, t: int, outputs: int) -> None:
+        self.outputs = np.zeros((k, t, outputs), np.float32)
+        self.steps, self.seq = np.zeros(k, np.int64), np.zeros(k, np.int64)
+        self.replayed = np.zeros(k, np.bool_)
+        self.errors: dict[int, ServeError] = {}
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Rows of a block that are to run: block rows `idx` (= lo + rows), rows of the chunk's lease block, their
+    inputs and seq, and the gathered states."""
+
+    lo: int
+    idx: NDArray[np.intp]
+    rows: NDArray[np.intp]
+    x: F32
+    seq: NDArray[np.uint64] | None
+    lease: LeaseBlock
+    h: F32
+    c: F32
+
+
 class Batcher:
     """Queue and batch loop for one model version."""
 
@@ -210,8 +237,10 @@ class Batcher:
         max_queue: int,
         clock: Callable[[], float] = time.monotonic,
         max_queue_wait: float = 0.0,
+        block_rows: int = 256,
     ) -> None:
         self.model, self.store, self.metrics, self.executor = model, store, metrics, executor
+        self.block_rows = block_rows  # NOTE: rows of a step block per ONNX call (chunks run pipelined)
         self.max_batch_size, self.max_queue_delay, self.max_queue = max_batch_size, max_queue_delay, max_queue
         # NOTE: shed load early: refuse a call whose expected wait (queued calls x the recent time per call)
         # is over this (0: only max_queue bounds the queue)
@@ -429,11 +458,11 @@ class Batcher:
             if not batch:
                 continue
             block = batch if isinstance(batch, _Block) else None
-            running: list[_Work | _Block] = [block] if block is not None else list(cast(list[_Work], batch))
+            running: list[_Work | _Block] = [block] if block is not None else list(cast("list[_Work]", batch))
             self._running = running
             began = time.perf_counter()
             try:
-                await (self._execute_block(block) if block is not None else self._execute(cast(list[_Work], batch)))
+                await (self._execute_block(block) if block is not None else self._execute(cast("list[_Work]", batch)))
             except Exception as e:  # pragma: no cover - _execute resolves its own errors
                 log.exception("batch failed")
                 for w in running:
@@ -446,7 +475,7 @@ class Batcher:
             # NOTE: with a full batch queued, nobody waits for company; a block's client is one caller
             if block is None and len(self._pending) < self.max_batch_size:
                 queued = {w.session_id for w in self._pending if isinstance(w, _Work)}  # NOTE: already here
-                for w in cast(list[_Work], batch):
+                for w in cast("list[_Work]", batch):
                     if w.session_id is not None and w.session_id not in queued:
                         self._awaiting[w.session_id] = answered
             self._depth.set(self.queued)
@@ -576,25 +605,11 @@ class Batcher:
         for w, held in stale:
             w.resolve(await self._stale(held.session_id))
 
-    def _run_chunks(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32, float]:
-        """`_timed_run` for a block: in ONNX calls of at most max_batch_size rows (what one call may take)."""
-        m = self.max_batch_size
-        if x.shape[0] <= m:
-            return self._timed_run(x, h, c)
-        t0 = time.perf_counter()
-        run = self.model.runtime.run
-        parts = [
-            run(x[i : i + m], np.ascontiguousarray(h[:, i : i + m]), np.ascontiguousarray(c[:, i : i + m]))
-            for i in range(0, x.shape[0], m)
-        ]
-        y = np.concatenate([p[0] for p in parts])
-        hn = np.concatenate([p[1] for p in parts], axis=1)
-        cn = np.concatenate([p[2] for p in parts], axis=1)
-        return y, hn, cn, time.perf_counter() - t0
-
     async def _execute_block(self, b: _Block) -> None:
-        """A step block as whole arrays: gather, seq checks, one run, scoring and commit, without an object per row
-        (rows that replay, conflict or fail take the one-by-one path, with the same answers as single calls)."""
+        """A step block as whole arrays, in chunks of block_rows rows (one ONNX call each), pipelined:
+        while ONNX Runtime runs a chunk in its thread, the loop commits the chunk before and gathers the next, so
+        the Python work hides behind the model's. Rows are distinct sessions, so chunks commute. Rows that replay,
+        conflict or fail take the one-by-one path and answer as single steps would."""
         started = time.perf_counter()
         self._queue_wait.observe(started - b.enqueued)  # NOTE: one observation per block (it is one call)
         if b.deadline is not None and b.deadline < started:
@@ -605,109 +620,135 @@ class Batcher:
                 )
             )
             return
-        try:
-            lb = await self.store.gather_block(self.model.key, b.session_ids, self.clock())
-        except Exception as e:
-            b.resolve(self._store_failed(e))
-            return
         k, t = b.x.shape[0], b.x.shape[1]
-        sig = self.model.signature
-        errors: dict[int, ServeError] = dict(lb.failed)
-        outputs = np.zeros((k, t, sig.outputs), np.float32)
-        steps_out = np.zeros(k, np.int64)
-        seq_out = np.zeros(k, np.int64)
-        replayed = np.zeros(k, np.bool_)
-        ok = np.ones(k, np.bool_)
-        if errors:
-            ok[list(errors)] = False
-        nxt = lb.seq + 1
-        # NOTE: a row runs when it has no seq or the next one, and its counters stay below their maximum
-        fresh = ok if b.seq is None else ok & ((b.seq == 0) | (b.seq == nxt.astype(np.uint64)))
-        run = fresh & (nxt < MAX_COUNTER) & (lb.steps + t < MAX_COUNTER)
-        for i in np.flatnonzero(ok & ~run).tolist():  # NOTE: retries, conflicts, full counters: one by one
-            seq = None if b.seq is None or not b.seq[i] else int(b.seq[i])
-            lease = Lease(lb.session_ids[i], None, int(lb.steps[i]), int(lb.seq[i]), lb.replay(i))
-            verdict = self._check_seq(_Work(lease.session_id, b.x[i], seq, _NO_ANSWER), lease)
-            if isinstance(verdict, StepOutcome):
-                outputs[i], steps_out[i], seq_out[i], replayed[i] = verdict.outputs, verdict.steps, verdict.seq, True
-            else:
-                errors[i] = verdict if verdict is not None else ModelError("inference failed")
-        idx = np.flatnonzero(run)
-        if len(idx):
-            every = len(idx) == k
-            x = b.x if every else b.x[idx]
-            h, c = (lb.h, lb.c) if every else (lb.h[:, idx, :], lb.c[:, idx, :])
-            try:
+        out = _BlockAnswer(k, t, self.model.signature.outputs)
+        m = self.block_rows
+        bounds = [(i, min(i + m, k)) for i in range(0, k, m)]
+        loop = self._loop_ref
+        assert loop is not None
+        ready = await self._prepare_chunk(b, out, *bounds[0])
+        finishing: asyncio.Task[None] | None = None
+        for n in range(len(bounds)):
+            chunk = ready
+            running = None
+            if chunk is not None:
+                x, h, c = chunk.x, chunk.h, chunk.c
                 if self._per_step and self._per_step * x.shape[0] * t < INLINE_RUN_SECONDS:
-                    y, hn, cn, took = self._run_chunks(x, h, c)
+                    done: asyncio.Future[tuple[F32, F32, F32, float]] = loop.create_future()
+                    try:
+                        done.set_result(self._timed_run(x, h, c))
+                    except Exception as e:
+                        done.set_exception(e)
+                    running = done
                 else:
-                    assert self._loop_ref is not None
-                    y, hn, cn, took = await self._loop_ref.run_in_executor(self.executor, self._run_chunks, x, h, c)
+                    running = loop.run_in_executor(self.executor, self._timed_run, x, h, c)
+            if finishing is not None:
+                await finishing  # NOTE: the chunk before commits while this one runs
+                finishing = None
+            ready = await self._prepare_chunk(b, out, *bounds[n + 1]) if n + 1 < len(bounds) else None
+            if chunk is None or running is None:
+                continue
+            try:
+                y, hn, cn, took = await running
             except Exception:
                 log.exception("ONNX Runtime failed on %s", self.model.key)
-                for i in idx.tolist():
-                    errors[i] = ModelError(f"{self.model.describe()} failed to run this batch")
-            else:
-                self._inference.observe(took)
-                per_step = took / (x.shape[0] * t)
-                self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
-                self._batch_size.observe(len(idx))
-                self._steps.inc(len(idx) * t)
-                await self._commit_block(b, lb, idx, x, y, hn, cn, errors, outputs, steps_out, seq_out)
-        b.resolve(BlockOutcome(outputs, steps_out, seq_out, replayed, errors))
+                for i in chunk.idx.tolist():
+                    out.errors[i] = ModelError(f"{self.model.describe()} failed to run this batch")
+                continue
+            self._inference.observe(took)
+            per_step = took / (x.shape[0] * t)
+            self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
+            self._batch_size.observe(len(chunk.idx))
+            self._steps.inc(len(chunk.idx) * t)
+            finishing = asyncio.ensure_future(self._commit_chunk(b, out, chunk, y, hn, cn))
+        if finishing is not None:
+            await finishing
+        b.resolve(BlockOutcome(out.outputs, out.steps, out.seq, out.replayed, out.errors))
 
-    async def _commit_block(
-        self, b: _Block, lb: LeaseBlock, idx: NDArray[np.intp], x: F32, y: F32, hn: F32, cn: F32,
-        errors: dict[int, ServeError], outputs: F32, steps_out: NDArray[np.int64], seq_out: NDArray[np.int64],
-    ) -> None:  # fmt: skip
-        """Commit the rows of a block that ran (idx: block rows; x, y, hn, cn: theirs) and fill in their answers."""
+    async def _prepare_chunk(self, b: _Block, out: _BlockAnswer, lo: int, hi: int) -> _Chunk | None:
+        """Gather rows lo:hi of a block and decide each: run it, replay it or refuse it (None: nothing to run)."""
+        ids = b.session_ids if lo == 0 and hi == len(b.session_ids) else b.session_ids[lo:hi]
+        try:
+            lb = await self.store.gather_block(self.model.key, ids, self.clock())
+        except Exception as e:
+            failed = self._store_failed(e)
+            for i in range(lo, hi):
+                out.errors[i] = failed
+            return None
+        n, t = hi - lo, b.x.shape[1]
+        x = b.x[lo:hi]
+        seq = None if b.seq is None else b.seq[lo:hi]
+        ok = np.ones(n, np.bool_)
+        for j, failed in lb.failed.items():
+            out.errors[lo + j] = failed
+            ok[j] = False
+        nxt = lb.seq + 1
+        # NOTE: a row runs when it has no seq or the next one, and its counters stay below their maximum
+        fresh = ok if seq is None else ok & ((seq == 0) | (seq == nxt.astype(np.uint64)))
+        run = fresh & (nxt < MAX_COUNTER) & (lb.steps + t < MAX_COUNTER)
+        for j in np.flatnonzero(ok & ~run).tolist():  # NOTE: retries, conflicts, full counters: one by one
+            call_seq = None if seq is None or not seq[j] else int(seq[j])
+            lease = Lease(lb.session_ids[j], None, int(lb.steps[j]), int(lb.seq[j]), lb.replay(j))
+            verdict = self._check_seq(_Work(lease.session_id, x[j], call_seq, _NO_ANSWER), lease)
+            if isinstance(verdict, StepOutcome):
+                out.outputs[lo + j], out.steps[lo + j], out.seq[lo + j] = verdict.outputs, verdict.steps, verdict.seq
+                out.replayed[lo + j] = True
+            else:
+                out.errors[lo + j] = verdict if verdict is not None else ModelError("inference failed")
+        pos = np.flatnonzero(run)
+        if not len(pos):
+            return None
+        if len(pos) == n:
+            return _Chunk(lo, pos + lo, pos, x, seq, lb, lb.h, lb.c)
+        return _Chunk(lo, pos + lo, pos, x[pos], None if seq is None else seq[pos], lb, lb.h[:, pos], lb.c[:, pos])
+
+    async def _commit_chunk(self, b: _Block, out: _BlockAnswer, chunk: _Chunk, y: F32, hn: F32, cn: F32) -> None:
+        """Commit the rows of a chunk that ran and fill in their answers."""
         finite = np.asarray(self._finite_rows(y, hn, cn), np.bool_)
         for j in np.flatnonzero(~finite).tolist():
-            errors[int(idx[j])] = ModelError(
+            out.errors[int(chunk.idx[j])] = ModelError(
                 f"{self.model.describe()} produced non-finite outputs for these inputs; state unchanged"
             )
-        pos = np.flatnonzero(finite)  # NOTE: positions in idx / in the run's arrays
-        if not len(pos):
+        keep = np.flatnonzero(finite)  # NOTE: positions among the chunk's run rows
+        if not len(keep):
             return
-        every = len(pos) == len(idx)
-        rows = idx if every else idx[pos]
-        ys = y if every else y[pos]
-        t = x.shape[1]
+        every = len(keep) == len(chunk.idx)
+        rows = chunk.rows if every else chunk.rows[keep]  # NOTE: rows of the chunk's lease block
+        ys, xs = (y, chunk.x) if every else (y[keep], chunk.x[keep])
+        lb, t = chunk.lease, xs.shape[1]
         digests = np.zeros((len(rows), DIGEST_BYTES), np.uint8)
         kept = None
-        if b.seq is not None:
-            with_seq = np.flatnonzero(b.seq[rows])
+        if chunk.seq is not None:
+            with_seq = np.flatnonzero(chunk.seq if every else chunk.seq[keep])
             if len(with_seq):  # NOTE: rows with seq keep their input digest (and small outputs) for a retry
-                xs = np.ascontiguousarray(x if every else x[pos])
-                view, width, blake = xs.data.cast("B"), xs[0].nbytes, hashlib.blake2b
-                hashes = b"".join(
-                    blake(view[j * width : (j + 1) * width], digest_size=16).digest() for j in with_seq.tolist()
-                )
+                raw, width, blake = np.ascontiguousarray(xs).tobytes(), xs[0].nbytes, hashlib.blake2b
+                hashes = b"".join([blake(raw[j * width : (j + 1) * width], digest_size=16).digest()
+                                   for j in with_seq.tolist()])  # fmt: skip
                 digests[with_seq] = np.frombuffer(hashes, np.uint8).reshape(-1, DIGEST_BYTES)
                 kept = ys if ys[0].nbytes <= REPLAY_MAX_BYTES else None
         extra, scored = None, None
         if self._scoring is not None:
-            extra, scored = self._scoring.score_rows(lb.extra[rows], x if every else x[pos], ys)
+            extra, scored = self._scoring.score_rows(lb.extra[rows], xs, ys)
         new_steps, new_seq = lb.steps[rows] + t, lb.seq[rows] + 1
         try:
             status = await self.store.commit_block(
                 self.model.key, lb, BlockCommit(rows, new_steps, new_seq, digests, kept, extra),
-                hn if every else hn[:, pos, :], cn if every else cn[:, pos, :], self.clock(),
+                hn if every else hn[:, keep, :], cn if every else cn[:, keep, :], self.clock(),
             )  # fmt: skip
         except Exception as e:
             failed = self._store_failed(e)
             for r in rows.tolist():
-                errors[r] = failed
+                out.errors[chunk.lo + r] = failed
             return
         done = status == COMMITTED
         if scored is not None:
             self._count_scored(scored, done.tolist())
-        won = rows[done]
-        outputs[won] = ys[done]
-        steps_out[won], seq_out[won] = new_steps[done], new_seq[done]
+        won = rows[done] + chunk.lo
+        out.outputs[won] = ys[done]
+        out.steps[won], out.seq[won] = new_steps[done], new_seq[done]
         for j in np.flatnonzero(~done).tolist():
             sid = lb.session_ids[int(rows[j])]
-            errors[int(rows[j])] = (
+            out.errors[chunk.lo + int(rows[j])] = (
                 await self._stale(sid)
                 if status[j] == STALE
                 else SessionNotFoundError(

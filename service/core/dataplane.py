@@ -47,6 +47,7 @@ class Limits:
     """The knobs of the core (a subset of the settings)."""
 
     max_batch_size: int = 64
+    block_rows: int = 256  # rows of a packed step batch per ONNX call
     max_queue_delay: float = 0.001
     max_queue: int = 4096
     max_queue_wait: float = 0.0  # refuse a call expected to wait longer in the queue (0: only max_queue)
@@ -165,7 +166,7 @@ class DataPlane:
         lim = self.limits
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{m.key}")
         b = Batcher(m, self.store, self.metrics, executor, lim.max_batch_size, lim.max_queue_delay, lim.max_queue,
-                    self.clock, lim.max_queue_wait)  # fmt: skip
+                    self.clock, lim.max_queue_wait, lim.block_rows)  # fmt: skip
         self._batchers[m.key] = b
         self.metrics.model_info.labels(m.name, m.version, ",".join(m.card.features), str(m.card.horizon)).set(1)
         self.metrics.sessions_open.labels(m.key).set(0)
@@ -591,7 +592,7 @@ class DataPlane:
                 else:
                     results[i] = StepResult(sid, out.outputs, out.steps, out.seq, out.replayed)
         assert all(r is not None for r in results)  # NOTE: every item failed early or went to a batcher
-        return cast(list[StepResult | ServeError], results)
+        return cast("list[StepResult | ServeError]", results)
 
     async def step_block(
         self,

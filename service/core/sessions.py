@@ -269,7 +269,7 @@ async def commit_block_by_items(
     store: SessionStore, model_key: str, block: LeaseBlock, bc: BlockCommit, hn: F32, cn: F32, now: float
 ) -> NDArray[np.int8]:
     """`commit_block` by way of `commit` (for a block from `gather_block_by_items`)."""
-    held = cast(list[Lease | None], block.token)
+    held = cast("list[Lease | None]", block.token)
     commits = []
     for j, r in enumerate(bc.rows.tolist()):
         lease = held[r]
@@ -401,7 +401,7 @@ class _Rows:
         """A per-slot field ([PAGE, ...] in each page) for these slots."""
         if len(self.groups) == 1 and self.groups[0][1] is None:
             page, _, offs = self.groups[0]
-            return cast(NDArray[Any], getattr(page, name).take(offs, axis=0))
+            return cast("NDArray[Any]", getattr(page, name).take(offs, axis=0))
         first: NDArray[Any] = getattr(self.groups[0][0], name)
         out = np.empty((self.n, *first.shape[1:]), first.dtype)
         for page, at, offs in self.groups:
@@ -743,7 +743,7 @@ class MemorySessionStore:
         written: list[int] = []
         slots: list[int] = []
         for n, cm in enumerate(commits):
-            slot, version, born = cast(tuple[int, int, int], cm.lease.token)  # NOTE: our own, see _token
+            slot, version, born = cast("tuple[int, int, int]", cm.lease.token)  # NOTE: our own, see _token
             found = self._where(cm.lease.session_id)
             p, i = slab.at(slot)
             if found is None or found[2] != slot or found[0] != model_key or int(p.born[i]) != born:
@@ -825,7 +825,7 @@ class MemorySessionStore:
         if slab is None:  # NOTE: unloaded while the block ran
             return np.full(n, GONE, np.int8)
         slots_all, versions, borns, digests = cast(
-            tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.uint8]], block.token
+            "tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.uint8]]", block.token
         )
         slots = slots_all[bc.rows]
         rows = _Rows(slab, slots)
@@ -849,14 +849,19 @@ class MemorySessionStore:
         put.put("digest", bc.digests[w])
         if bc.extra is not None:
             put.put("extra", bc.extra[w])
-        kept: NDArray[np.bool_] = np.asarray(bc.digests.any(axis=1))
-        had: NDArray[np.bool_] = np.asarray(digests[bc.rows].any(axis=1))
-        for j in np.flatnonzero((kept | had) & same).tolist():  # NOTE: only sessions that send seq keep outputs
-            sid = block.session_ids[int(bc.rows[j])]
-            if kept[j] and bc.outputs is not None:
-                self._outputs[sid] = bc.outputs[j].tobytes()
-            else:
-                self._outputs.pop(sid, None)
+        kept: NDArray[np.bool_] = np.asarray(bc.digests.any(axis=1)) & same
+        had: NDArray[np.bool_] = np.asarray(digests[bc.rows].any(axis=1)) & same
+        ids = block.session_ids
+        outputs = bc.outputs
+        store = kept if outputs is not None else np.zeros_like(kept)  # NOTE: outputs small enough to keep
+        if outputs is not None and store.any():  # NOTE: only sessions that send seq keep outputs for a retry
+            keep = np.flatnonzero(store)
+            raw, width = np.ascontiguousarray(outputs[keep]).tobytes(), outputs[0].nbytes
+            self._outputs.update(
+                (ids[r], raw[j * width : (j + 1) * width]) for j, r in enumerate(bc.rows[keep].tolist())
+            )
+        for r in bc.rows[(had | kept) & ~store].tolist():
+            self._outputs.pop(ids[r], None)
         put.put_state("h", hn if len(w) == n else hn[:, w, :])
         put.put_state("c", cn if len(w) == n else cn[:, w, :])
         return status

@@ -598,10 +598,10 @@ def block_error_codes(out: BlockOutcome) -> dict[int, str]:
     return {i: e.code.value for i, e in out.errors.items()}
 
 
-async def test_a_packed_block_spanning_pages_runs_in_max_batch_chunks_and_matches_single_steps() -> None:
-    """1,500 sessions (two pages of slots) stepped as one [K, T, F] block run in ONNX calls of max_batch_size
-    rows; each row gets its own run's outputs and counters, as single steps of the same sessions do."""
-    dp, rt = await make_dp(max_sessions=2000, max_batch_size=64)
+async def test_a_packed_block_spanning_pages_runs_in_chunks_of_block_rows_and_matches_single_steps() -> None:
+    """1,500 sessions (two pages of slots) stepped as one [K, T, F] block run in ONNX calls of block_rows rows
+    (pipelined); each row gets its own run's outputs and counters, as single steps of the same sessions do."""
+    dp, rt = await make_dp(max_sessions=2000, block_rows=64)
     k = 1500
     sids = [(await dp.create_session("fake", None, f"p{i}")).session_id for i in range(k)]
     twins = [(await dp.create_session("fake", None, f"q{i}")).session_id for i in range(3)]
