@@ -7,7 +7,7 @@
 Workloads (each client holds one session, one step per message unless --batch):
   grpc-stream  one bidi `Stream` per client, a step per message
   grpc-step    unary `Step` calls
-  grpc-batch   unary `StepBatch`, --batch sessions per message (the client's own sessions)
+  grpc-batch   unary `StepBatch`, --batch sessions per message, packed (the client's own sessions, one array)
   rest-steps   POST /v1/sessions/{id}/steps on one keep-alive HTTP/1.1 connection per client
   ws-stream    one WebSocket /v1/sessions/stream per client
   kserve-stream  one KServe v2 `ModelStreamInfer` per client, its own sequence, a step per request (as tritonclient)
@@ -187,7 +187,9 @@ class GrpcUnary(Client):
             self.ids.append(info.session_id)
         x = pb.Matrix(rows=1, cols=self.features, data=row(self.features))
         self.req = pb.StepRequest(session_id=self.ids[0], inputs=x)
-        self.breq = pb.StepBatchRequest(steps=[pb.StepRequest(session_id=i, inputs=x) for i in self.ids])
+        # NOTE: many sessions per message go packed (one array, one batch), as a client after throughput sends them
+        inputs = np.tile(np.asarray(row(self.features), "<f4"), (len(self.ids), 1)).tobytes()
+        self.breq = pb.StepBatchRequest(packed=pb.PackedSteps(session_ids=self.ids, steps=1, inputs=inputs))
 
     async def step(self) -> str:
         import grpc
@@ -198,14 +200,13 @@ class GrpcUnary(Client):
                 await self.stub.Step(self.req)
                 self.seq += 1
                 return "ok"
-            for s in self.breq.steps:
-                s.seq = self.seq + 1
+            self.breq.packed.ClearField("seq")
+            self.breq.packed.seq.extend([self.seq + 1] * len(self.ids))
             r = await self.stub.StepBatch(self.breq)
         except grpc.aio.AioRpcError as e:
             return e.code().name
-        bad = [x.error.code for x in r.results if x.HasField("error")]
-        if bad:
-            return str(bad[0])  # NOTE: items fail alone; a real client would resend those only
+        if r.packed.errors:
+            return str(r.packed.errors[0].code)  # NOTE: rows fail alone; a real client would resend those only
         self.seq += 1
         return "ok"
 

@@ -58,6 +58,14 @@ class EchoPredictor(pb_grpc.PredictorServicer):
         return pb.StepResponse(session_id=request.session_id, outputs=self._matrix(rows), steps=rows, seq=request.seq)
 
     async def StepBatch(self, request: pb.StepBatchRequest, context: Any) -> pb.StepBatchResponse:  # noqa: N802
+        if request.HasField("packed"):  # NOTE: answered in the packed form, as the real server does
+            p = request.packed
+            k, t = len(p.session_ids), p.steps
+            data = bytes(k * t * self.outputs * 4)
+            seq = list(p.seq) or [0] * k
+            answer = pb.PackedResults(steps=t, outputs=self.outputs, data=data, total_steps=[t] * k, seq=seq)
+            answer.replayed.extend([False] * k)
+            return pb.StepBatchResponse(packed=answer)
         return pb.StepBatchResponse(
             results=[
                 pb.StepBatchResult(
