@@ -88,6 +88,7 @@ async def test_python_and_websocket_examples_run(server: Server, tmp_path: Path)
     assert rc == 0, err
     assert "day 5: temp_max forecast for the next 7 days [" in out
     assert "(3, 7)" in out
+    assert "(3, 2, 7) {}" in out
     rc, out, err = await run([sys.executable, "-c", localize(code[1], server)], ROOT)
     assert rc == 0, err
     assert len(out.splitlines()) == 2
