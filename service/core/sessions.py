@@ -385,12 +385,15 @@ class _Rows:
     __slots__ = ("groups", "n", "sig")
 
     def __init__(self, slab: _Slab, slots: NDArray[np.int64]) -> None:
-        pages, offs = slots >> PAGE_BITS, slots & (PAGE - 1)
         self.n, self.sig = len(slots), slab.sig
         # NOTE: (page, positions in slots or None for all of them, slots within the page)
         self.groups: list[tuple[_Page, NDArray[np.intp] | None, NDArray[np.int64]]]
-        if not len(slots) or int(pages.min()) == int(pages.max()):
-            self.groups = [(slab.pages[int(pages[0]) if len(slots) else 0], None, offs)] if slab.pages else []
+        if len(slab.pages) <= 1:  # NOTE: the usual case, and the cheapest (a single step pays this per batch)
+            self.groups = [(slab.pages[0], None, slots)] if slab.pages else []
+            return
+        pages, offs = slots >> PAGE_BITS, slots & (PAGE - 1)
+        if self.n <= 1 or int(pages.min()) == int(pages.max()):
+            self.groups = [(slab.pages[int(pages[0]) if self.n else 0], None, offs)]
         else:
             self.groups = []
             for g in np.unique(pages).tolist():
