@@ -199,13 +199,17 @@ class _Block:
 class _BlockAnswer:
     """The answer to a block as it is filled in, chunk by chunk."""
 
-    __slots__ = ("errors", "outputs", "replayed", "seq", "steps")
+    __slots__ = ("answered", "errors", "outputs", "replayed", "seq", "steps")
 
     def __init__(self, k: int, t: int, outputs: int) -> None:
         self.outputs = np.zeros((k, t, outputs), np.float32)
         self.steps, self.seq = np.zeros(k, np.int64), np.zeros(k, np.int64)
         self.replayed = np.zeros(k, np.bool_)
+        self.answered = np.zeros(k, np.bool_)  # NOTE: rows with a result (committed or replayed)
         self.errors: dict[int, ServeError] = {}
+
+    def outcome(self) -> BlockOutcome:
+        return BlockOutcome(self.outputs, self.steps, self.seq, self.replayed, self.errors)
 
 
 @dataclass(frozen=True)
@@ -624,6 +628,20 @@ class Batcher:
         out = _BlockAnswer(k, t, self.model.signature.outputs)
         m = self.block_rows
         bounds = [(i, min(i + m, k)) for i in range(0, k, m)]
+        try:
+            await self._run_block(b, out, bounds)
+        except asyncio.CancelledError:
+            # NOTE: stopped mid-block: rows of chunks already committed keep their answers (their sessions moved);
+            # only the others are answered as not applied
+            stopped = UnavailableError("the server stopped before this step completed; retry")
+            for i in np.flatnonzero(~out.answered).tolist():
+                out.errors.setdefault(i, stopped)
+            b.resolve(out.outcome())
+            raise
+        b.resolve(out.outcome())
+
+    async def _run_block(self, b: _Block, out: _BlockAnswer, bounds: list[tuple[int, int]]) -> None:
+        t = b.x.shape[1]
         loop = self._loop_ref
         assert loop is not None
         ready = await self._prepare_chunk(b, out, *bounds[0])
@@ -663,7 +681,6 @@ class Batcher:
             finishing = asyncio.ensure_future(self._commit_chunk(b, out, chunk, y, hn, cn))
         if finishing is not None:
             await finishing
-        b.resolve(BlockOutcome(out.outputs, out.steps, out.seq, out.replayed, out.errors))
 
     async def _prepare_chunk(self, b: _Block, out: _BlockAnswer, lo: int, hi: int) -> _Chunk | None:
         """Gather rows lo:hi of a block and decide each: run it, replay it or refuse it (None: nothing to run)."""
@@ -692,7 +709,7 @@ class Batcher:
             verdict = self._check_seq(_Work(lease.session_id, x[j], call_seq, _NO_ANSWER), lease)
             if isinstance(verdict, StepOutcome):
                 out.outputs[lo + j], out.steps[lo + j], out.seq[lo + j] = verdict.outputs, verdict.steps, verdict.seq
-                out.replayed[lo + j] = True
+                out.replayed[lo + j] = out.answered[lo + j] = True
             else:
                 out.errors[lo + j] = verdict if verdict is not None else ModelError("inference failed")
         pos = np.flatnonzero(run)
@@ -746,6 +763,7 @@ class Batcher:
         won = rows[done] + chunk.lo
         out.outputs[won] = ys[done]
         out.steps[won], out.seq[won] = new_steps[done], new_seq[done]
+        out.answered[won] = True
         for j in np.flatnonzero(~done).tolist():
             sid = lb.session_ids[int(rows[j])]
             out.errors[chunk.lo + int(rows[j])] = (

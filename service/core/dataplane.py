@@ -673,8 +673,17 @@ class DataPlane:
                         errors[i] = e
                 groups[key] = [i for i in rows if i not in bad]
             groups = {key: rows for key, rows in groups.items() if rows}
+        # NOTE: one answer array has one width: rows of a model with another number of outputs than the first
+        # row's fail alone (a block of sessions of several model versions is rare; send those separately)
+        widths = {key: self._batchers[key].model.signature.outputs for key in groups}
+        sig_out = next(iter(widths.values()), 0)
+        for key in [key for key, width in widths.items() if width != sig_out]:
+            for i in groups.pop(key):
+                errors[i] = InvalidInputError(
+                    f"session {session_ids[i]!r} runs {self._batchers[key].model.describe()}, whose {widths[key]} "
+                    f"outputs differ from the {sig_out} of this packed batch's first session: send it separately"
+                )
         deadline = self.deadline(queue_timeout)
-        sig_out = max(self._batchers[key].model.signature.outputs for key in groups) if groups else 0
         outputs = np.zeros((k, t, sig_out), np.float32)
         steps_out, seq_out = np.zeros(k, np.int64), np.zeros(k, np.int64)
         replayed = np.zeros(k, np.bool_)
@@ -698,8 +707,7 @@ class DataPlane:
                     errors[i] = e
                 return
             at = np.asarray(rows)
-            o = got.outputs.shape[2]
-            outputs[at, :, :o], steps_out[at], seq_out[at], replayed[at] = got.outputs, got.steps, got.seq, got.replayed
+            outputs[at], steps_out[at], seq_out[at], replayed[at] = got.outputs, got.steps, got.seq, got.replayed
             for j, failed in got.errors.items():
                 errors[rows[j]] = failed
 

@@ -778,6 +778,13 @@ class MemorySessionStore:
     async def gather_block(self, model_key: str, session_ids: list[str], now: float) -> LeaseBlock:
         """`gather` as arrays: one index lookup per session, everything else whole-array."""
         slab = self._slabs[model_key]
+        if not slab.pages:  # NOTE: no session was ever created on this version: every row fails as gather says
+            leases, h, c = await self.gather(model_key, session_ids, now)
+            errors = {i: e for i, e in enumerate(leases) if isinstance(e, ServeError)}
+            assert len(errors) == len(session_ids)
+            k, none = len(session_ids), np.zeros(len(session_ids), np.int64)
+            extra = np.zeros((k, slab.sig.extra), np.uint8)
+            return LeaseBlock(session_ids, errors, none, none, extra, h, c, None, lambda i: None)
         k, get = len(session_ids), self._index.get
         where = np.fromiter((get(sid, -1) for sid in session_ids), np.int64, k)
         ok = (where >> 40) == self._key_index[model_key]  # NOTE: -1 (not there) and other models' sessions fail

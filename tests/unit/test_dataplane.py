@@ -23,6 +23,7 @@ from service.errors import (
     UnavailableError,
 )
 from service.metrics import Metrics
+from service.repository import ModelRepository
 from tests.fixtures import FakeRuntime, GatedRuntime, NonFiniteRuntime, fake_repo
 
 
@@ -744,4 +745,53 @@ async def test_a_block_larger_than_the_queue_is_overloaded_and_one_past_its_dead
     await first
     assert {e.code.value for e in (await late).errors.values()} == {"deadline_exceeded"}
     assert [(await dp.get_session(s)).steps for s in ids] == [0] * 5
+    await dp.stop()
+
+
+async def test_a_block_of_unknown_sessions_on_a_version_without_sessions_is_not_found() -> None:
+    """Before any session exists on the model version, a block's unknown ids are session_not_found, as a single
+    step says (not 'unavailable' from an empty slab)."""
+    dp, _ = await make_dp()
+    with pytest.raises(SessionNotFoundError):
+        await dp.step("nobody", rows(1, 1)[0])
+    out = await dp.step_block(["nobody", "none"], np.stack(rows(1, 2)))
+    assert block_error_codes(out) == {0: "session_not_found", 1: "session_not_found"}
+    await dp.stop()
+
+
+async def test_stopping_mid_block_keeps_the_answers_of_rows_already_committed() -> None:
+    """A batcher stopped while a later chunk of a block runs answers the rows of committed chunks with their
+    results (their sessions moved) and only the others 'unavailable' (not applied: a retry is safe)."""
+    dp, _ = await make_dp(FakeRuntime(delay=0.3), block_rows=1)
+    ids = [(await dp.create_session("fake", None, f"m{i}")).session_id for i in range(3)]
+    running = asyncio.create_task(dp.step_block(ids, np.stack(rows(1, 3))))
+    for _ in range(500):  # NOTE: until the first chunk (one row) is committed, at most 5 s
+        if (await dp.get_session(ids[0])).steps:
+            break
+        await asyncio.sleep(0.01)
+    await dp._batchers["fake/1"].stop()
+    out = await running
+    assert block_error_codes(out) == {1: "unavailable", 2: "unavailable"}
+    assert (out.steps[0], out.seq[0]) == (1, 1)
+    assert [(await dp.get_session(s)).steps for s in ids] == [1, 0, 0]
+
+
+async def test_a_block_across_models_with_different_outputs_fails_the_other_rows_alone() -> None:
+    """One answer array has one width: rows of a model with another number of outputs than the first row's fail
+    alone with what to do; the rows of the first row's model are answered with their own outputs."""
+    narrow, wide = FakeRuntime(outputs=2), FakeRuntime(outputs=3)
+    a, b = fake_repo(narrow, "narrow").get("narrow"), fake_repo(wide, "wide").get("wide")
+    repo = ModelRepository([a, b])
+    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=10)
+    dp = DataPlane(repo, store, Metrics(), Limits())
+    await dp.start()
+    for name, sid in (("narrow", "n"), ("narrow", "twin"), ("wide", "w")):
+        await dp.create_session(name, None, sid)
+    x = np.stack(rows(1, 2))
+    out = await dp.step_block(["n", "w"], x)
+    assert block_error_codes(out) == {1: "invalid_input"}
+    assert "send it separately" in out.errors[1].message
+    assert out.outputs.shape == (2, 1, 2)
+    np.testing.assert_array_equal(out.outputs[0], (await dp.step("twin", x[0])).outputs)
+    assert (await dp.get_session("w")).steps == 0
     await dp.stop()
