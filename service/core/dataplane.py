@@ -107,6 +107,9 @@ class StreamReply:
     session: SessionInfo | None = None
 
 
+BLOCK_MIN_ITEMS = 8  # NOTE: from this many sessions of one shape, a step batch runs faster as a block (measured)
+
+
 def check_seq(seq: int | None) -> None:
     """A step's seq, when it has one, counts from 1."""
     if seq is not None and seq < 1:
@@ -559,6 +562,14 @@ class DataPlane:
                 f"is {self.limits.max_steps_per_call}: split it"
             )
 
+        uniform = self._as_block(items)
+        if uniform is not None:  # NOTE: many items of one shape run as a block: the same answers, as whole arrays
+            block = await self.step_block(*uniform, queue_timeout, owner)
+            return [
+                block.errors[i] if i in block.errors
+                else StepResult(sid, block.outputs[i], int(block.steps[i]), int(block.seq[i]), bool(block.replayed[i]))
+                for i, sid in enumerate(uniform[0])
+            ]  # fmt: skip
         results: list[StepResult | ServeError | None] = [None] * len(items)
         # NOTE: with one model version served, every session runs it (its batch checks that): no lookup per item
         only = next(iter(self._batchers)) if len(self._batchers) == 1 else None
@@ -595,6 +606,27 @@ class DataPlane:
                     results[i] = StepResult(sid, out.outputs, out.steps, out.seq, out.replayed)
         assert all(r is not None for r in results)  # NOTE: every item failed early or went to a batcher
         return cast("list[StepResult | ServeError]", results)
+
+    @staticmethod
+    def _as_block(
+        items: Sequence[tuple[str, np.ndarray | ServeError, int | None]],
+    ) -> tuple[list[str], np.ndarray, NDArray[np.uint64] | None] | None:
+        """A step batch as a block (ids, [K, T, F], seq or None) when that is faster and answers the same: at least
+        BLOCK_MIN_ITEMS items, all decoded to arrays of one [T, F] shape with T >= 1, every seq absent or >= 1."""
+        if len(items) < BLOCK_MIN_ITEMS:
+            return None
+        first = items[0][1]
+        if not isinstance(first, np.ndarray) or first.ndim != 2 or not first.shape[0]:
+            return None
+        shape, seqs = first.shape, [seq for _, _, seq in items]
+        if not all(isinstance(x, np.ndarray) and x.shape == shape for _, x, _ in items):
+            return None
+        if any(seq is not None and seq < 1 for seq in seqs):  # NOTE: 0 means "no seq" in a block: an error here
+            return None
+        with_seq = any(seq is not None for seq in seqs)
+        x = np.stack([cast(np.ndarray, x) for _, x, _ in items])
+        seq = np.fromiter((seq or 0 for seq in seqs), np.uint64, len(seqs)) if with_seq else None
+        return [sid for sid, _, _ in items], x, seq
 
     async def step_block(
         self,
@@ -640,7 +672,7 @@ class DataPlane:
             for i, sid in enumerate(session_ids):
                 try:
                     if sid in seen:  # NOTE: a later row of a session already in the batch fails alone
-                        raise InvalidInputError(f"session {sid!r} is in this step batch already: one row per session")
+                        raise InvalidInputError(f"session {sid!r} is in this step batch already: one item per session")
                     seen.add(sid)
                     check_session_id(sid)
                 except ServeError as e:

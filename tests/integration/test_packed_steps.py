@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 
@@ -122,3 +123,42 @@ async def test_the_sync_client_steps_many_sessions_packed_over_a_real_server(
             assert not got.errors
 
     await asyncio.to_thread(run)
+
+
+async def test_step_batches_of_many_sessions_over_rest_and_grpc_items_match_offline_runs(
+    stub: pb_grpc.PredictorStub, rest: httpx.AsyncClient, weather: np.ndarray
+) -> None:
+    """Twelve sessions stepped by item-form batches (alternately REST /v1/steps on one keep-alive connection and
+    gRPC StepBatch items, which run as blocks) give the offline runs' outputs; a bad id fails alone."""
+    starts = [30 * i for i in range(12)]
+    sids = [(await stub.CreateSession(pb.CreateSessionRequest(model=MODEL))).session_id for _ in starts]
+    outs: list[list[np.ndarray]] = [[] for _ in starts]
+    for t in range(8):
+        if t % 2:
+            steps = [
+                {"session_id": s, "inputs": [weather[o + t].tolist()], "seq": t + 1}
+                for s, o in zip(sids, starts, strict=True)
+            ]
+            body = {"steps": [*steps, {"session_id": "no such", "inputs": [[0, 0, 0, 0]]}]}
+            results = (await rest.post("/v1/steps", json=body)).json()["results"]
+            assert results[-1]["error"]["code"] == "invalid_input"
+            for k, res in enumerate(results[:-1]):
+                outs[k].append(np.asarray(res["result"]["outputs"], np.float32))
+        else:
+            reply = await stub.StepBatch(
+                pb.StepBatchRequest(
+                    steps=[
+                        pb.StepRequest(
+                            session_id=s,
+                            inputs=pb.Matrix(rows=1, cols=4, data=weather[o + t].tolist()),
+                            seq=t + 1,
+                        )
+                        for s, o in zip(sids, starts, strict=True)
+                    ]
+                )
+            )
+            for k, res in enumerate(reply.results):
+                assert res.response.seq == t + 1
+                outs[k].append(np.asarray(res.response.outputs.data, np.float32).reshape(1, 7))
+    for k, o in enumerate(starts):
+        np.testing.assert_allclose(np.concatenate(outs[k]), reference_run(weather[o : o + 8]), atol=ATOL)

@@ -795,3 +795,37 @@ async def test_a_block_across_models_with_different_outputs_fails_the_other_rows
     np.testing.assert_array_equal(out.outputs[0], (await dp.step("twin", x[0])).outputs)
     assert (await dp.get_session("w")).steps == 0
     await dp.stop()
+
+
+async def test_a_step_batch_of_many_items_of_one_shape_answers_item_by_item_as_the_item_path_does() -> None:
+    """Twelve items of one [T, F] shape (which run as one block, in one ONNX call) answer item by item as the item
+    path does: outputs and counters, a replayed retry, a seq gap, a repeated session and an unknown one."""
+    dp, rt = await make_dp()
+    sids = [(await dp.create_session("fake", None, f"u{i}")).session_id for i in range(9)]
+    xs = rows(7, 12, t=2)
+    first = await dp.step("u0", xs[0], seq=1)
+    items: list[tuple[str, np.ndarray | ServeError, int | None]] = [
+        (s, x, None) for s, x in zip(sids, xs, strict=False)
+    ]
+    items[0] = ("u0", xs[0], 1)  # NOTE: a retry of seq 1 with the same inputs
+    items[1] = ("u1", xs[1], 3)  # NOTE: a gap
+    items += [("u2", xs[9], None), ("nobody", xs[10], None), ("u8", xs[11], 1)]
+    rt.calls.clear()
+    got = await dp.step_batch(items)
+    assert rt.calls == [7]  # NOTE: one run for the seven items that apply (u2 to u8), as a block
+    replay, gap, *fresh = got[:9]
+    assert isinstance(replay, StepResult)
+    assert replay.replayed
+    np.testing.assert_array_equal(replay.outputs, first.outputs)
+    assert isinstance(gap, SeqConflictError)
+    assert "expected seq 1" in gap.message
+    for x, r in zip(xs[2:9], fresh, strict=True):
+        assert isinstance(r, StepResult)
+        assert (r.steps, r.seq) == (2, 1)
+        np.testing.assert_allclose(r.outputs, expected([x]), atol=1e-6)
+    repeated, unknown, last = got[9:]
+    assert isinstance(repeated, InvalidInputError)
+    assert "in this step batch already" in repeated.message
+    assert isinstance(unknown, SessionNotFoundError)
+    assert isinstance(last, InvalidInputError)  # NOTE: u8 is repeated too (its first item ran)
+    await dp.stop()
