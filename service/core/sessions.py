@@ -382,12 +382,15 @@ class _Rows:
     """Slots of a slab grouped by page once, to read and write per-slot arrays (`_Page` fields) as whole arrays:
     row by row along the slot axis (`take`), never through boolean masks (several times slower)."""
 
-    __slots__ = ("groups", "n", "sig")
+    __slots__ = ("groups", "n", "one", "sig")
 
     def __init__(self, slab: _Slab, slots: NDArray[np.int64]) -> None:
         self.n, self.sig = len(slots), slab.sig
+        self.one: tuple[_Page, int] | None = None  # NOTE: a single slot: read and written by plain slicing
         # NOTE: (page, positions in slots or None for all of them, slots within the page)
         self.groups: list[tuple[_Page, NDArray[np.intp] | None, NDArray[np.int64]]]
+        if self.n == 1 and slab.pages:
+            self.one = slab.at(int(slots[0]))
         if len(slab.pages) <= 1:  # NOTE: the usual case, and the cheapest (a single step pays this per batch)
             self.groups = [(slab.pages[0], None, slots)] if slab.pages else []
             return
@@ -417,6 +420,9 @@ class _Rows:
 
     def state(self, name: str) -> F32:
         """A state field ([L, PAGE, H] in each page) for these slots, as [L, n, H]."""
+        if self.one is not None:
+            page, i = self.one
+            return cast("F32", getattr(page, name)[:, i : i + 1, :].copy())
         sig = self.sig
         out = np.empty((sig.layers, self.n, sig.hidden if name == "h" else sig.cell), np.float32)
         for page, at, offs in self.groups:
@@ -429,6 +435,10 @@ class _Rows:
         return out
 
     def put_state(self, name: str, values: F32) -> None:
+        if self.one is not None:
+            page, i = self.one
+            getattr(page, name)[:, i : i + 1, :] = values
+            return
         for page, at, offs in self.groups:
             arr = getattr(page, name)
             for layer in range(self.sig.layers):
@@ -771,7 +781,9 @@ class MemorySessionStore:
             status.append(CommitStatus.COMMITTED)
             written.append(n)
             slots.append(slot)
-        if written:
+        if len(written) == len(commits):  # NOTE: the usual case: every row is written, no copy of the states
+            slab.write(np.asarray(slots, np.int64), hn, cn)
+        elif written:
             slab.write(np.asarray(slots, np.int64), hn[:, written, :], cn[:, written, :])
         return status
 
