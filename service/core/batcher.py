@@ -619,8 +619,8 @@ class Batcher:
         if b.deadline is not None and b.deadline < started:
             b.resolve(
                 DeadlineExceededError(
-                    f"the step batch waited {(started - b.enqueued) * 1000:.0f} ms in the queue, past its deadline; "
-                    "it was not run and no session changed: retry, or allow more time"
+                    f"the step waited {(started - b.enqueued) * 1000:.0f} ms in the queue, past its deadline; "
+                    "it was not run and the session is unchanged: retry, or allow more time"
                 )
             )
             return

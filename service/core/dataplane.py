@@ -22,7 +22,15 @@ from numpy.typing import NDArray
 
 from service.core.batcher import Batcher, BlockOutcome, StepOutcome
 from service.core.scoring import OFF_AT, SessionScore, restart
-from service.core.sessions import SESSION_ID, SessionInfo, SessionStore, Snapshot, check_session_id, session_gone
+from service.core.sessions import (
+    MAX_COUNTER,
+    SESSION_ID,
+    SessionInfo,
+    SessionStore,
+    Snapshot,
+    check_session_id,
+    session_gone,
+)
 from service.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -607,21 +615,22 @@ class DataPlane:
         assert all(r is not None for r in results)  # NOTE: every item failed early or went to a batcher
         return cast("list[StepResult | ServeError]", results)
 
-    @staticmethod
     def _as_block(
-        items: Sequence[tuple[str, np.ndarray | ServeError, int | None]],
+        self, items: Sequence[tuple[str, np.ndarray | ServeError, int | None]]
     ) -> tuple[list[str], np.ndarray, NDArray[np.uint64] | None] | None:
         """A step batch as a block (ids, [K, T, F], seq or None) when that is faster and answers the same: at least
-        BLOCK_MIN_ITEMS items, all decoded to arrays of one [T, F] shape with T >= 1, every seq absent or >= 1."""
-        if len(items) < BLOCK_MIN_ITEMS:
+        BLOCK_MIN_ITEMS items, all decoded to float32 arrays of one [T, F] shape with T >= 1, every seq absent or
+        in 1..MAX_COUNTER, and every served model with the same number of outputs (one answer array, one width)."""
+        if len(items) < BLOCK_MIN_ITEMS or len({b.model.signature.outputs for b in self._batchers.values()}) > 1:
             return None
         first = items[0][1]
         if not isinstance(first, np.ndarray) or first.ndim != 2 or not first.shape[0]:
             return None
         shape, seqs = first.shape, [seq for _, _, seq in items]
-        if not all(isinstance(x, np.ndarray) and x.shape == shape for _, x, _ in items):
-            return None
-        if any(seq is not None and seq < 1 for seq in seqs):  # NOTE: 0 means "no seq" in a block: an error here
+        if not all(isinstance(x, np.ndarray) and x.shape == shape and x.dtype == np.float32 for _, x, _ in items):
+            return None  # NOTE: other dtypes come only from in-process callers; the item path checks each
+        # NOTE: 0 means "no seq" in a block (an error here); a seq past the counters' range is a conflict, per item
+        if any(seq is not None and not 1 <= seq <= MAX_COUNTER for seq in seqs):
             return None
         with_seq = any(seq is not None for seq in seqs)
         x = np.stack([cast(np.ndarray, x) for _, x, _ in items])

@@ -80,3 +80,24 @@ async def test_openapi_states_the_constraints_the_server_enforces(server: Server
     model = next(p for p in schema["paths"]["/v1/models/{name}"]["get"]["parameters"] if p["name"] == "name")
     assert model["schema"]["enum"] == ["seattle-weather"]
     assert not any("422" in op.get("responses", {}) for ops in schema["paths"].values() for op in ops.values())
+
+
+async def test_a_batch_item_with_a_seq_past_every_counter_is_a_conflict_of_its_own(
+    client: httpx.AsyncClient, weather: np.ndarray
+) -> None:
+    """A /v1/steps item whose seq is 2**64 (JSON has no bound) gets 409 seq_conflict in its own result, and the
+    other items of the batch are answered, whether the batch is small or large enough to run as one block."""
+    for n in (7, 8):
+        sids = [
+            (await client.post("/v1/sessions", json={"model": "seattle-weather"})).json()["session_id"]
+            for _ in range(n)
+        ]
+        body = {"steps": [{"session_id": s, "inputs": [weather[0].tolist()], "seq": 2**64 if i == 0 else 1}
+                          for i, s in enumerate(sids)]}  # fmt: skip
+        r = await client.post("/v1/steps", json=body)
+        assert r.status_code == 200, r.text
+        first, *others = r.json()["results"]
+        assert first["error"]["code"] == "seq_conflict"
+        assert all(o["result"]["seq"] == 1 for o in others)
+        for sid in sids:  # NOTE: this app holds at most 10 sessions
+            await client.delete(f"/v1/sessions/{sid}")

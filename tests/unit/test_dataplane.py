@@ -829,3 +829,33 @@ async def test_a_step_batch_of_many_items_of_one_shape_answers_item_by_item_as_t
     assert isinstance(unknown, SessionNotFoundError)
     assert isinstance(last, InvalidInputError)  # NOTE: u8 is repeated too (its first item ran)
     await dp.stop()
+
+
+async def test_item_batches_that_could_run_as_a_block_answer_as_the_item_path_at_its_edges() -> None:
+    """Batches of eight or more items of one shape answer exactly as seven do (the item path): sessions of two
+    served models with different numbers of outputs all step, a deadline says what a single step's says, and an
+    odd dtype from an in-process caller fails alone."""
+    narrow, wide = fake_repo(FakeRuntime(outputs=2), "narrow").get("narrow"), fake_repo(FakeRuntime(outputs=3), "wide")
+    repo = ModelRepository([narrow, wide.get("wide")])
+    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=100)
+    dp = DataPlane(repo, store, Metrics(), Limits())
+    await dp.start()
+    for i in range(8):
+        await dp.create_session("narrow" if i < 4 else "wide", None, f"s{i}")
+    xs = rows(1, 8)
+
+    async def answers(n: int, odd: np.ndarray | None = None, **kw: float) -> list[str]:
+        for i in range(8):
+            await dp.reset_session(f"s{i}")
+        items: list[tuple[str, np.ndarray | ServeError, int | None]] = [
+            (f"s{i}", odd if odd is not None and i == 1 else xs[i], None) for i in range(n)
+        ]
+        got = await dp.step_batch(items, **kw)
+        return [r.message.split(" ms")[-1] if isinstance(r, ServeError) else f"{r.outputs.shape}" for r in got][:7]
+
+    assert await answers(8) == await answers(7)
+    assert "(1, 3)" in await answers(8)  # NOTE: the wide sessions' own outputs, not padded or refused
+    assert await answers(8, queue_timeout=-1) == await answers(7, queue_timeout=-1)
+    odd = np.ones((1, 3), np.bool_)
+    assert (await answers(8, odd))[1] == (await answers(7, odd))[1] == "inputs must be numbers"
+    await dp.stop()
