@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import CHALLENGE, ApiKeys
-from service.core.dataplane import DataPlane, StreamMessage, StreamOpen, StreamReply
+from service.core.dataplane import DataPlane, StepResult, StreamMessage, StreamOpen, StreamReply
 from service.errors import (
     ERROR_TABLE,
     ErrorCode,
@@ -135,6 +135,7 @@ class RequestMetrics:
 
 
 STEPS_PATH = re.compile(r"^/v1/sessions/([^/]+)/steps$")
+BATCH_PATH = "/v1/steps"
 JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
 
 
@@ -145,24 +146,20 @@ class StepLane:
     goes on to the FastAPI route, which answers it as documented, errors included. Sits inside BodyLimit (the
     body has arrived whole) and RequestMetrics (counted under the route's own label)."""
 
-    def __init__(self, app: ASGIApp, dataplane: DataPlane, auth: ApiKeys | None, route: Any) -> None:
-        self.app, self.dp, self.auth, self.route = app, dataplane, auth, route
+    def __init__(self, app: ASGIApp, dataplane: DataPlane, auth: ApiKeys | None, route: Any, batch_route: Any) -> None:
+        self.app, self.dp, self.auth, self.route, self.batch_route = app, dataplane, auth, route, batch_route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = None
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            if scope["path"] == BATCH_PATH:
+                await self._batch(scope, receive, send)
+                return
             found = STEPS_PATH.match(scope["path"])
         if found is None:
             await self.app(scope, receive, send)
             return
-        kind = authorization = timeout = None
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                kind = value.lower()
-            elif name == b"authorization":
-                authorization = value.decode("latin-1")
-            elif name == b"request-timeout":
-                timeout = value.decode("latin-1")
+        kind, authorization, timeout = _headers(scope)
         message = await receive()
         parsed = s.certain_step(message.get("body", b"")) if kind is None or kind in JSON_TYPES else None
         if parsed is None or message.get("more_body"):
@@ -175,13 +172,56 @@ class StepLane:
         except ServeError as e:
             await error_response(e)(scope, receive, send)
             return
-        body = orjson.dumps(
-            {"session_id": r.session_id, "outputs": r.outputs.tolist(), "steps": r.steps, "seq": r.seq,
-             "replayed": r.replayed}
-        )  # fmt: skip
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, _step_reply(r))
+
+    async def _batch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/steps the same way: a certainly valid body goes to the DataPlane and its answer is encoded as
+        the route's StepBatchReply would be; anything else goes on to the route."""
+        kind, authorization, timeout = _headers(scope)
+        message = await receive()
+        parsed = s.certain_batch(message.get("body", b"")) if kind is None or kind in JSON_TYPES else None
+        if parsed is None or message.get("more_body"):
+            await self.app(scope, _replay([message], receive), send)
+            return
+        scope["route"] = self.batch_route
+        try:
+            owner = "" if self.auth is None else self.auth.owner(authorization)
+            items = [(sid, s.matrix_or_error(inputs), seq) for sid, inputs, seq in parsed]
+            results = await self.dp.step_batch(items, queue_timeout(timeout), owner)
+        except ServeError as e:
+            await error_response(e)(scope, receive, send)
+            return
+        await _send_json(send, {"results": [
+            {"result": None, "error": {"error": r.message, "code": r.code.value}} if isinstance(r, ServeError)
+            else {"result": _step_reply(r), "error": None}
+            for r in results
+        ]})  # fmt: skip
+
+
+def _headers(scope: Scope) -> tuple[bytes | None, str | None, str | None]:
+    """Content type (lowercased), authorization and request-timeout of a request."""
+    kind = authorization = timeout = None
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            kind = value.lower()
+        elif name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"request-timeout":
+            timeout = value.decode("latin-1")
+    return kind, authorization, timeout
+
+
+def _step_reply(r: StepResult) -> dict[str, Any]:
+    """A StepReply as the route encodes it (pydantic is the cost the lanes save)."""
+    return {"session_id": r.session_id, "outputs": r.outputs.tolist(), "steps": r.steps, "seq": r.seq,
+            "replayed": r.replayed}  # fmt: skip
+
+
+async def _send_json(send: Send, answer: dict[str, Any]) -> None:
+    body = orjson.dumps(answer)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 # NOTE: the dependencies are `async def`: FastAPI runs a plain `def` one in a worker thread, a hop per request
@@ -521,7 +561,8 @@ def create_app(
     # NOTE: outermost last: RequestMetrics counts and times everything (413s too), BodyLimit reads the body whole
     # before the step lane looks at it
     step_route = next(r for r in sessions.routes if getattr(r, "path", None) == "/v1/sessions/{session_id}/steps")
-    app.add_middleware(StepLane, dataplane=dataplane, auth=auth, route=step_route)
+    batch_route = next(r for r in steps.routes if getattr(r, "path", None) == BATCH_PATH)
+    app.add_middleware(StepLane, dataplane=dataplane, auth=auth, route=step_route, batch_route=batch_route)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
 

@@ -267,6 +267,39 @@ def matrix(rows: Steps, what: str = "inputs") -> np.ndarray:
         return np.asarray(rows, dtype=np.float32)
 
 
+def _certain_steps(inputs: Any) -> bool:
+    """Inputs that `Steps` certainly accepts: a list of lists of plain numbers (bool is not one)."""
+    if type(inputs) is not list:
+        return False
+    for r in inputs:
+        if type(r) is not list:
+            return False
+        for v in r:
+            if type(v) is not float and type(v) is not int:
+                return False
+    return True
+
+
+def certain_batch(raw: bytes) -> list[tuple[str, Steps, int | None]] | None:
+    """The items of a StepBatchBody that is certainly valid, by plain type checks on one orjson parse; None when
+    it may not be (then pydantic decides, and explains). Accepts nothing that StepBatchBody refuses."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(body) is not dict or len(body) != 1 or type(body.get("steps")) is not list:
+        return None
+    items = []
+    for it in body["steps"]:
+        if type(it) is not dict or len(it) != 2 + ("seq" in it) or type(it.get("session_id")) is not str:
+            return None
+        seq = it.get("seq")
+        if (seq is not None and type(seq) is not int) or not _certain_steps(it.get("inputs")):
+            return None
+        items.append((it["session_id"], it["inputs"], seq))
+    return items
+
+
 def certain_step(raw: bytes) -> tuple[Steps, int | None] | None:
     """The inputs and seq of a StepBody that is certainly valid, by plain type checks on one orjson parse; None
     when it may not be (then pydantic decides, and explains). Accepts nothing that StepBody refuses."""

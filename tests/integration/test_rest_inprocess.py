@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -101,3 +102,29 @@ async def test_a_batch_item_with_a_seq_past_every_counter_is_a_conflict_of_its_o
         assert all(o["result"]["seq"] == 1 for o in others)
         for sid in sids:  # NOTE: this app holds at most 10 sessions
             await client.delete(f"/v1/sessions/{sid}")
+
+
+async def test_the_batch_lane_answers_as_the_documented_route_does(
+    client: httpx.AsyncClient, weather: np.ndarray
+) -> None:
+    """POST /v1/steps through the fast lane (application/json) and through the FastAPI route (another spelling
+    of the JSON content type, which the lane leaves alone) give the same status and body as JSON values: item
+    results, per-item errors (unknown, invalid id, repeated, ragged), an empty batch, a seq past 64 bits."""
+    made = [await client.post("/v1/sessions", json={"model": "seattle-weather"}) for _ in range(9)]
+    sids = [m.json()["session_id"] for m in made]
+    items = [{"session_id": s, "inputs": [weather[i].tolist()], "seq": 1} for i, s in enumerate(sids)]
+    odd = [{"session_id": "nobody", "inputs": [[0, 0, 0, 0]]}, {"session_id": "bad id!", "inputs": [[0, 0, 0, 0]]}]
+    bodies = [
+        {"steps": [*items, *odd]},
+        {"steps": [*items[:3], {"session_id": sids[3], "inputs": [[0, 0, 0, 0], [0, 0]]}, items[0]]},
+        {"steps": []},
+        {"steps": [{"session_id": sids[0], "inputs": [[0.5, 1, 2, 3]], "seq": 2**64}]},
+    ]
+    for body in bodies:
+        answers = []
+        for kind in ("application/json", "application/json;charset=utf-8"):  # NOTE: lane, then route
+            for sid in sids:
+                await client.post(f"/v1/sessions/{sid}/reset")
+            r = await client.post("/v1/steps", content=json.dumps(body), headers={"content-type": kind})
+            answers.append((r.status_code, r.json()))
+        assert answers[0] == answers[1], body
