@@ -140,11 +140,11 @@ JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
 
 
 class StepLane:
-    """The hot route, POST /v1/sessions/{session_id}/steps, without FastAPI's per-request machinery when the
-    request is certainly valid: the body parsed once by orjson and checked by plain type tests, the answer
-    encoded by orjson. Anything else (another route, another content type, a body the check does not accept)
-    goes on to the FastAPI route, which answers it as documented, errors included. Sits inside BodyLimit (the
-    body has arrived whole) and RequestMetrics (counted under the route's own label)."""
+    """The hot routes, POST /v1/sessions/{session_id}/steps and POST /v1/steps (see `_batch`), without FastAPI's
+    per-request machinery when the request is certainly valid: the body parsed once by orjson and checked by
+    plain type tests, the answer encoded by orjson. Anything else (another route, another content type, a body
+    the check does not accept) goes on to the FastAPI route, which answers it as documented, errors included.
+    Sits inside BodyLimit (the body has arrived whole) and RequestMetrics (counted under the route's own label)."""
 
     def __init__(self, app: ASGIApp, dataplane: DataPlane, auth: ApiKeys | None, route: Any, batch_route: Any) -> None:
         self.app, self.dp, self.auth, self.route, self.batch_route = app, dataplane, auth, route, batch_route
