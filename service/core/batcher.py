@@ -136,6 +136,16 @@ class _Member:
         self.group.settle(self.i, exception)
 
 
+def _settle(future: _Answer | asyncio.Future[BlockOutcome], outcome: StepOutcome | BlockOutcome | ServeError) -> None:
+    """Answer a caller, unless it has gone (cancelled) or was answered already."""
+    if future.done():
+        return
+    if isinstance(outcome, ServeError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)  # type: ignore[arg-type]  # NOTE: a step's future gets a StepOutcome
+
+
 class _Unanswered:
     """Where the outcome of a call that is only checked, never answered, would go (see `_execute_block`)."""
 
@@ -164,12 +174,7 @@ class _Work:
 
     def resolve(self, outcome: StepOutcome | ServeError) -> None:
         """Answer the caller, unless it has gone (cancelled) or was answered already."""
-        if self.future.done():
-            return
-        if isinstance(outcome, ServeError):
-            self.future.set_exception(outcome)
-        else:
-            self.future.set_result(outcome)
+        _settle(self.future, outcome)
 
     @functools.cached_property
     def digest(self) -> bytes:
@@ -188,12 +193,7 @@ class _Block:
     enqueued: float = field(default_factory=time.perf_counter)
 
     def resolve(self, outcome: BlockOutcome | ServeError) -> None:
-        if self.future.done():
-            return
-        if isinstance(outcome, ServeError):
-            self.future.set_exception(outcome)
-        else:
-            self.future.set_result(outcome)
+        _settle(self.future, outcome)
 
 
 class _BlockAnswer:
@@ -484,6 +484,26 @@ class Batcher:
                         self._awaiting[w.session_id] = answered
             self._depth.set(self.queued)
 
+    def _start_run(self, x: F32, h: F32, c: F32) -> asyncio.Future[tuple[F32, F32, F32, float]]:
+        """Start the model on a batch: on the event loop (done at once) when it is expected to take less than
+        INLINE_RUN_SECONDS, else in the executor thread (to await, or to overlap with other work)."""
+        assert self._loop_ref is not None
+        if self._per_step and self._per_step * x.shape[0] * x.shape[1] < INLINE_RUN_SECONDS:
+            done: asyncio.Future[tuple[F32, F32, F32, float]] = self._loop_ref.create_future()
+            try:
+                done.set_result(self._timed_run(x, h, c))
+            except Exception as e:
+                done.set_exception(e)
+            return done
+        return self._loop_ref.run_in_executor(self.executor, self._timed_run, x, h, c)
+
+    def _ran(self, took: float, x: F32, rows: int) -> None:
+        """Count a model run of `rows` calls on x [B, T, F] that took `took` seconds (and learn its cost per step)."""
+        self._inference.observe(took)
+        per_step = took / (x.shape[0] * x.shape[1])
+        self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
+        self._batch_size.observe(rows)
+
     def _timed_run(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32, float]:
         """Run the model in the executor thread and time only the run (not the wait for a thread)."""
         t0 = time.perf_counter()
@@ -542,20 +562,13 @@ class Batcher:
             h[:, stateful, :] = h_s[:, [run[i][2] for i in stateful], :]
             c[:, stateful, :] = c_s[:, [run[i][2] for i in stateful], :]
         try:
-            if self._per_step and self._per_step * x.shape[0] * x.shape[1] < INLINE_RUN_SECONDS:
-                y, hn, cn, took = self._timed_run(x, h, c)
-            else:
-                assert self._loop_ref is not None
-                y, hn, cn, took = await self._loop_ref.run_in_executor(self.executor, self._timed_run, x, h, c)
+            y, hn, cn, took = await self._start_run(x, h, c)
         except Exception:
             log.exception("ONNX Runtime failed on %s", self.model.key)
             for w, _, _ in run:
                 w.resolve(ModelError(f"{self.model.describe()} failed to run this batch"))
             return
-        self._inference.observe(took)
-        per_step = took / (x.shape[0] * x.shape[1])
-        self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
-        self._batch_size.observe(len(run))
+        self._ran(took, x, len(run))
         finite = self._finite_rows(y, hn, cn)
         idx = [i for i, (w, held, _) in enumerate(run) if held is not None and finite[i] and not w.peek]
         every = len(idx) == len(run)
@@ -642,24 +655,11 @@ class Batcher:
 
     async def _run_block(self, b: _Block, out: _BlockAnswer, bounds: list[tuple[int, int]]) -> None:
         t = b.x.shape[1]
-        loop = self._loop_ref
-        assert loop is not None
         ready = await self._prepare_chunk(b, out, *bounds[0])
         finishing: asyncio.Task[None] | None = None
         for n in range(len(bounds)):
             chunk = ready
-            running = None
-            if chunk is not None:
-                x, h, c = chunk.x, chunk.h, chunk.c
-                if self._per_step and self._per_step * x.shape[0] * t < INLINE_RUN_SECONDS:
-                    done: asyncio.Future[tuple[F32, F32, F32, float]] = loop.create_future()
-                    try:
-                        done.set_result(self._timed_run(x, h, c))
-                    except Exception as e:
-                        done.set_exception(e)
-                    running = done
-                else:
-                    running = loop.run_in_executor(self.executor, self._timed_run, x, h, c)
+            running = None if chunk is None else self._start_run(chunk.x, chunk.h, chunk.c)
             if finishing is not None:
                 await finishing  # NOTE: the chunk before commits while this one runs
                 finishing = None
@@ -673,10 +673,7 @@ class Batcher:
                 for i in chunk.idx.tolist():
                     out.errors[i] = ModelError(f"{self.model.describe()} failed to run this batch")
                 continue
-            self._inference.observe(took)
-            per_step = took / (x.shape[0] * t)
-            self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
-            self._batch_size.observe(len(chunk.idx))
+            self._ran(took, chunk.x, len(chunk.idx))
             self._steps.inc(len(chunk.idx) * t)
             finishing = asyncio.ensure_future(self._commit_chunk(b, out, chunk, y, hn, cn))
         if finishing is not None:

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, WebSocket, WebSocketDisconnect
@@ -134,6 +134,7 @@ class RequestMetrics:
             self.metrics.request_latency.labels(protocol, method).observe(time.perf_counter() - t0)
 
 
+T = TypeVar("T")
 STEPS_PATH = re.compile(r"^/v1/sessions/([^/]+)/steps$")
 BATCH_PATH = "/v1/steps"
 JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
@@ -159,35 +160,46 @@ class StepLane:
         if found is None:
             await self.app(scope, receive, send)
             return
-        kind, authorization, timeout = _headers(scope)
-        message = await receive()
-        parsed = s.certain_step(message.get("body", b"")) if kind is None or kind in JSON_TYPES else None
-        if parsed is None or message.get("more_body"):
-            await self.app(scope, _replay([message], receive), send)
+        taken = await self._take(scope, receive, send, s.certain_step, self.route)
+        if taken is None:
             return
-        scope["route"] = self.route
+        (inputs, seq), owner, wait = taken
         try:
-            owner = "" if self.auth is None else self.auth.owner(authorization)
-            r = await self.dp.step(found[1], s.matrix(parsed[0]), parsed[1], queue_timeout(timeout), owner)
+            r = await self.dp.step(found[1], s.matrix(inputs), seq, wait, owner)
         except ServeError as e:
             await error_response(e)(scope, receive, send)
             return
         await _send_json(send, _step_reply(r))
 
+    async def _take(
+        self, scope: Scope, receive: Receive, send: Send, certain: Callable[[bytes], T | None], route: Any
+    ) -> tuple[T, str, float | None] | None:
+        """The body as `certain` reads it, the caller's owner and queue timeout; None when the request went on to
+        the FastAPI route (the body is not certainly valid) or was answered with an error (authentication)."""
+        kind, authorization, timeout = _headers(scope)
+        message = await receive()
+        parsed = certain(message.get("body", b"")) if kind is None or kind in JSON_TYPES else None
+        if parsed is None or message.get("more_body"):
+            await self.app(scope, _replay([message], receive), send)
+            return None
+        scope["route"] = route
+        try:
+            owner = "" if self.auth is None else self.auth.owner(authorization)
+            return parsed, owner, queue_timeout(timeout)
+        except ServeError as e:
+            await error_response(e)(scope, receive, send)
+            return None
+
     async def _batch(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/steps the same way: a certainly valid body goes to the DataPlane and its answer is encoded as
         the route's StepBatchReply would be; anything else goes on to the route."""
-        kind, authorization, timeout = _headers(scope)
-        message = await receive()
-        parsed = s.certain_batch(message.get("body", b"")) if kind is None or kind in JSON_TYPES else None
-        if parsed is None or message.get("more_body"):
-            await self.app(scope, _replay([message], receive), send)
+        taken = await self._take(scope, receive, send, s.certain_batch, self.batch_route)
+        if taken is None:
             return
-        scope["route"] = self.batch_route
+        parsed, owner, wait = taken
         try:
-            owner = "" if self.auth is None else self.auth.owner(authorization)
             items = [(sid, s.matrix_or_error(inputs), seq) for sid, inputs, seq in parsed]
-            results = await self.dp.step_batch(items, queue_timeout(timeout), owner)
+            results = await self.dp.step_batch(items, wait, owner)
         except ServeError as e:
             await error_response(e)(scope, receive, send)
             return

@@ -310,12 +310,6 @@ def certain_step(raw: bytes) -> tuple[Steps, int | None] | None:
     if type(body) is not dict or "inputs" not in body or len(body) != 1 + ("seq" in body):
         return None
     inputs, seq = body["inputs"], body.get("seq")
-    if type(inputs) is not list or (seq is not None and type(seq) is not int):
+    if (seq is not None and type(seq) is not int) or not _certain_steps(inputs):
         return None
-    for r in inputs:
-        if type(r) is not list:
-            return None
-        for v in r:
-            if type(v) is not float and type(v) is not int:
-                return None
     return inputs, seq
