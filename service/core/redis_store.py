@@ -61,6 +61,7 @@ from service.core.sessions import (
     commit_block_by_items,
     gather_block_by_items,
     session_gone,
+    session_moved,
 )
 from service.errors import (
     InvalidInputError,
@@ -548,7 +549,7 @@ class RedisSessionStore:
                 continue
             st = self._decode(raw[0], raw[1])
             if st.model_key != model_key:
-                leases.append(SessionNotFoundError(f"session {sid!r} now runs {st.model_key}; resend the step"))
+                leases.append(session_moved(sid, st.model_key))
                 continue
             h[:, n, :], c[:, n, :] = st.h, st.c
             replay = Replay(st.seq, st.digest, st.outputs) if any(st.digest) else None

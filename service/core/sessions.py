@@ -67,6 +67,11 @@ def session_gone(session_id: str, reason: str | None, ttl: float) -> SessionNotF
     return SessionNotFoundError(f"no session {session_id!r}; create one first (it may have been deleted)")
 
 
+def session_moved(session_id: str, model_key: str) -> SessionNotFoundError:
+    """A queued step's session was deleted and created again on another model version meanwhile."""
+    return SessionNotFoundError(f"session {session_id!r} now runs {model_key}; resend the step")
+
+
 def check_counters(snap: Snapshot) -> None:
     """A snapshot's steps and seq must be in the range every store keeps exactly."""
     if not (0 <= snap.steps < MAX_COUNTER and 0 <= snap.seq < MAX_COUNTER):
@@ -728,7 +733,7 @@ class MemorySessionStore:
                 missing.append(n)
                 continue
             if key != model_key:  # NOTE: deleted and re-created on another model while this call was queued
-                leases.append(SessionNotFoundError(f"session {sid!r} now runs {key}; resend the step"))
+                leases.append(session_moved(sid, key))
                 missing.append(n)
                 continue
             p, i = slab.at(slot)
@@ -811,7 +816,7 @@ class MemorySessionStore:
             except ServeError as e:
                 failed[i] = e
             else:
-                failed[i] = SessionNotFoundError(f"session {sid!r} now runs {key}; resend the step")
+                failed[i] = session_moved(sid, key)
         if failed:
             slots = np.where(ok, slots, 0)
             rows = _Rows(slab, slots)
