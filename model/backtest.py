@@ -19,7 +19,12 @@ from model.config import TrainConfig
 from model.data import DataError, Series
 from model.train import load_series, train
 
-MODELS = ("lstm", "persistence", "ridge")
+MODELS = ("lstm", "persistence", "ridge", "seasonal")  # NOTE: seasonal only with --season
+
+
+def scored(folds: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The models that the folds score, in MODELS order."""
+    return tuple(m for m in MODELS if m in folds[0])
 
 
 def truncated(series: Series, end: int) -> Series:
@@ -53,11 +58,11 @@ def backtest(
         ckpt = train(fold_cfg, progress=False, log=lambda *_: None, series=truncated(series, end))
         test = ckpt["metrics"]["test"]
         row = {"fold": i + 1, "rows": end, "test_period": ckpt["data"]["test_period"],
-               "origins": ckpt["data"]["test_origins"], **{m: test[m] for m in MODELS}}  # fmt: skip
+               "origins": ckpt["data"]["test_origins"], **{m: test[m] for m in MODELS if m in test}}  # fmt: skip
         out.append(row)
         log(
             f"fold {i + 1}/{folds} ({row['test_period'][0]} to {row['test_period'][1]}): "
-            + "  ".join(f"{m} {test[m]['mae_h1']:.3f}/{test[m]['mae_mean']:.3f}" for m in MODELS)
+            + "  ".join(f"{m} {test[m]['mae_h1']:.3f}/{test[m]['mae_mean']:.3f}" for m in scored([test]))
         )
     return {"folds": out, "summary": summarize(out), "config": cfg.to_dict()}
 
@@ -65,7 +70,7 @@ def backtest(
 def summarize(folds: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and spread (standard deviation, min, max) over folds, per model and horizon step."""
     summary: dict[str, Any] = {}
-    for m in MODELS:
+    for m in scored(folds):
         by_step = np.asarray([f[m]["mae_by_step"] for f in folds])  # [folds, O]
         h1, mean = by_step[:, 0], by_step.mean(axis=1)
         summary[m] = {
@@ -86,16 +91,17 @@ def summarize(folds: list[dict[str, Any]]) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     """The backtest as a markdown table: MAE day 1 / mean over the horizon per fold, then mean and range."""
     folds, s = result["folds"], result["summary"]
-    lines = ["| fold | test period | " + " | ".join(f"{m} MAE day 1 / mean" for m in MODELS) + " |",
-             "|---|---|" + "---|" * len(MODELS)]  # fmt: skip
+    models = scored(folds)
+    lines = ["| fold | test period | " + " | ".join(f"{m} MAE step 1 / mean" for m in models) + " |",
+             "|---|---|" + "---|" * len(models)]  # fmt: skip
     for f in folds:
-        cells = " | ".join(f"{f[m]['mae_h1']:.2f} / {f[m]['mae_mean']:.2f}" for m in MODELS)
+        cells = " | ".join(f"{f[m]['mae_h1']:.2f} / {f[m]['mae_mean']:.2f}" for m in models)
         lines.append(f"| {f['fold']} | {f['test_period'][0]} to {f['test_period'][1]} | {cells} |")
-    cells = " | ".join(f"{s[m]['mae_h1']['mean']:.2f} / {s[m]['mae_mean']['mean']:.2f}" for m in MODELS)
+    cells = " | ".join(f"{s[m]['mae_h1']['mean']:.2f} / {s[m]['mae_mean']['mean']:.2f}" for m in models)
     lines.append(f"| mean | | {cells} |")
     cells = " | ".join(
         f"{s[m]['mae_h1']['min']:.2f}-{s[m]['mae_h1']['max']:.2f} / {s[m]['mae_mean']['min']:.2f}-"
-        f"{s[m]['mae_mean']['max']:.2f}" for m in MODELS
+        f"{s[m]['mae_mean']['max']:.2f}" for m in models
     )  # fmt: skip
     lines.append(f"| range | | {cells} |")
     return "\n".join(lines) + f"\n\nLSTM beats ridge in {s['lstm_beats_ridge_in']}.\n"
@@ -109,19 +115,22 @@ def plot(result: dict[str, Any], path: Path, target: str) -> None:
     import matplotlib.pyplot as plt
 
     folds, s = result["folds"], result["summary"]
-    colors = {"lstm": "tab:blue", "persistence": "tab:gray", "ridge": "tab:orange"}
+    models = scored(folds)
+    colors = {"lstm": "tab:blue", "persistence": "tab:gray", "ridge": "tab:orange", "seasonal": "tab:green"}
+    width = 0.8 / len(models)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     xs = np.arange(len(folds))
-    for j, (key, title) in enumerate((("mae_h1", "day 1"), ("mae_mean", "mean over the horizon"))):
+    for j, (key, title) in enumerate((("mae_h1", "step 1"), ("mae_mean", "mean over the horizon"))):
         ax = axes[j]
-        for k, m in enumerate(MODELS):
-            ax.bar(xs + (k - 1) * 0.27, [f[m][key] for f in folds], 0.27, color=colors[m], label=m)
+        for k, m in enumerate(models):
+            offset = (k - (len(models) - 1) / 2) * width
+            ax.bar(xs + offset, [f[m][key] for f in folds], width, color=colors[m], label=m)
         ax.set_xticks(xs, [f"{f['fold']}: {f['test_period'][0][:7]}" for f in folds], fontsize=8)
         ax.set_ylabel(f"MAE ({target})")
         ax.set_title(f"MAE {title}, per fold")
         ax.legend(fontsize=8)
     ax = axes[2]
-    for m in MODELS:
+    for m in models:
         mean, std = np.asarray(s[m]["mae_by_step_mean"]), np.asarray(s[m]["mae_by_step_std"])
         steps = np.arange(1, len(mean) + 1)
         ax.plot(steps, mean, marker="o", color=colors[m], label=m)

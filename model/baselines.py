@@ -15,6 +15,17 @@ def persistence(target: F32, origins: I64, horizon: int) -> F32:
     return np.repeat(target[origins][:, None], horizon, axis=1).astype(np.float32)
 
 
+def seasonal_naive(target: F32, origins: I64, horizon: int, period: int) -> F32:
+    """Forecast each future step with the value one season earlier (`period` steps; 24 for hourly data is
+    "same hour yesterday"): step k of origin t is `target[t + k - period * ceil(k / period)]`, k = 1..horizon."""
+    k = np.arange(1, horizon + 1)
+    lag = period * -(-k // period)  # NOTE: ceil(k / period) seasons back, so every value is already observed
+    if int(origins.min()) + 1 - int(lag.max()) < 0:
+        raise ValueError(f"origin {int(origins.min())} has less than {int(lag.max())} steps of history")
+    out: F32 = target[origins[:, None] + k[None, :] - lag[None, :]].astype(np.float32)
+    return out
+
+
 def lag_matrix(x_scaled: F32, origins: I64, lags: int) -> NDArray[np.float64]:
     """Rows `[x[t - lags + 1], ..., x[t]]` flattened, one per origin: `[n, lags * F]`."""
     if int(origins.min()) < lags - 1:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from model.config import TrainConfig
+from model.data import VEGA_PREFIX
 
 D = TrainConfig()
 
@@ -15,7 +16,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `lstm-serve train`; each default is TrainConfig's."""
     g = p.add_argument_group("data")
     g.add_argument(
-        "--csv", metavar="PATH", help="CSV file with a header row; default: the Seattle weather data in vega_datasets"
+        "--csv",
+        metavar="PATH",
+        help="CSV file with a header row, or vega:NAME.csv for a file shipped in vega_datasets "
+        "(vega:seattle-temps.csv: hourly Seattle temperatures of 2010); default: the daily Seattle weather there",
     )
     g.add_argument("--target", metavar="COL", help=f"column to forecast (default {D.target})")
     g.add_argument(
@@ -43,6 +47,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=D.val_frac,
         help="share of rows after that which validates for early stopping; the rest tests (default %(default)s)",
     )
+    g.add_argument(
+        "--ar-lags", type=int, default=D.ar_lags, metavar="P",
+        help="lags of every feature in the ridge autoregression baseline (default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--season", type=int, default=D.season, metavar="S",
+        help="also score the seasonal naive baseline, the value S steps earlier (24 on hourly data: same hour "
+        "yesterday; default %(default)s: none)",
+    )  # fmt: skip
     g = p.add_argument_group("model")
     g.add_argument(
         "--horizon",
@@ -63,7 +76,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-layers", type=int, default=D.num_layers, help="L, stacked LSTM layers (default %(default)s)")
     g.add_argument(
         "--highway", action=argparse.BooleanOptionalAction, default=D.highway,
-        help="a linear path from each step's inputs to its outputs, beside the LSTM (default %(default)s)",
+        help="a linear path from the inputs to the outputs, beside the LSTM (default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--highway-lags", type=int, default=D.highway_lags, metavar="P",
+        help="the highway reads the last P steps' inputs, an autoregression inside the model; the P - 1 past steps "
+        "ride in the session state, (P - 1) * F units after the LSTM's (default %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--highway-init", action=argparse.BooleanOptionalAction, default=D.highway_init,
+        help="start the highway at the ridge fit on the training part and the LSTM's head at zero (default "
+        "%(default)s)",
     )  # fmt: skip
     g.add_argument(
         "--ensemble", type=int, default=D.ensemble, metavar="K",
@@ -139,17 +162,21 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         target=a.target or ("" if custom else D.target),
         features=tuple(a.features) if a.features else (() if custom else D.features),
         time_col=a.time_col if (custom or a.time_col) else D.time_col,
-        name=a.name or (Path(a.csv).stem if custom else D.name),
+        name=a.name or (Path(a.csv.removeprefix(VEGA_PREFIX)).stem if custom else D.name),
         version=a.version,
         train_frac=a.train_frac,
         val_frac=a.val_frac,
         horizon=a.horizon,
         window=a.window,
         context=a.context,
+        ar_lags=a.ar_lags,
+        season=a.season,
         hidden_size=a.hidden_size,
         num_layers=a.num_layers,
         ensemble=a.ensemble,
         highway=a.highway,
+        highway_lags=a.highway_lags,
+        highway_init=a.highway_init,
         dropout=a.dropout,
         residual=a.residual,
         loss=a.loss,

@@ -30,6 +30,7 @@ class TrainConfig:
     warmup: int = 7  # the first `warmup` steps of a window carry no loss (the state is still cold)
     context: int = 56  # history the evaluation feeds before each forecast origin (same windows for all models)
     ar_lags: int = 14  # lags of all features in the ridge autoregressive baseline
+    season: int = 0  # > 0: also score the seasonal naive baseline, the value `season` steps earlier (24: hourly)
     ridge_alpha: float = 1.0  # L2 penalty of the ridge baseline (on standardised inputs)
     # --- model ---
     hidden_size: int = 48  # H: LSTM hidden units per layer
@@ -38,7 +39,9 @@ class TrainConfig:
     # data (README "The shipped model"), where each helped the day-1 and mean MAE over the folds
     residual: bool = True  # forecast the change from the latest target value (when the target is an input)
     dropout: float = 0.3  # dropout on the LSTM output before the head (and between layers when L > 1)
-    highway: bool = True  # a linear path from each step's inputs to its outputs beside the LSTM (LSTNet's highway)
+    highway: bool = True  # a linear path from the inputs to the outputs beside the LSTM (LSTNet's highway)
+    highway_lags: int = 1  # P: the highway reads the last P steps (their P - 1 past steps ride in the state)
+    highway_init: bool = False  # start the highway at the ridge solution on the training part and the head at zero
     ensemble: int = 5  # K members (seeds seed..seed+K-1) exported as one LSTM of hidden size K*H (model/ensemble.py)
     # --- optimisation ---
     loss: str = "l1"  # training loss in scaled units: mse, l1 or huber (l1: the MAE that forecasts are judged by)

@@ -20,8 +20,11 @@ class DataError(ValueError):
     """A problem with the input data, phrased so that the user knows what to fix."""
 
 
-def default_csv_path() -> Path:
-    """Return the Seattle weather CSV that ships inside the installed `vega_datasets` package.
+VEGA_PREFIX = "vega:"  # `--csv vega:NAME.csv`: a file shipped inside the vega_datasets package
+
+
+def default_csv_path(name: str = "seattle-weather.csv") -> Path:
+    """Return a CSV that ships inside the installed `vega_datasets` package (by default the Seattle weather).
 
     NOTE: found through the import system without importing the package (its __init__ pulls in
     pandas), and never fetched from the network.
@@ -32,10 +35,20 @@ def default_csv_path() -> Path:
             "the default dataset needs the vega_datasets package: pip install -e '.[train]' "
             "(or pass --csv PATH --target COL)"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / "_data" / "seattle-weather.csv"
+    path = Path(next(iter(spec.submodule_search_locations))) / "_data" / name
     if not path.is_file():
-        raise DataError(f"vega_datasets is installed but has no {path.name}; reinstall it")
+        known = sorted(p.name for p in path.parent.glob("*.csv"))
+        raise DataError(f"vega_datasets has no {name}; its CSV files are {', '.join(known)}")
     return path
+
+
+def csv_path(csv: str | None) -> Path:
+    """The file a `--csv` value names: a path, `vega:NAME.csv` (shipped in vega_datasets), or None (the default)."""
+    if csv is None:
+        return default_csv_path()
+    if csv.startswith(VEGA_PREFIX):
+        return default_csv_path(csv[len(VEGA_PREFIX) :])
+    return Path(csv)
 
 
 @dataclass

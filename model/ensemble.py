@@ -3,7 +3,8 @@
 The merged network is an ordinary `LSTMForecaster`, so the serving contract, batching and session state stay
 as they are (the state is simply K*H wide). Member k owns hidden units [k*H, (k+1)*H) of every layer: its
 input weights read the features (layer 1) or its own slice of the layer below, its recurrent weights read its
-own slice, and the head is the members' heads side by side, divided by K. Scaling is linear, so averaging the
+own slice, and the head is the members' heads side by side, divided by K; the highways are averaged and share one
+delay line (it holds the same past inputs for every member). Scaling is linear, so averaging the
 scaled outputs averages the raw forecasts; the members must share the scaler (the same training data).
 """
 
@@ -19,17 +20,21 @@ def merge(members: list[LSTMForecaster]) -> LSTMForecaster:
     first = members[0].args
     for m in members[1:]:
         a = m.args
-        if (a.n_features, a.hidden_size, a.num_layers, a.horizon, a.residual_index) != (
+        if (a.n_features, a.hidden_size, a.num_layers, a.horizon, a.residual_index, a.highway_lags) != (
             first.n_features, first.hidden_size, first.num_layers, first.horizon, first.residual_index,
+            first.highway_lags,
         ):  # fmt: skip
-            raise ValueError("ensemble members must have the same sizes and residual setting")
+            raise ValueError("ensemble members must have the same sizes, residual and highway settings")
         for name in ("x_mean", "x_std", "y_mean", "y_std"):
             if not torch.equal(getattr(m, name), getattr(members[0], name)):
                 raise ValueError("ensemble members must share the scaler (train them on the same data)")
     k, h = len(members), first.hidden_size
     if any(m.args.highway != first.highway for m in members):
         raise ValueError("ensemble members must all have a highway, or none")
-    args = ModelArgs(first.n_features, k * h, first.num_layers, first.horizon, 0.0, first.residual_index, first.highway)
+    args = ModelArgs(
+        first.n_features, k * h, first.num_layers, first.horizon, 0.0, first.residual_index, first.highway,
+        first.highway_lags,
+    )  # fmt: skip
     out = LSTMForecaster(args)
     with torch.no_grad():
         for layer in range(first.num_layers):

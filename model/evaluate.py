@@ -45,7 +45,8 @@ def plot_report(
     n = min(stretch, actual.shape[0])
     xs = np.arange(n)
     ax1.plot(xs, actual[:n, 0], color="black", lw=1.5, label="actual")
-    styles = {"lstm": ("tab:blue", "-"), "persistence": ("tab:gray", ":"), "ridge": ("tab:orange", "--")}
+    styles = {"lstm": ("tab:blue", "-"), "persistence": ("tab:gray", ":"), "ridge": ("tab:orange", "--"),
+              "seasonal": ("tab:green", "-.")}  # fmt: skip
     for name, pred in forecasts.items():
         color, ls = styles.get(name, ("tab:green", "-"))
         ax1.plot(xs, pred[:n, 0], color=color, ls=ls, lw=1.2, label=f"{name} (1 step ahead)")

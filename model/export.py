@@ -28,19 +28,28 @@ def model_card(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The card that travels inside the ONNX file and beside it as model.json."""
     cfg, args, data = ckpt["config"], ckpt["model_args"], ckpt["data"]
     horizon = int(args["horizon"])
+    margs = ModelArgs(**args)
+    state = (
+        f" The state is {margs.state_size} units wide: {margs.hidden_size} LSTM units, then (layer 0's h) the "
+        f"previous {margs.highway_lags - 1} steps of scaled inputs that the linear highway reads."
+        if margs.delay_width
+        else ""
+    )
     return {
         "schema": CARD_SCHEMA,
         "name": cfg["name"],
         "version": int(cfg["version"]),
         "description": (
             f"LSTM forecaster: at every time step, given raw values of {', '.join(data['features'])}, "
-            f"forecasts {data['target']} for each of the next {horizon} steps."
+            f"forecasts {data['target']} for each of the next {horizon} steps.{state}"
         ),
         "features": list(data["features"]),
         "target": data["target"],
         "targets": [f"{data['target']}[t+{k + 1}]" for k in range(horizon)],
         "horizon": horizon,
-        "hidden_size": int(args["hidden_size"]),
+        "hidden_size": margs.state_size,  # NOTE: the width of h and c in the contract
+        "lstm_hidden_size": margs.hidden_size,
+        "highway_lags": margs.highway_lags if margs.highway else 0,
         "num_layers": int(args["num_layers"]),
         "residual_index": int(args.get("residual_index", -1)),
         "inputs": {"x": "float32 [B, T, F] raw units", "h0": "float32 [L, B, H]", "c0": "float32 [L, B, H]"},

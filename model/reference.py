@@ -10,9 +10,10 @@ For each layer, with x_t the input and (h, c) the state (PyTorch's gate order i,
     h_t = o * tanh(c_t)
 
 The output of layer l is the input of layer l + 1; the head is y_t = W h_t + b on the last layer,
-and the scaler maps raw units in and out (optionally the output is a change added to the
-latest observed target value). Tests use this as a third implementation beside PyTorch
-and ONNX Runtime.
+plus an optional highway V [z_{t-P+1}, ..., z_t] + a over the last P scaled inputs (whose P - 1
+earlier steps ride in layer 0's h after the LSTM's units: the delay line), and the scaler maps raw
+units in and out (optionally the output is a change added to the latest observed target value).
+Tests use this as a third implementation beside PyTorch and ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ class NumpyLSTM:
         skip: tuple[F64, F64] | None = None,
     ) -> None:
         self.layers = layers
-        self.skip = skip  # the highway's [O, F] weight and [O] bias, if the model has one
+        self.skip = skip  # the highway's [O, P * F] weight and [O] bias, if the model has one
         self.head_w, self.head_b = head_w, head_b  # [O, H], [O]
         self.x_mean, self.x_std = x_mean, x_std
         self.y_mean, self.y_std = y_mean, y_std
-        self.hidden_size = layers[0].w_hh.shape[1]
+        self.hidden_size = layers[0].w_hh.shape[1]  # the LSTM's units; the state may be wider (the delay line)
+        self.lags = 1 if skip is None else skip[0].shape[1] // x_mean.shape[0]  # P, steps the highway reads
         self.residual_index = residual_index  # >= 0: the output is a change from this input column
 
     @classmethod
@@ -101,19 +103,26 @@ class NumpyLSTM:
         return h_t, c_t
 
     def forward(self, x: F64, h0: F64, c0: F64) -> tuple[F64, F64, F64]:
-        """x [B, T, F] raw, h0/c0 [L, B, H] -> y [B, T, O] raw, hn, cn (same contract as the ONNX graph)."""
+        """x [B, T, F] raw, h0/c0 [L, B, H (+ delay line)] -> y [B, T, O] raw, hn, cn (the ONNX graph's contract)."""
+        hidden, f = self.hidden_size, self.x_mean.shape[0]
         h, c = np.array(h0, dtype=np.float64), np.array(c0, dtype=np.float64)
         z = np.clip((np.asarray(x, dtype=np.float64) - self.x_mean) / self.x_std, -Z_MAX, Z_MAX)
+        past = [h[0, :, hidden + p * f : hidden + (p + 1) * f].copy() for p in range(self.lags - 1)]  # oldest first
         ys = []
         for t in range(z.shape[1]):
             inp = z[:, t, :]
             for k, layer in enumerate(self.layers):
-                h[k], c[k] = self.cell(layer, inp, h[k], c[k])
-                inp = h[k]
+                h[k, :, :hidden], c[k, :, :hidden] = self.cell(layer, inp, h[k, :, :hidden], c[k, :, :hidden])
+                inp = h[k, :, :hidden]
             y_t = inp @ self.head_w.T + self.head_b
             if self.skip is not None:
-                y_t = y_t + z[:, t, :] @ self.skip[0].T + self.skip[1]
+                window = np.concatenate([*past, z[:, t, :]], axis=1)  # [B, P * F], oldest step first
+                y_t = y_t + window @ self.skip[0].T + self.skip[1]
+                past = [*past[1:], z[:, t, :]] if past else []
             ys.append(y_t)
+        h[:, :, hidden:], c[:, :, hidden:] = 0.0, 0.0
+        if past:
+            h[0, :, hidden:] = np.concatenate(past, axis=1)
         y = np.stack(ys, axis=1) * self.y_std + self.y_mean
         if self.residual_index >= 0:
             k = self.residual_index

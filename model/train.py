@@ -15,15 +15,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.baselines import RidgeAR, persistence
+from model.baselines import RidgeAR, lag_matrix, persistence, seasonal_naive
 from model.config import TrainConfig
 from model.data import (
     F32,
+    VEGA_PREFIX,
     DataError,
     Scaler,
     Series,
     Split,
-    default_csv_path,
+    csv_path,
     forecast_origins,
     future_targets,
     load_csv,
@@ -54,10 +55,11 @@ class Prepared:
 
 def load_series(cfg: TrainConfig) -> Series:
     """Load the configured CSV, or the Seattle weather data shipped with vega_datasets."""
-    path = Path(cfg.csv) if cfg.csv else default_csv_path()
-    series = load_csv(path, cfg.target, cfg.features or None, cfg.time_col)
+    series = load_csv(csv_path(cfg.csv), cfg.target, cfg.features or None, cfg.time_col)
     if not cfg.csv:
         series.source = "vega_datasets/_data/seattle-weather.csv (daily Seattle weather, 2012-2015)"
+    elif cfg.csv.startswith(VEGA_PREFIX):
+        series.source = f"vega_datasets/_data/{cfg.csv[len(VEGA_PREFIX) :]}"
     return series
 
 
@@ -76,8 +78,12 @@ def prepare(cfg: TrainConfig, series: Series | None = None) -> Prepared:
     vx, vy = sliding_windows(
         series.values, series.target_values, split.train_end, split.val_end, cfg.window, cfg.horizon
     )
-    if cfg.context < cfg.ar_lags:
-        raise DataError(f"context ({cfg.context}) must be at least ar_lags ({cfg.ar_lags})")
+    if cfg.context < max(cfg.ar_lags, cfg.highway_lags):
+        raise DataError(
+            f"context ({cfg.context}) must be at least ar_lags ({cfg.ar_lags}) and highway_lags ({cfg.highway_lags})"
+        )
+    if cfg.highway_lags < 1:
+        raise DataError(f"highway_lags ({cfg.highway_lags}) must be at least 1")
     origins = forecast_origins(split, cfg.horizon, cfg.context)
     return Prepared(series, split, scaler, tx, ty, vx, vy, origins, residual_index)
 
@@ -127,6 +133,28 @@ def predict_streaming(model: LSTMForecaster, values: F32, origins: np.ndarray) -
     return out
 
 
+@torch.no_grad()
+def init_highway(model: LSTMForecaster, data: Prepared, alpha: float) -> None:
+    """Start the highway at the ridge fit of the scaled training target on the last P scaled inputs, and the
+    LSTM's head at zero: training starts from a linear autoregression and the LSTM learns what it misses."""
+    a, skip = model.args, model.skip
+    assert skip is not None
+    end, lags = data.split.train_end, a.highway_lags
+    z = data.scaler.transform(data.series.values[:end])
+    origins = np.arange(lags - 1, end - a.horizon, dtype=np.int64)
+    base = model.base(torch.from_numpy(data.series.values[origins])).numpy().astype(np.float64)  # [n, 1]
+    fut = future_targets(data.series.target_values[:end], a.horizon)[origins].astype(np.float64)
+    target = (fut - base - float(model.y_mean)) / float(model.y_std)
+    design = np.hstack([lag_matrix(z, origins, lags), np.ones((len(origins), 1))])
+    penalty = alpha * np.eye(design.shape[1])
+    penalty[-1, -1] = 0.0  # NOTE: the intercept is not penalised
+    coef = np.linalg.solve(design.T @ design + penalty, design.T @ target)  # [P * F + 1, O]
+    skip.weight.copy_(torch.from_numpy(coef[:-1].T.astype(np.float32)))
+    skip.bias.copy_(torch.from_numpy(coef[-1].astype(np.float32)))
+    model.head.weight.zero_()
+    model.head.bias.zero_()
+
+
 @dataclass
 class Fitted:
     """One trained network and how its training went."""
@@ -150,9 +178,13 @@ def fit(cfg: TrainConfig, data: Prepared, seed: int, progress: bool, log: Any, d
         cfg.dropout,
         data.residual_index,
         cfg.highway,
+        cfg.highway_lags,
     )
     model = LSTMForecaster(args)
     model.set_scaler(torch.from_numpy(scaler.mean), torch.from_numpy(scaler.std), scaler.target_mean, scaler.target_std)
+    if cfg.highway and cfg.highway_init:
+        init_highway(model, data, cfg.ridge_alpha)
+    warmup = max(cfg.warmup, cfg.highway_lags - 1 if cfg.highway else 0)  # NOTE: no loss before the window is full
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, cfg.patience // 3))
     tx, ty = torch.from_numpy(data.train_x), torch.from_numpy(data.train_y)
@@ -168,7 +200,7 @@ def fit(cfg: TrainConfig, data: Prepared, seed: int, progress: bool, log: Any, d
         running, batches = 0.0, 0
         for i in range(0, tx.shape[0], cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = _loss(model, tx[idx], ty[idx], cfg.warmup, cfg.loss)
+            loss = _loss(model, tx[idx], ty[idx], warmup, cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # NOTE: torch leaves Tensor.backward untyped
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -176,7 +208,7 @@ def fit(cfg: TrainConfig, data: Prepared, seed: int, progress: bool, log: Any, d
             running, batches = running + loss.item(), batches + 1
         model.eval()
         with torch.no_grad():
-            val = float(_loss(model, vx, vy, cfg.warmup, cfg.loss))
+            val = float(_loss(model, vx, vy, warmup, cfg.loss))
         sched.step(val)
         bar.set_postfix(train_loss=f"{running / batches:.4f}", val_loss=f"{val:.4f}", refresh=False)
         history.append({"epoch": epoch, "train_loss": running / batches, "val_loss": val})
@@ -232,6 +264,8 @@ def train(cfg: TrainConfig, progress: bool = True, log: Any = print, series: Ser
         "persistence": persistence(series.target_values, origins, cfg.horizon),
         "ridge": ridge.predict(scaler.transform(series.values), origins),
     }
+    if cfg.season > 0:
+        forecasts["seasonal"] = seasonal_naive(series.target_values, origins, cfg.horizon, cfg.season)
     metrics = {name: scores(pred, actual) for name, pred in forecasts.items()}
     metrics["lstm_streaming"] = scores(predict_streaming(model, series.values, origins), actual)
     members = [scores(predict_at_origins(f.model, series.values, origins, cfg.context), actual) for f in fitted]

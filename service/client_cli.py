@@ -14,7 +14,9 @@ from service.client import Client, ClientError
 
 
 def add_stream_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--csv", type=Path, required=True, help="CSV with a header row holding the model's feature columns")
+    p.add_argument(
+        "--csv", required=True, help="CSV with a header row holding the model's feature columns (or vega:NAME.csv)"
+    )
     p.add_argument("--server", default="127.0.0.1:50051", help="gRPC address of a running server (default %(default)s)")
     p.add_argument("--model", default=None, help="model name (default: the server's only or first model)")
     p.add_argument("--version", default=None, help="model version (default: the newest)")
@@ -27,7 +29,7 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_stream(a: argparse.Namespace) -> int:
-    from model.data import DataError, load_csv
+    from model.data import DataError, csv_path, load_csv
 
     if a.plot:
         try:
@@ -47,7 +49,7 @@ def run_stream(a: argparse.Namespace) -> int:
             info = client.get_model(name, a.version)
             features = tuple(info.features)
             try:
-                series = load_csv(a.csv, features[0], features, a.time_col)
+                series = load_csv(csv_path(a.csv), features[0], features, a.time_col)
             except DataError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1

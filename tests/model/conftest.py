@@ -52,6 +52,12 @@ def tiny_highway_ckpt() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def tiny_ar_highway_ckpt() -> dict[str, Any]:
+    """A highway over the last 4 steps: its delay line rides in the state (layer 0's h after the LSTM's units)."""
+    return tiny_checkpoint(name="tiny-ar-highway", residual=True, highway=True, highway_lags=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: dict[str, Any]) -> Path:
     """A model repository holding the tiny model, exported by our exporter."""
     repo = tmp_path_factory.mktemp("repo")

@@ -17,7 +17,8 @@ from tests.model.conftest import tiny_checkpoint
 
 ATOL = 1e-5
 K = 3
-SHAPE = {"num_layers": 2, "residual": True, "hidden_size": 6, "highway": True}
+SHAPE = {"num_layers": 2, "residual": True, "hidden_size": 6, "highway": True, "highway_lags": 3}
+DELAY = 2 * 4  # NOTE: the highway's delay line, (P - 1) * F units of state after the members' K * H
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_the_exported_ensemble_is_the_mean_of_its_members_whole_and_step_by_step
     out = export_checkpoint(ensemble_ckpt, tmp_path, report=False)
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     x = inputs(ensemble_ckpt, 24)
-    zeros = np.zeros((a["num_layers"], 2, a["hidden_size"]), np.float32)
+    zeros = np.zeros((a["num_layers"], 2, a["hidden_size"] + DELAY), np.float32)
     whole = sess.run(["y"], {"x": x, "h0": zeros, "c0": zeros})[0]
     np.testing.assert_allclose(whole, members_mean(members, x, [24]), atol=ATOL, rtol=0)
     h, c, ys, at = zeros, zeros, [], 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model.export import export_checkpoint, rebuild
+from model.lstm import ModelArgs
 from model.reference import NumpyLSTM
 
 ATOL = 1e-5
@@ -20,6 +21,7 @@ def implementations(ckpt: dict[str, Any], tmp_path: Path) -> tuple[NumpyLSTM, An
     out = export_checkpoint(ckpt, tmp_path, report=False)
     net = rebuild(ckpt)
     ref = NumpyLSTM.from_state_dict(ckpt["state_dict"], net.args.num_layers, net.args.residual_index)
+    assert ref.lags == net.args.highway_lags
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     return ref, net, sess
 
@@ -33,9 +35,9 @@ def raw_inputs(ckpt: dict[str, Any], batch: int, steps: int, seed: int) -> np.nd
 
 
 def random_state(ckpt: dict[str, Any], batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    a = ckpt["model_args"]
+    a = ModelArgs(**ckpt["model_args"])
     rng = np.random.default_rng(seed)
-    shape = (a["num_layers"], batch, a["hidden_size"])
+    shape = (a.num_layers, batch, a.state_size)
     return (rng.uniform(-0.5, 0.5, shape).astype(np.float32), rng.uniform(-1, 1, shape).astype(np.float32))
 
 
@@ -48,7 +50,7 @@ def run_all(ref: NumpyLSTM, net: Any, sess: ort.InferenceSession, x: np.ndarray,
 
 
 @pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.parametrize("variant", ["tiny_ckpt", "tiny_residual_ckpt", "tiny_highway_ckpt"])
+@pytest.mark.parametrize("variant", ["tiny_ckpt", "tiny_residual_ckpt", "tiny_highway_ckpt", "tiny_ar_highway_ckpt"])
 def test_whole_sequence_agrees_across_numpy_torch_and_onnxruntime(
     batch: int, variant: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -66,14 +68,17 @@ def test_whole_sequence_agrees_across_numpy_torch_and_onnxruntime(
 
 
 @pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("variant", ["tiny_ckpt", "tiny_ar_highway_ckpt"])
 def test_stepwise_with_carried_state_equals_whole_sequence(
-    batch: int, tiny_ckpt: dict[str, Any], tmp_path: Path
+    batch: int, variant: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """One step at a time with (hn, cn) carried forward reproduces the whole-sequence run, in all three."""
-    ref, net, sess = implementations(tiny_ckpt, tmp_path)
+    """One step at a time with (hn, cn) carried forward reproduces the whole-sequence run, in all three (with a
+    highway over 4 steps, fewer steps per call than its window: the delay line carries the rest)."""
+    ckpt = request.getfixturevalue(variant)
+    ref, net, sess = implementations(ckpt, tmp_path)
     steps = 25
-    x = raw_inputs(tiny_ckpt, batch, steps, seed=11)
-    h0, c0 = random_state(tiny_ckpt, batch, seed=3)
+    x = raw_inputs(ckpt, batch, steps, seed=11)
+    h0, c0 = random_state(ckpt, batch, seed=3)
     whole = run_all(ref, net, sess, x, h0, c0)
     states = [(h0, c0)] * 3
     ys: list[list[np.ndarray]] = [[], [], []]
@@ -107,15 +112,17 @@ def test_batch_rows_are_independent(tiny_ckpt: dict[str, Any], tmp_path: Path) -
         np.testing.assert_allclose(cb[:, 0], cn[:, b], atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["tiny_highway_ckpt", "tiny_ar_highway_ckpt"])
 def test_extreme_finite_inputs_give_finite_forecasts_in_all_three(
-    tiny_highway_ckpt: dict[str, Any], tmp_path: Path
+    variant: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Inputs near the float32 limit saturate inside the graph: the residual and highway paths, linear in the
     inputs, give finite forecasts (and the three implementations still agree)."""
-    ref, net, sess = implementations(tiny_highway_ckpt, tmp_path)
+    ckpt = request.getfixturevalue(variant)
+    ref, net, sess = implementations(ckpt, tmp_path)
     x = np.full((2, 3, 4), 3.0e38, np.float32)
     x[1] = -3.0e38
-    h, c = random_state(tiny_highway_ckpt, 2, seed=1)
+    h, c = random_state(ckpt, 2, seed=1)
     (ry, _, _), (ty, _, _), (oy, _, _) = run_all(ref, net, sess, x, h, c)
     for y in (ry, ty, oy):
         assert np.isfinite(y).all()

@@ -12,12 +12,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from model.baselines import RidgeAR, seasonal_naive
 from model.cli import add_train_arguments, config_from_args
+from model.config import TrainConfig
+from model.data import DataError, csv_path
 from model.export import load_checkpoint, rebuild
-from model.train import TrainingFailedError
+from model.lstm import LSTMForecaster, ModelArgs
+from model.train import TrainingFailedError, init_highway, predict_at_origins, prepare
 from service.card import CARD_KEY, ModelCard
 from service.cli import build_parser, main
-from tests.model.conftest import tiny_checkpoint
+from tests.model.conftest import TINY, tiny_checkpoint
 
 
 def test_tiny_training_exports_a_model_onnxruntime_loads(tiny_repo: Path, tiny_ckpt: dict[str, Any]) -> None:
@@ -153,3 +157,38 @@ def test_help_explains_every_train_flag() -> None:
     cfg = config_from_args(p.parse_args([]))
     assert cfg.features == ("precipitation", "temp_max", "temp_min", "wind")
     assert cfg.time_col == "date"
+
+
+def test_highway_init_starts_the_model_at_the_ridge_autoregression_on_the_same_lags() -> None:
+    """With `highway_init`, before any training the exported forecaster is exactly the ridge fit (here with no
+    penalty: least squares) on the last P steps, and the LSTM adds nothing yet."""
+    cfg = TrainConfig(**{**TINY, "residual": True, "highway": True, "highway_lags": 5, "ridge_alpha": 0.0})
+    data = prepare(cfg)
+    net = LSTMForecaster(
+        ModelArgs(len(data.series.features), 8, 2, cfg.horizon, 0.0, data.residual_index, True, cfg.highway_lags)
+    )
+    sc = data.scaler
+    net.set_scaler(torch.from_numpy(sc.mean), torch.from_numpy(sc.std), sc.target_mean, sc.target_std)
+    init_highway(net, data, cfg.ridge_alpha)
+    got = predict_at_origins(net, data.series.values, data.origins, cfg.context)
+    ridge = RidgeAR(cfg.highway_lags, cfg.horizon, 0.0).fit(
+        sc.transform(data.series.values), data.series.target_values, data.split.train_end
+    )
+    want = ridge.predict(sc.transform(data.series.values), data.origins)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_seasonal_naive_repeats_the_value_one_season_earlier() -> None:
+    target = np.arange(100, dtype=np.float32)
+    got = seasonal_naive(target, np.array([30, 50]), horizon=5, period=3)
+    # step k of origin t: target[t + k - 3 * ceil(k / 3)]
+    np.testing.assert_array_equal(got, [[28, 29, 30, 28, 29], [48, 49, 50, 48, 49]])
+    with pytest.raises(ValueError, match="history"):
+        seasonal_naive(target, np.array([2]), horizon=5, period=3)
+
+
+def test_csv_vega_prefix_names_a_file_shipped_in_vega_datasets() -> None:
+    assert csv_path("vega:seattle-temps.csv").name == "seattle-temps.csv"
+    assert csv_path("vega:seattle-temps.csv").is_file()
+    with pytest.raises(DataError, match=r"seattle-weather\.csv"):
+        csv_path("vega:no-such.csv")  # NOTE: the error lists the files there are
