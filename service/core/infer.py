@@ -295,7 +295,7 @@ def unload_parameters(params: dict[str, Any]) -> tuple[str | None, bool]:
         raise InvalidInputError(f"unknown unload parameter(s) {', '.join(map(repr, unknown))}; accepted: "
                                 f"{', '.join(sorted(allowed))}")  # fmt: skip
     version, force = params.get("version"), params.get("force", False)
-    if version is not None and not isinstance(version, str):
+    if "version" in params and not isinstance(version, str):  # NOTE: an explicit null too: leave it out instead
         raise InvalidInputError('parameter version must be a string such as "2"')
     if not isinstance(force, bool) or not isinstance(params.get("unload_dependents", False), bool):
         raise InvalidInputError("parameters force and unload_dependents must be booleans")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -184,3 +185,15 @@ def test_any_grpc_message_decodes_to_a_shaped_array_or_our_error(
         return
     assert msg.inputs is not None
     assert msg.inputs.shape == (m.rows, m.cols)
+
+
+@pytest.mark.parametrize("version", [None, 2, ["1"]])
+def test_an_unload_version_that_is_not_a_string_is_refused_even_when_null(version: object) -> None:
+    """`"version": null` is not "no version" (which would unload every version): leave the key out for that."""
+    from service.core.infer import unload_parameters
+    from service.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="version must be a string"):
+        unload_parameters({"version": version})
+    assert unload_parameters({}) == (None, False)
+    assert unload_parameters({"version": "1", "force": True}) == ("1", True)
