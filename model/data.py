@@ -90,7 +90,7 @@ def load_csv(
         # NOTE: without --features every column but the time column is an input, the target included
         feats = tuple(features) if features else tuple(h for h in header if h != time_col)
         wanted = [*feats, target] + ([time_col] if time_col else [])
-        missing = [c for c in wanted if c not in header]
+        missing = list(dict.fromkeys(c for c in wanted if c not in header))
         if missing:
             raise DataError(f"{path.name} has no column(s) {missing}; its columns are {header}")
         idx = {c: header.index(c) for c in set(wanted)}

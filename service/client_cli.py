@@ -7,6 +7,7 @@ import contextlib
 import csv
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,10 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         "--csv", required=True, help="CSV with a header row holding the model's feature columns (or vega:NAME.csv)"
     )
     p.add_argument("--server", default="127.0.0.1:50051", help="gRPC address of a running server (default %(default)s)")
-    p.add_argument("--model", default=None, help="model name (default: the server's only or first model)")
+    p.add_argument(
+        "--model", default=None,
+        help="model name (default: the server's only model, or the only one whose features are all CSV columns)",
+    )  # fmt: skip
     p.add_argument("--version", default=None, help="model version (default: the newest)")
     p.add_argument("--time-col", default=None, help="column printed as the first output column (e.g. date)")
     p.add_argument("--limit", type=int, default=None, help="stream only the first N rows")
@@ -26,6 +30,20 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         "--plot", type=Path, default=None,
         help="also draw forecasts against the actual target, and the live error the server scored, to this PNG",
     )  # fmt: skip
+
+
+def pick_model(models: list[Any], path: Path) -> str | None:
+    """The model to stream a CSV through when none is named: the only one served, else the only one whose
+    features are all columns of the CSV (None when that is not exactly one)."""
+    if len({m.name for m in models}) == 1:
+        return str(models[0].name)
+    try:
+        with path.open(newline="") as f:
+            header = {h.strip() for h in next(csv.reader(f), [])}
+    except OSError:
+        return None
+    fits = sorted({m.name for m in models if set(m.features) <= header})
+    return fits[0] if len(fits) == 1 else None
 
 
 def run_stream(a: argparse.Namespace) -> int:
@@ -38,6 +56,11 @@ def run_stream(a: argparse.Namespace) -> int:
             print("error: --plot needs matplotlib: make install-dev (or .venv/bin/pip install matplotlib)",
                   file=sys.stderr)  # fmt: skip
             return 2
+    try:
+        path = csv_path(a.csv)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
     try:
         with Client(a.server) as client:
@@ -45,11 +68,16 @@ def run_stream(a: argparse.Namespace) -> int:
             if not models:
                 print("error: the server has no models", file=sys.stderr)
                 return 1
-            name = a.model or models[0].name
+            name = a.model or pick_model(models, path)
+            if name is None:
+                names = ", ".join(sorted({m.name for m in models}))
+                print(f"error: the server serves {names}, and the CSV's columns fit more than one or none of "
+                      "them; pass --model NAME", file=sys.stderr)  # fmt: skip
+                return 2
             info = client.get_model(name, a.version)
             features = tuple(info.features)
             try:
-                series = load_csv(csv_path(a.csv), features[0], features, a.time_col)
+                series = load_csv(path, features[0], features, a.time_col)
             except DataError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
