@@ -59,6 +59,9 @@ def plot_report(
         color, ls = styles.get(name, ("tab:green", "-"))
         steps = np.arange(1, len(m["mae_by_step"]) + 1)
         ax2.plot(steps, m["mae_by_step"], color=color, ls=ls, marker="o", label=f"{name} (mean {m['mae_mean']:.2f})")
+    maes = [v for m in metrics.values() for v in m["mae_by_step"] if v > 0]
+    if maes and max(maes) > 10 * min(maes):
+        ax2.set_yscale("log")  # NOTE: a weak baseline would otherwise flatten the others into one line
     ax2.set_xlabel("horizon step")
     ax2.set_ylabel(f"MAE ({target})")
     ax2.set_title("Test MAE by horizon step")

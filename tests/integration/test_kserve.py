@@ -49,12 +49,12 @@ async def drive_tritonclient(http_port: int, grpc_port: int, seqs: np.ndarray, t
 
 
 async def test_tritonclient_http_and_grpc_drive_sequences_and_get_the_offline_forecasts(
-    make_server: ServerFactory, weather: np.ndarray, tmp_path: Path
+    make_server: ServerFactory, weather: np.ndarray, tmp_path: Path, daily_repo: Path
 ) -> None:
     """Health, metadata and config; a stateless infer; sequences over unary calls (int and string ids, [1, T, F]
     and [T, F]); four sequences interleaved on one stream: all equal one offline run per sequence. Errors reach
     tritonclient with the right status and a readable message; the steps count as protocol="kserve"."""
-    srv = await make_server(max_queue_delay_ms=2)
+    srv = await make_server(max_queue_delay_ms=2, models=daily_repo)  # NOTE: one model: unloading it is refused
     seqs = sequences(weather)
     got = await drive_tritonclient(srv.http_port, srv.grpc_port, seqs, tmp_path)
     want = [reference_run(s) for s in seqs]

@@ -160,6 +160,30 @@ async def test_stream_command_pipes_a_csv_through_a_session(server: Server, tmp_
     assert await server.store.count() == 0
 
 
+async def test_stream_command_picks_the_model_whose_features_the_csv_holds(server: Server, tmp_path: Path) -> None:
+    """With both shipped models served and no --model, the hourly CSV streams through the hourly model (24
+    forecasts per row); a CSV that fits neither is refused with the models' names and what to pass."""
+    assert {m.name for m in server.dataplane.repo.all()} == {"seattle-weather", "seattle-temps"}
+    for csv_arg, limit in (("vega:seattle-temps.csv", "5"), (str(tmp_path / "other.csv"), "1")):
+        (tmp_path / "other.csv").write_text("when,load\n1,2\n")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.cli", "stream", "--csv", csv_arg, "--limit", limit,
+            "--server", f"127.0.0.1:{server.grpc_port}", "--time-col", "date",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        if csv_arg.startswith("vega:"):
+            assert proc.returncode == 0, err.decode()
+            table = list(csv.reader(io.StringIO(out.decode())))
+            assert table[0] == ["date", *[f"temp[t+{k}]" for k in range(1, 25)]]
+            assert len(table) == 6
+        else:
+            assert proc.returncode == 2
+            assert "serves seattle-temps, seattle-weather" in err.decode()
+            assert "--model NAME" in err.decode()
+    assert await server.store.count() == 0
+
+
 async def test_stream_command_explains_a_missing_server(tmp_path: Path) -> None:
     """Without a server, `lstm-serve stream` exits 1 with advice, not a traceback."""
     (tmp_path / "a.csv").write_text("precipitation,temp_max,temp_min,wind\n0,1,2,3\n")

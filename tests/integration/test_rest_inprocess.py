@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from service.app import Server
 from service.core.dataplane import DataPlane, Limits
 from service.core.sessions import MemorySessionStore
 from service.metrics import Metrics
@@ -17,13 +17,14 @@ from service.repository import ModelRepository
 from service.rest.app import create_app
 from tests.conftest import SHIPPED_REPO
 from tests.fixtures import SHIPPED_CARD, reference_run
+from tests.integration.conftest import ServerFactory
 
 SHIPPED_H = SHIPPED_CARD.hidden_size  # H of the shipped model (its card says)
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    repo = ModelRepository.load(SHIPPED_REPO)
+async def client(daily_repo: Path) -> AsyncIterator[httpx.AsyncClient]:
+    repo = ModelRepository.load(daily_repo)  # NOTE: one model, so that the OpenAPI document states its dimensions
     store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=10)
     metrics = Metrics()
     dp = DataPlane(repo, store, metrics, Limits())
@@ -49,6 +50,22 @@ async def test_session_steps_in_process_match_offline_run(client: httpx.AsyncCli
     assert (r.status_code, r.json()["code"]) == (404, "session_not_found")
 
 
+async def test_with_both_shipped_models_the_document_lists_both_and_leaves_their_dimensions_open() -> None:
+    """The shipped repository serves two models of different F and H: the OpenAPI document names both and
+    states no row width or state shape that one of them would refuse."""
+    repo = ModelRepository.load(SHIPPED_REPO)
+    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=10)
+    metrics = Metrics()
+    dp = DataPlane(repo, store, metrics, Limits())
+    schema = create_app(dp, metrics, max_body_bytes=1024 * 1024).openapi()
+    bodies = schema["components"]["schemas"]
+    assert bodies["CreateSessionBody"]["properties"]["model"]["enum"] == ["seattle-temps", "seattle-weather"]
+    row = bodies["StepBody"]["properties"]["inputs"]["items"]
+    assert "maxItems" not in row
+    assert row["minItems"] == 1
+    assert "maxItems" not in bodies["SnapshotBody"]["properties"]["h"].get("items", {})
+
+
 async def test_models_and_readiness_in_process(client: httpx.AsyncClient) -> None:
     """The model list, model details and readiness answer in-process."""
     models = (await client.get("/v1/models")).json()["models"]
@@ -60,9 +77,10 @@ async def test_models_and_readiness_in_process(client: httpx.AsyncClient) -> Non
     assert (await client.get("/readyz")).json()["status"] == "ready"
 
 
-async def test_openapi_states_the_constraints_the_server_enforces(server: Server) -> None:
+async def test_openapi_states_the_constraints_the_server_enforces(make_server: ServerFactory, daily_repo: Path) -> None:
     """Session ids (pattern, 1-128 characters), at least one step of at least one value, the served model names
     and valid examples are in the document, so that conforming clients and generators are not refused."""
+    server = await make_server(models=daily_repo)
     schema = server.rest_app.openapi()
     bodies = schema["components"]["schemas"]
     sid = bodies["CreateSessionBody"]["properties"]["session_id"]
