@@ -17,6 +17,7 @@ import numpy as np
 
 from model.config import TrainConfig
 from model.data import DataError, Series
+from model.evaluate import log_if_spread
 from model.train import load_series, train
 
 MODELS = ("lstm", "persistence", "ridge", "seasonal")  # NOTE: seasonal only with --season
@@ -84,7 +85,7 @@ def summarize(folds: list[dict[str, Any]]) -> dict[str, Any]:
     wins = [
         f["lstm"]["mae_h1"] < f["ridge"]["mae_h1"] and f["lstm"]["mae_mean"] < f["ridge"]["mae_mean"] for f in folds
     ]
-    summary["lstm_beats_ridge_in"] = f"{sum(wins)} of {len(folds)} folds (day 1 and the horizon mean)"
+    summary["lstm_beats_ridge_in"] = f"{sum(wins)} of {len(folds)} folds (step 1 and the horizon mean)"
     return summary
 
 
@@ -126,6 +127,7 @@ def plot(result: dict[str, Any], path: Path, target: str) -> None:
             offset = (k - (len(models) - 1) / 2) * width
             ax.bar(xs + offset, [f[m][key] for f in folds], width, color=colors[m], label=m)
         ax.set_xticks(xs, [f"{f['fold']}: {f['test_period'][0][:7]}" for f in folds], fontsize=8)
+        log_if_spread(ax, [f[m][key] for f in folds for m in models])
         ax.set_ylabel(f"MAE ({target})")
         ax.set_title(f"MAE {title}, per fold")
         ax.legend(fontsize=8)
@@ -135,6 +137,7 @@ def plot(result: dict[str, Any], path: Path, target: str) -> None:
         steps = np.arange(1, len(mean) + 1)
         ax.plot(steps, mean, marker="o", color=colors[m], label=m)
         ax.fill_between(steps, mean - std, mean + std, color=colors[m], alpha=0.15)
+    log_if_spread(ax, [v for m in models for v in s[m]["mae_by_step_mean"]])
     ax.set_xlabel("horizon step")
     ax.set_title("MAE by step: mean ± std over folds")
     ax.legend(fontsize=8)

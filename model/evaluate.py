@@ -25,6 +25,14 @@ def scores(pred: F32, actual: F32) -> dict[str, Any]:
     }
 
 
+def log_if_spread(ax: Any, values: list[float]) -> None:
+    """A logarithmic y axis when the values span more than 10x: a weak baseline would otherwise flatten the
+    others into one line."""
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > 10 * min(positive):
+        ax.set_yscale("log")
+
+
 def plot_report(
     path: Path,
     times: list[str],
@@ -59,9 +67,7 @@ def plot_report(
         color, ls = styles.get(name, ("tab:green", "-"))
         steps = np.arange(1, len(m["mae_by_step"]) + 1)
         ax2.plot(steps, m["mae_by_step"], color=color, ls=ls, marker="o", label=f"{name} (mean {m['mae_mean']:.2f})")
-    maes = [v for m in metrics.values() for v in m["mae_by_step"] if v > 0]
-    if maes and max(maes) > 10 * min(maes):
-        ax2.set_yscale("log")  # NOTE: a weak baseline would otherwise flatten the others into one line
+    log_if_spread(ax2, [v for m in metrics.values() for v in m["mae_by_step"]])
     ax2.set_xlabel("horizon step")
     ax2.set_ylabel(f"MAE ({target})")
     ax2.set_title("Test MAE by horizon step")

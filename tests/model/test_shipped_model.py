@@ -122,3 +122,10 @@ def test_readme_reports_the_hourly_model_as_recorded() -> None:
     test = json.loads((HOURLY_MODEL / "model.json").read_text())["metrics"]["test"]
     for name in ("lstm", "persistence", "seasonal", "ridge"):
         assert f"| {test[name]['mae_h1']:.3f} | {test[name]['mae_mean']:.3f} |" in section, name
+
+
+def test_readme_reports_the_hourly_backtest_as_recorded() -> None:
+    from model.backtest import table
+
+    readme = (ROOT / "README.md").read_text()
+    assert table(json.loads((HOURLY_MODEL / "backtest.json").read_text())) in readme
