@@ -11,7 +11,7 @@ REDIS_PORT ?= 6379
 # NOTE: Triton's own client, for the KServe v2 compatibility tests; its own venv, since it pins protobuf<7
 TRITON_VENV := build/tritonclient-venv
 
-.PHONY: help serve model backtest backtest-hourly test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke soak \
+.PHONY: help serve model backtest backtest-hourly seeds test lint typecheck proto check-proto pytest clean install-serve install-dev redis smoke soak \
 	triton-venv \
 	bench bench-smoke
 
@@ -58,6 +58,9 @@ model: $(VENV)/.dev  ## retrain and re-export the shipped models (models/seattle
 
 backtest: $(VENV)/.dev  ## the shipped model's rolling-origin backtest (4 folds, ~3 min): models/seattle-weather/1/backtest.*
 	$(BIN)/lstm-serve backtest --name seattle-weather --folds 4 --out models/seattle-weather/1
+
+seeds: $(VENV)/.dev  ## the default recipe from top-level seeds 1-5 (~4 min): models/seattle-weather/1/seeds.*
+	$(BIN)/lstm-serve seeds --name seattle-weather --seeds 1 2 3 4 5 --out models/seattle-weather/1
 
 backtest-hourly: $(VENV)/.dev  ## the hourly model's rolling-origin backtest (4 folds, ~3 min): models/seattle-temps/1/backtest.*
 	$(BIN)/lstm-serve backtest $(HOURLY) --folds 4 --out models/seattle-temps/1

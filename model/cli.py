@@ -197,6 +197,37 @@ def add_backtest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="where to write backtest.json and backtest.png (default runs/<name>/)")
 
 
+def add_seeds_arguments(p: argparse.ArgumentParser) -> None:
+    add_train_arguments(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="top-level seeds (default 1-5)")
+    p.add_argument("--out", type=Path, help="where to write seeds.json and seeds.png (default runs/<name>/)")
+
+
+def run_seeds(a: argparse.Namespace) -> int:
+    """Train the recipe once per top-level seed; print the spread, write JSON and a plot."""
+    import json
+
+    from model.data import DataError
+    from model.seeds import plot, seed_spread, table
+
+    if a.csv is not None and not a.target:
+        print("error: --csv needs --target COL (the column to forecast)", file=sys.stderr)
+        return 2
+    cfg = config_from_args(a)
+    try:
+        result = seed_spread(cfg, a.seeds, progress=not a.no_progress)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = a.out or Path("runs") / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "seeds.png", cfg.target)
+    print(table(result))
+    print(f"wrote {out / 'seeds.json'} and {out / 'seeds.png'}")
+    return 0
+
+
 def run_backtest(a: argparse.Namespace) -> int:
     """Train one model per fold and score it and both baselines; print the table, write JSON and a plot."""
     import json

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands; training ones import torch only when they run."""
-    from model.cli import add_backtest_arguments, add_export_arguments, add_train_arguments
+    from model.cli import add_backtest_arguments, add_export_arguments, add_seeds_arguments, add_train_arguments
 
     parser = argparse.ArgumentParser(
         prog="lstm-serve",
@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         "writes backtest.json and backtest.png. Takes the flags of `train`. Needs the `train` extra (torch).",
     )
     add_backtest_arguments(p)
+    p = sub.add_parser(
+        "seeds",
+        help="train the same recipe from several top-level seeds and show the spread of the test MAE",
+        description="Train once per --seeds value (each as `train --seed S` would), score each on the same test "
+        "part, print the spread (the trained models' and their single members'), write seeds.json and seeds.png. "
+        "Takes the flags of `train`. Needs the `train` extra (torch).",
+    )
+    add_seeds_arguments(p)
     p = sub.add_parser("export", help="re-export a training checkpoint to ONNX")
     add_export_arguments(p)
     p = sub.add_parser(
@@ -107,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model.cli import run_train
 
         return run_train(args)
+    if args.command == "seeds":
+        from model.cli import run_seeds
+
+        return run_seeds(args)
     if args.command == "backtest":
         from model.cli import run_backtest
 

@@ -50,3 +50,26 @@ def test_backtest_command_prints_the_table_and_writes_json_and_a_plot(tmp_path: 
                          capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
     assert bad.returncode == 1
     assert "use fewer --folds" in bad.stderr
+
+
+def test_seed_spread_trains_one_run_per_seed_and_plots_every_member(tmp_path: Path) -> None:
+    """Two top-level seeds of a tiny 2-member recipe: two runs whose members are seeds S and S + 1, the summary
+    spans exactly the recorded numbers, and the table and plot are written."""
+    from model.seeds import plot, seed_spread, table
+
+    cfg = TrainConfig(**{**TINY, "ensemble": 2})
+    result = seed_spread(cfg, [3, 7], progress=False, log=lambda *_: None)
+    assert [r["seed"] for r in result["runs"]] == [3, 7]
+    assert [r["member_seeds"] for r in result["runs"]] == [[3, 4], [7, 8]]
+    assert set(result["baselines"]) == {"persistence", "ridge"}
+    h1 = [r["lstm"]["mae_h1"] for r in result["runs"]]
+    assert (result["summary"]["lstm"]["mae_h1"]["min"], result["summary"]["lstm"]["mae_h1"]["max"]) == (
+        min(h1),
+        max(h1),
+    )
+    from model.seeds import distinct_members
+
+    assert len(distinct_members(result["runs"])) == 4  # NOTE: seeds 3, 4, 7, 8
+    plot(result, tmp_path / "seeds.png", "temp_max")
+    assert (tmp_path / "seeds.png").stat().st_size > 10_000
+    assert table(result).count("\n") == 2 + 2 + 2

@@ -129,3 +129,10 @@ def test_readme_reports_the_hourly_backtest_as_recorded() -> None:
 
     readme = (ROOT / "README.md").read_text()
     assert table(json.loads((HOURLY_MODEL / "backtest.json").read_text())) in readme
+
+
+def test_readme_reports_the_seed_spread_as_recorded() -> None:
+    from model.seeds import table
+
+    readme = (ROOT / "README.md").read_text()
+    assert table(json.loads((SHIPPED_MODEL / "seeds.json").read_text())) in readme
