@@ -42,7 +42,9 @@ async def measure(
     n: int, models: Path, live_scoring: bool = True, name: str = "seattle-weather"
 ) -> dict[str, float | int | bool]:
     repo = ModelRepository.load(models, 1, live_scoring)
-    model = next(m for m in repo.all() if m.name == name)
+    model = next((m for m in repo.all() if m.name == name), None)
+    if model is None:
+        raise SystemExit(f"no model named {name!r} in {models}; there are {', '.join(repo.names())}")
     sig = model.signature
     store = MemorySessionStore({model.key: sig}, 3600.0, n + 1, "reject", wall=time.time)
     # NOTE: ids of 32 hex characters as the server generates them, made inside the measurement (the store keeps

@@ -131,8 +131,13 @@ def bench_model() -> Path:
 
 
 def model_of(models: Path) -> tuple[str, int, int, int, int, Path]:
-    """(name, features, hidden, layers, outputs, onnx path) of the one model in a repository."""
-    card_path = next(models.glob("*/*/model.json"))
+    """(name, features, hidden, layers, outputs, onnx path) of the model a repository is benchmarked on: the
+    default model (seattle-weather) where there is one, else the repository's only model."""
+    cards = sorted(models.glob("*/*/model.json"))
+    named = [c for c in cards if c.parent.parent.name == "seattle-weather"]
+    if not named and len(cards) != 1:
+        raise SystemExit(f"{models} holds {len(cards)} models and no seattle-weather: which one to benchmark?")
+    card_path = (named or cards)[-1]
     card = json.loads(card_path.read_text())
     return (card_path.parent.parent.name, len(card["features"]), card["hidden_size"], card["num_layers"],
             len(card["targets"]), card_path.parent / "model.onnx")  # fmt: skip

@@ -20,8 +20,8 @@ def seasonal_naive(target: F32, origins: I64, horizon: int, period: int) -> F32:
     "same hour yesterday"): step k of origin t is `target[t + k - period * ceil(k / period)]`, k = 1..horizon."""
     k = np.arange(1, horizon + 1)
     lag = period * -(-k // period)  # NOTE: ceil(k / period) seasons back, so every value is already observed
-    if int(origins.min()) + 1 - int(lag.max()) < 0:
-        raise ValueError(f"origin {int(origins.min())} has less than {int(lag.max())} steps of history")
+    if int(origins.min()) + 1 - period < 0:  # NOTE: the earliest value read is target[t + 1 - period]
+        raise ValueError(f"origin {int(origins.min())} has less than {period} steps of history")
     out: F32 = target[origins[:, None] + k[None, :] - lag[None, :]].astype(np.float32)
     return out
 

@@ -84,6 +84,11 @@ def prepare(cfg: TrainConfig, series: Series | None = None) -> Prepared:
         )
     if cfg.highway_lags < 1:
         raise DataError(f"highway_lags ({cfg.highway_lags}) must be at least 1")
+    if cfg.highway and cfg.highway_lags > cfg.window:
+        raise DataError(
+            f"highway_lags ({cfg.highway_lags}) must be at most window ({cfg.window}): the loss starts once the "
+            "highway's window is full"
+        )
     origins = forecast_origins(split, cfg.horizon, cfg.context)
     return Prepared(series, split, scaler, tx, ty, vx, vy, origins, residual_index)
 

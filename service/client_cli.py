@@ -38,10 +38,10 @@ def pick_model(models: list[Any], path: Path) -> str | None:
     if len({m.name for m in models}) == 1:
         return str(models[0].name)
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:  # NOTE: as load_csv reads it
             header = {h.strip() for h in next(csv.reader(f), [])}
-    except OSError:
-        return None
+    except (OSError, UnicodeDecodeError):
+        return str(models[0].name)  # NOTE: load_csv then says what is wrong with the file
     fits = sorted({m.name for m in models if set(m.features) <= header})
     return fits[0] if len(fits) == 1 else None
 
@@ -58,6 +58,8 @@ def run_stream(a: argparse.Namespace) -> int:
             return 2
     try:
         path = csv_path(a.csv)
+        if not path.is_file():
+            raise DataError(f"CSV file not found: {path}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

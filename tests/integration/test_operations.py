@@ -181,6 +181,13 @@ async def test_stream_command_picks_the_model_whose_features_the_csv_holds(serve
             assert proc.returncode == 2
             assert "serves seattle-temps, seattle-weather" in err.decode()
             assert "--model NAME" in err.decode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "stream", "--csv", str(tmp_path / "missing.csv"),
+        "--server", f"127.0.0.1:{server.grpc_port}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, err.decode().strip()) == (1, f"error: CSV file not found: {tmp_path / 'missing.csv'}")
     assert await server.store.count() == 0
 
 

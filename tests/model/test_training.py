@@ -184,7 +184,14 @@ def test_seasonal_naive_repeats_the_value_one_season_earlier() -> None:
     # step k of origin t: target[t + k - 3 * ceil(k / 3)]
     np.testing.assert_array_equal(got, [[28, 29, 30, 28, 29], [48, 49, 50, 48, 49]])
     with pytest.raises(ValueError, match="history"):
-        seasonal_naive(target, np.array([2]), horizon=5, period=3)
+        seasonal_naive(target, np.array([1]), horizon=5, period=3)
+    # NOTE: a horizon past one season reads no further back than one season
+    np.testing.assert_array_equal(seasonal_naive(target, np.array([2]), horizon=4, period=3), [[0, 1, 2, 0]])
+
+
+def test_a_highway_longer_than_the_training_window_is_refused_before_training() -> None:
+    with pytest.raises(DataError, match=r"highway_lags \(20\) must be at most window \(16\)"):
+        prepare(TrainConfig(**{**TINY, "highway": True, "highway_lags": 20, "context": 20}))
 
 
 def test_csv_vega_prefix_names_a_file_shipped_in_vega_datasets() -> None:
