@@ -114,7 +114,9 @@ async def test_gru_sessions_batch_together_and_move_between_replicas_by_snapshot
         firsts = await asyncio.gather(
             *(ra.post(f"/v1/sessions/{sid}/steps", json={"inputs": x[i, :3].tolist()}) for i, sid in enumerate(ids))
         )
-        assert all(r.status_code == 200 for r in firsts)
+        assert all(r.status_code == 200 for r in firsts), [
+            (r.status_code, r.text) for r in firsts if r.status_code != 200
+        ]
         batches = a.metrics.registry.get_sample_value("lstm_batch_size_count", {"model": "my-gru/1"}) or 0
         assert batches < 16  # NOTE: some of the sixteen shared a batch
         snap = (await ra.get("/v1/sessions/gru-0/state")).json()
