@@ -32,8 +32,8 @@ def default_csv_path(name: str = "seattle-weather.csv") -> Path:
     spec = importlib.util.find_spec("vega_datasets")
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            "the default dataset needs the vega_datasets package: pip install -e '.[train]' "
-            "(or pass --csv PATH --target COL)"
+            f"{name} ships in the vega_datasets package, which is not installed: pip install -e '.[train]' "
+            "(make install-dev), or pass a CSV path"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "_data" / name
     if not path.is_file():
