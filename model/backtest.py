@@ -17,7 +17,7 @@ import numpy as np
 
 from model.config import TrainConfig
 from model.data import DataError, Series
-from model.evaluate import log_if_spread
+from model.evaluate import log_if_spread, save_figure
 from model.train import load_series, train
 
 MODELS = ("lstm", "persistence", "ridge", "seasonal")  # NOTE: seasonal only with --season
@@ -142,7 +142,4 @@ def plot(result: dict[str, Any], path: Path, target: str) -> None:
     ax.set_title("MAE by step: mean ± std over folds")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

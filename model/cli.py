@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from model.config import TrainConfig
 from model.data import VEGA_PREFIX
@@ -205,34 +207,33 @@ def add_seeds_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_seeds(a: argparse.Namespace) -> int:
     """Train the recipe once per top-level seed; print the spread, write JSON and a plot."""
-    import json
+    from model import seeds
 
-    from model.data import DataError
-    from model.seeds import plot, seed_spread, table
-
-    if a.csv is not None and not a.target:
-        print("error: --csv needs --target COL (the column to forecast)", file=sys.stderr)
-        return 2
-    cfg = config_from_args(a)
-    try:
-        result = seed_spread(cfg, a.seeds, progress=not a.no_progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    out = a.out or Path("runs") / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "seeds.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / "seeds.png", cfg.target)
-    print(table(result))
-    print(f"wrote {out / 'seeds.json'} and {out / 'seeds.png'}")
-    return 0
+    return run_study(
+        a, "seeds", lambda cfg, progress: seeds.seed_spread(cfg, a.seeds, progress), seeds.plot, seeds.table
+    )
 
 
 def run_backtest(a: argparse.Namespace) -> int:
     """Train one model per fold and score it and both baselines; print the table, write JSON and a plot."""
+    from model import backtest
+
+    return run_study(
+        a, "backtest", lambda cfg, progress: backtest.backtest(cfg, a.folds, progress), backtest.plot, backtest.table
+    )
+
+
+def run_study(
+    a: argparse.Namespace,
+    stem: str,
+    study: Callable[[TrainConfig, bool], dict[str, Any]],
+    plot: Callable[[dict[str, Any], Path, str], None],
+    table: Callable[[dict[str, Any]], str],
+) -> int:
+    """What `backtest` and `seeds` share: check the flags, run the study, write <stem>.json and <stem>.png into
+    --out (default runs/<name>/), print its table."""
     import json
 
-    from model.backtest import backtest, plot, table
     from model.data import DataError
 
     if a.csv is not None and not a.target:
@@ -240,16 +241,16 @@ def run_backtest(a: argparse.Namespace) -> int:
         return 2
     cfg = config_from_args(a)
     try:
-        result = backtest(cfg, a.folds, progress=not a.no_progress)
+        result = study(cfg, not a.no_progress)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = a.out or Path("runs") / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "backtest.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / "backtest.png", cfg.target)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / f"{stem}.png", cfg.target)
     print(table(result))
-    print(f"wrote {out / 'backtest.json'} and {out / 'backtest.png'}")
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.png'}")
     return 0
 
 

@@ -25,6 +25,16 @@ def scores(pred: F32, actual: F32) -> dict[str, Any]:
     }
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write as PNG (creating the directory) and close: the end of every plot here."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def log_if_spread(ax: Any, values: list[float]) -> None:
     """A logarithmic y axis when the values span more than 10x: a weak baseline would otherwise flatten the
     others into one line."""
@@ -74,7 +84,4 @@ def plot_report(
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

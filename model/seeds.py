@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from model.config import TrainConfig
-from model.evaluate import log_if_spread
+from model.evaluate import log_if_spread, save_figure
 from model.train import load_series, train
 
 
@@ -92,10 +92,7 @@ def plot(result: dict[str, Any], path: Path, target: str) -> None:
     ax.set_title("Spread over top-level seeds (same data, same test part)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(result: dict[str, Any]) -> str:
