@@ -118,6 +118,11 @@ class StreamReply:
 BLOCK_MIN_ITEMS = 8  # NOTE: from this many sessions of one shape, a step batch runs faster as a block (measured)
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 feature value', '4 feature values'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def check_seq(seq: int | None) -> None:
     """A step's seq, when it has one, counts from 1."""
     if seq is not None and seq < 1:
@@ -308,7 +313,7 @@ class DataPlane:
         sig = model.signature
         if x.ndim != 2:
             raise InvalidInputError(
-                f"inputs must be a list of steps, each a list of {sig.features} numbers ([T, F]); "
+                f"inputs must be a list of steps, each a list of {plural(sig.features, 'number')} ([T, F]); "
                 f"got {x.ndim} dimension(s)"
             )
         t, f = x.shape
@@ -320,7 +325,7 @@ class DataPlane:
             )
         if f != sig.features:
             raise InvalidInputError(
-                f"each step must have {sig.features} feature values ({', '.join(model.card.features)}) for "
+                f"each step must have {plural(sig.features, 'feature value')} ({', '.join(model.card.features)}) for "
                 f"{model.describe()}; got {f}"
             )
         if x.dtype != np.float32 and not np.issubdtype(x.dtype, np.number):

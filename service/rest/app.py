@@ -585,8 +585,8 @@ def create_app(
         served model names and a valid example, so that clients and generators can open real sessions."""
         schema = generate()
         names = dp.repo.names()
-        first = dp.get_model(names[0])
-        example_row = [0.0] * first.signature.features
+        # NOTE: one example per served model, in the order of the names: a session of names[i] takes rows[i]
+        example_rows = [[0.0] * dp.get_model(name).signature.features for name in names]
         for path, operations in schema.get("paths", {}).items():
             for op in operations.values():
                 op.get("responses", {}).pop("422", None)
@@ -606,7 +606,7 @@ def create_app(
         bodies = schema.get("components", {}).get("schemas", {})
         if "CreateSessionBody" in bodies:
             bodies["CreateSessionBody"]["properties"]["model"]["enum"] = names
-            bodies["CreateSessionBody"]["examples"] = [{"model": names[0]}]
+            bodies["CreateSessionBody"]["examples"] = [{"model": name} for name in names]
         # NOTE: the v2 routes name their model in the path: say which names there are (the repository's too)
         on_disk = sorted({e.name for e in dp.live.index()}) if dp.live is not None else names
         for path, path_ops in schema["paths"].items():
@@ -618,7 +618,7 @@ def create_app(
                             param["schema"] = {"type": "string", "enum": known}
         for body in ("StepBody", "PredictBody", "PeekBody"):
             if body in bodies:
-                bodies[body]["examples"] = [{"inputs": [example_row]}]
+                bodies[body]["examples"] = [{"inputs": [row]} for row in example_rows]
         # NOTE: dimensions are stated when every served model shares them (one model, or versions alike)
         sigs = {m.runtime.signature for m in dp.repo.all()}  # NOTE: the graphs' (live scoring aside)
         if len(sigs) == 1:

@@ -64,6 +64,9 @@ async def test_with_both_shipped_models_the_document_lists_both_and_leaves_their
     assert "maxItems" not in row
     assert row["minItems"] == 1
     assert "maxItems" not in bodies["SnapshotBody"]["properties"]["h"].get("items", {})
+    # NOTE: an example per model, in the same order: a session of each takes the row of its example
+    assert bodies["CreateSessionBody"]["examples"] == [{"model": "seattle-temps"}, {"model": "seattle-weather"}]
+    assert bodies["StepBody"]["examples"] == [{"inputs": [[0.0]]}, {"inputs": [[0.0, 0.0, 0.0, 0.0]]}]
 
 
 async def test_models_and_readiness_in_process(client: httpx.AsyncClient) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -858,4 +859,20 @@ async def test_item_batches_that_could_run_as_a_block_answer_as_the_item_path_at
     assert await answers(8, queue_timeout=-1) == await answers(7, queue_timeout=-1)
     odd = np.ones((1, 3), np.bool_)
     assert (await answers(8, odd))[1] == (await answers(7, odd))[1] == "inputs must be numbers"
+    await dp.stop()
+
+
+async def test_a_one_feature_model_asks_for_one_feature_value_in_the_singular(shipped_repo: Path) -> None:
+    """The hourly shipped model takes one feature: its shape errors say '1 feature value (temp)', in words a user
+    reads without stumbling, and the state is untouched."""
+    repo = ModelRepository.load(shipped_repo)
+    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=10)
+    dp = DataPlane(repo, store, Metrics(), Limits())
+    await dp.start()
+    sid = (await dp.create_session("seattle-temps", None, None)).session_id
+    with pytest.raises(InvalidInputError, match=r"each step must have 1 feature value \(temp\) for"):
+        await dp.step(sid, np.zeros((1, 2), np.float32))
+    with pytest.raises(InvalidInputError, match=r"each a list of 1 number \(\[T, F\]\)"):
+        await dp.step(sid, np.zeros(3, np.float32))
+    assert (await dp.get_session(sid)).steps == 0
     await dp.stop()
