@@ -103,6 +103,7 @@ bench: $(VENV)/.dev redis  ## the benchmark: every target against its floor, in 
 
 bench-smoke: $(VENV)/.dev redis  ## every part of the benchmark once, tiny: checks that the harness works, not the numbers
 	$(PY) bench/run.py --smoke
+	$(PY) bench/core.py --smoke >/dev/null
 
 smoke: $(VENV)/.dev  ## build the image, run it, then the compose stack and two replicas (needs Docker)
 	bash deploy/smoke.sh
