@@ -108,7 +108,8 @@ async def test_stream_command_example_writes_csv_and_plot(server: Server, tmp_pa
 
 def test_readme_error_table_matches_the_code() -> None:
     """The README's error table is the one in service/errors.py."""
-    rows = re.findall(r"^\| (\w+) \| (\d+) \| (\w+) \|", README, re.M)
+    table = README.split("| code | HTTP | gRPC | when |", 1)[1].split("\n\n", 1)[0]  # NOTE: that table alone
+    rows = re.findall(r"^\| (\w+) \| (\d+) \| (\w+) \|", table, re.M)
     documented = {code: (int(http), grpc) for code, http, grpc in rows if code != "code"}
     actual = {c.value: (s.http_status, s.grpc_status) for c, s in ERROR_TABLE.items()}
     assert documented == actual
