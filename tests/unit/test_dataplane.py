@@ -876,3 +876,71 @@ async def test_a_one_feature_model_asks_for_one_feature_value_in_the_singular(sh
         await dp.step(sid, np.zeros(3, np.float32))
     assert (await dp.get_session(sid)).steps == 0
     await dp.stop()
+
+
+async def test_a_busy_batch_answers_every_step_as_it_would_be_answered_alone(shipped_repo: Path) -> None:
+    """Twenty sessions stepping together run as one block (whole-array gather, scoring and commit); every answer
+    (outputs, counters, a replayed retry, a seq conflict, an unknown session) and every session's state and live
+    accuracy afterwards equal those of the same calls made one at a time on a twin server."""
+    rng = np.random.default_rng(7)  # NOTE: weather-like rows: precipitation, temp_max, temp_min, wind
+    rows_of = [rng.normal([3, 15, 8, 3], [4, 6, 4, 1.5], (6, 4)).astype(np.float32) for _ in range(20)]
+
+    async def twin() -> tuple[DataPlane, Metrics]:
+        repo = ModelRepository.load(shipped_repo)
+        store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=100)
+        metrics = Metrics()
+        dp = DataPlane(repo, store, metrics, Limits(max_batch_size=64))
+        await dp.start()
+        for i in range(20):
+            await dp.create_session("seattle-weather", None, f"s{i}")
+        return dp, metrics
+
+    def calls(k: int) -> list[tuple[str, np.ndarray, int | None]]:
+        out: list[tuple[str, np.ndarray, int | None]] = [(f"s{i}", rows_of[i][k : k + 1], k + 1) for i in range(20)]
+        if k >= 1:
+            out[3] = ("s3", rows_of[3][k - 1 : k], k)  # NOTE: a retry of the last applied seq: replayed
+            out[5] = ("s5", rows_of[5][k : k + 1], k + 5)  # NOTE: a seq that does not follow: a conflict
+        out[7] = ("s7", rows_of[7][k : k + 1], None)  # NOTE: no seq
+        out.append(("nobody", rows_of[0][k : k + 1], None))  # NOTE: an unknown session
+        return out
+
+    async def answer(dp: DataPlane, sid: str, x: np.ndarray, seq: int | None) -> tuple[object, ...]:
+        try:
+            r = await dp.step(sid, x, seq)
+        except ServeError as e:
+            return (type(e).__name__, e.message)
+        return (r.outputs, r.steps, r.seq, r.replayed)
+
+    together, metrics = await twin()
+    alone, _ = await twin()
+    key = together.get_model("seattle-weather").key
+    for k in range(5):
+        got = await asyncio.gather(*(answer(together, *c) for c in calls(k)))
+        want = [await answer(alone, *c) for c in calls(k)]
+        for g, w in zip(got, want, strict=True):
+            if isinstance(w[0], str):
+                assert g == w
+            else:
+                np.testing.assert_allclose(g[0], w[0], rtol=1e-5, atol=1e-5)
+                assert g[1:] == w[1:]
+    count = metrics.registry.get_sample_value("lstm_batch_size_count", {"model": key})
+    total = metrics.registry.get_sample_value("lstm_batch_size_sum", {"model": key})
+    assert count is not None
+    assert total is not None
+    assert total / count >= 16  # NOTE: the steps did run together
+    for i in range(20):
+        a, b = await together.export_session(f"s{i}"), await alone.export_session(f"s{i}")
+        assert (a.steps, a.seq) == (b.steps, b.seq)
+        np.testing.assert_allclose(a.h, b.h, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.c, b.c, rtol=1e-5, atol=1e-5)
+        sa = together.live_accuracy(await together.get_session(f"s{i}"))
+        sb = alone.live_accuracy(await alone.get_session(f"s{i}"))
+        assert sa is not None
+        assert sb is not None
+        assert [h.count for h in sa.horizons] == [h.count for h in sb.horizons]
+        for ha, hb in zip(sa.horizons, sb.horizons, strict=True):
+            assert (ha.mae is None) == (hb.mae is None)
+            if ha.mae is not None and hb.mae is not None:
+                assert ha.mae == pytest.approx(hb.mae, rel=1e-5, abs=1e-5)
+    await together.stop()
+    await alone.stop()
