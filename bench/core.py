@@ -5,9 +5,10 @@
 
 For each batch size B it measures, on real sessions of the shipped model in the in-memory store:
   - ONNX Runtime alone: `runtime.run` on a [B, 1, F] batch (the compute floor);
-  - the batcher's item path (`Batcher._execute`): what B queued step calls cost from gather to answer, as a
-    stream or REST step at that load reaches it (one `_Work` and one future per call);
-  - the batcher's block path (`Batcher._execute_block`): the same B steps as one packed block;
+  - queued steps (`Batcher._execute`): what B queued step calls cost from gather to answer, as a stream or REST
+    step at that load reaches it (one `_Work` and one future per call; from BLOCK_ROUTE_ROWS calls on, the batch
+    runs as a block inside);
+  - a packed block (`Batcher._execute_block`): the same B steps as one block, as packed StepBatch sends them;
   - the whole core per step at batch 1: `DataPlane.stream` fed by an in-process generator (no transport).
 CPU time (process_time), so other load on the machine inflates it less than wall time; the Python path is
 what is left when ONNX Runtime's share is taken away. Prints a markdown table.
@@ -60,7 +61,7 @@ async def measure(models: Path, sizes: list[int], rounds: int, live_scoring: boo
         f"Core cost of `{model.key}` (state {sig.hidden} wide), CPU per batch and per session-step (µs), "
         f"live scoring {'on' if live_scoring else 'off'}:",
         "",
-        "| B | ONNX Runtime alone | item path | per step | block path | per step | Python share (item path) |",
+        "| B | ONNX Runtime alone | queued steps | per step | packed block | per step | Python share (queued) |",
         "|---|---|---|---|---|---|---|",
     ]
     for b in sizes:

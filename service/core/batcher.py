@@ -643,23 +643,33 @@ class Batcher:
         block = _Block(ids, x, seq, self._loop_ref.create_future())
         k, t = x.shape[0], x.shape[1]
         out = _BlockAnswer(k, t, self.model.signature.outputs)
-        bounds = [(i, min(i + self.block_rows, k)) for i in range(0, k, self.block_rows)]
+        # NOTE: one chunk, so one ONNX call as for the item path (max_batch_size bounds it): a failed run fails the
+        # whole batch, a stop mid-run commits none of it, and the batch metrics count one batch
         try:
-            await self._run_block(block, out, bounds)
+            await self._run_block(block, out, [(0, k)])
         except asyncio.CancelledError:
             stopped = UnavailableError("the server stopped before this step completed; retry")
             for i in np.flatnonzero(~out.answered).tolist():
-                out.errors.setdefault(i, stopped)  # NOTE: rows already committed keep their answers
+                out.errors.setdefault(i, stopped)  # NOTE: replays and refusals decided before the run keep theirs
             self._answer_rows(batch, out)
+            raise
+        except Exception:
+            self._answer_rows(batch, out, decided_only=True)  # NOTE: the rest get the batch loop's answer
             raise
         self._answer_rows(batch, out)
 
     @staticmethod
-    def _answer_rows(batch: list[_Work], out: _BlockAnswer) -> None:
+    def _answer_rows(batch: list[_Work], out: _BlockAnswer, decided_only: bool = False) -> None:
+        """Answer each call from its row; with `decided_only`, only the rows with an answer or an error."""
         steps, seq, replayed = out.steps.tolist(), out.seq.tolist(), out.replayed.tolist()
         for i, w in enumerate(batch):
             failed = out.errors.get(i)
-            w.resolve(failed if failed is not None else StepOutcome(out.outputs[i], steps[i], seq[i], replayed[i]))
+            if failed is not None:
+                w.resolve(failed)
+            elif out.answered[i]:
+                w.resolve(StepOutcome(out.outputs[i], steps[i], seq[i], replayed[i]))
+            elif not decided_only:  # pragma: no cover - every row of a finished block has an answer or an error
+                w.resolve(ModelError("inference failed"))
 
     async def _execute_block(self, b: _Block) -> None:
         """A step block as whole arrays, in chunks of block_rows rows (one ONNX call each), pipelined:

@@ -944,3 +944,14 @@ async def test_a_busy_batch_answers_every_step_as_it_would_be_answered_alone(shi
                 assert ha.mae == pytest.approx(hb.mae, rel=1e-5, abs=1e-5)
     await together.stop()
     await alone.stop()
+
+
+async def test_a_busy_batch_is_one_model_call_even_past_the_block_rows() -> None:
+    """A batch of queued steps larger than `block_rows` still runs as one ONNX call (as the item path does), so a
+    failed run fails the whole batch and the batch metrics count one batch."""
+    dp, rt = await make_dp(FakeRuntime(delay=0.05), max_batch_size=64, block_rows=8)
+    sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(24)]
+    results = await asyncio.gather(*(dp.step(sid, rows(i, 1)[0]) for i, sid in enumerate(sids)))
+    assert rt.calls == [24]  # NOTE: all 24 queue before the batcher runs: one batch, one call
+    assert [r.steps for r in results] == [1] * 24
+    await dp.stop()
