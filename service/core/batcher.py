@@ -70,6 +70,7 @@ INLINE_RUN_SECONDS = 0.0005
 # NOTE: a batch of at least this many single steps runs as a block (whole-array gather, scoring and commit): the
 # block path costs more per batch and less per row; this is about where it starts to win (bench/core.py)
 BLOCK_ROUTE_ROWS = 16
+STOPPED = "the server stopped before this step completed; retry"
 SCORE_FLUSH_SECONDS = 0.1  # NOTE: how stale the live-accuracy counters may be between scrapes (see flush_scores)
 
 
@@ -214,6 +215,13 @@ class _BlockAnswer:
     def outcome(self) -> BlockOutcome:
         return BlockOutcome(self.outputs, self.steps, self.seq, self.replayed, self.errors)
 
+    def stopped(self) -> None:
+        """The batcher stopped mid-block: rows already answered (committed, replayed) or refused keep their answers
+        (their sessions moved, or nothing was to move); the others are answered as not applied."""
+        stopped = UnavailableError(STOPPED)
+        for i in np.flatnonzero(~self.answered).tolist():
+            self.errors.setdefault(i, stopped)
+
 
 @dataclass(frozen=True)
 class _Chunk:
@@ -300,7 +308,7 @@ class Batcher:
                 await self._task
         self.flush_scores()
         for w in [*self._running, *self._pending]:
-            w.resolve(UnavailableError("the server stopped before this step completed; retry"))
+            w.resolve(UnavailableError(STOPPED))
         self._pending.clear()
         self._block_rows = 0
         self._running = []
@@ -648,9 +656,7 @@ class Batcher:
         try:
             await self._run_block(block, out, [(0, k)])
         except asyncio.CancelledError:
-            stopped = UnavailableError("the server stopped before this step completed; retry")
-            for i in np.flatnonzero(~out.answered).tolist():
-                out.errors.setdefault(i, stopped)  # NOTE: replays and refusals decided before the run keep theirs
+            out.stopped()
             self._answer_rows(batch, out)
             raise
         except Exception:
@@ -693,11 +699,7 @@ class Batcher:
         try:
             await self._run_block(b, out, bounds)
         except asyncio.CancelledError:
-            # NOTE: stopped mid-block: rows of chunks already committed keep their answers (their sessions moved);
-            # only the others are answered as not applied
-            stopped = UnavailableError("the server stopped before this step completed; retry")
-            for i in np.flatnonzero(~out.answered).tolist():
-                out.errors.setdefault(i, stopped)
+            out.stopped()
             b.resolve(out.outcome())
             raise
         b.resolve(out.outcome())
