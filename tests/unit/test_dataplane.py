@@ -39,6 +39,16 @@ async def make_dp(
     return dp, rt
 
 
+async def make_shipped_dp(shipped_repo: Path, **limits: float) -> tuple[DataPlane, Metrics]:
+    """A started DataPlane over the shipped models (real ONNX Runtime, live scoring) and its metrics."""
+    repo = ModelRepository.load(shipped_repo)
+    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=100)
+    metrics = Metrics()
+    dp = DataPlane(repo, store, metrics, Limits(**limits))  # type: ignore[arg-type]
+    await dp.start()
+    return dp, metrics
+
+
 def expected(x_steps: list[np.ndarray]) -> np.ndarray:
     """What FakeRuntime gives for a whole sequence run alone from zero."""
     rt = FakeRuntime()
@@ -865,10 +875,7 @@ async def test_item_batches_that_could_run_as_a_block_answer_as_the_item_path_at
 async def test_a_one_feature_model_asks_for_one_feature_value_in_the_singular(shipped_repo: Path) -> None:
     """The hourly shipped model takes one feature: its shape errors say '1 feature value (temp)', in words a user
     reads without stumbling, and the state is untouched."""
-    repo = ModelRepository.load(shipped_repo)
-    store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=10)
-    dp = DataPlane(repo, store, Metrics(), Limits())
-    await dp.start()
+    dp, _ = await make_shipped_dp(shipped_repo)
     sid = (await dp.create_session("seattle-temps", None, None)).session_id
     with pytest.raises(InvalidInputError, match=r"each step must have 1 feature value \(temp\) for"):
         await dp.step(sid, np.zeros((1, 2), np.float32))
@@ -886,11 +893,7 @@ async def test_a_busy_batch_answers_every_step_as_it_would_be_answered_alone(shi
     rows_of = [rng.normal([3, 15, 8, 3], [4, 6, 4, 1.5], (6, 4)).astype(np.float32) for _ in range(20)]
 
     async def twin() -> tuple[DataPlane, Metrics]:
-        repo = ModelRepository.load(shipped_repo)
-        store = MemorySessionStore({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=100)
-        metrics = Metrics()
-        dp = DataPlane(repo, store, metrics, Limits(max_batch_size=64))
-        await dp.start()
+        dp, metrics = await make_shipped_dp(shipped_repo, max_batch_size=64)
         for i in range(20):
             await dp.create_session("seattle-weather", None, f"s{i}")
         return dp, metrics
