@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -71,6 +72,7 @@ INLINE_RUN_SECONDS = 0.0005
 # block path costs more per batch and less per row; this is about where it starts to win (bench/core.py)
 BLOCK_ROUTE_ROWS = 16
 STOPPED = "the server stopped before this step completed; retry"
+_Run = tuple[F32, F32, F32, float, float]  # NOTE: y, hn, cn, the run's wall seconds, its CPU seconds on this thread
 SCORE_FLUSH_SECONDS = 0.1  # NOTE: how stale the live-accuracy counters may be between scrapes (see flush_scores)
 
 
@@ -495,12 +497,12 @@ class Batcher:
                         self._awaiting[w.session_id] = answered
             self._depth.set(self.queued)
 
-    def _start_run(self, x: F32, h: F32, c: F32) -> asyncio.Future[tuple[F32, F32, F32, float]]:
+    def _start_run(self, x: F32, h: F32, c: F32) -> asyncio.Future[_Run]:
         """Start the model on a batch: on the event loop (done at once) when it is expected to take less than
         INLINE_RUN_SECONDS, else in the executor thread (to await, or to overlap with other work)."""
         assert self._loop_ref is not None
         if self._per_step and self._per_step * x.shape[0] * x.shape[1] < INLINE_RUN_SECONDS:
-            done: asyncio.Future[tuple[F32, F32, F32, float]] = self._loop_ref.create_future()
+            done: asyncio.Future[_Run] = self._loop_ref.create_future()
             try:
                 done.set_result(self._timed_run(x, h, c))
             except Exception as e:
@@ -508,18 +510,26 @@ class Batcher:
             return done
         return self._loop_ref.run_in_executor(self.executor, self._timed_run, x, h, c)
 
-    def _ran(self, took: float, x: F32, rows: int) -> None:
-        """Count a model run of `rows` calls on x [B, T, F] that took `took` seconds (and learn its cost per step)."""
+    def _ran(self, took: float, cpu: float, x: F32, rows: int) -> None:
+        """Count a model run of `rows` calls on x [B, T, F] that took `took` seconds, `cpu` of them on the calling
+        thread's CPU, and learn its cost per step. A run in the executor also waits for the GIL after it (up to the
+        switch interval, 5 ms, while the event loop is busy); learning that wait once sent every later one-step
+        run to the thread to pay it again, and under a flood of requests the batcher then ran one step per loop
+        turn and refused nearly every other one. So the cost is the CPU time, unless the run waited for longer
+        than the GIL can explain (a model that waits for a device or a lock costs the loop its wall time)."""
         self._inference.observe(took)
-        per_step = took / (x.shape[0] * x.shape[1])
+        cost = took if took - cpu > 2 * sys.getswitchinterval() else cpu
+        per_step = cost / (x.shape[0] * x.shape[1])
         self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
         self._batch_size.observe(rows)
 
-    def _timed_run(self, x: F32, h: F32, c: F32) -> tuple[F32, F32, F32, float]:
-        """Run the model in the executor thread and time only the run (not the wait for a thread)."""
-        t0 = time.perf_counter()
+    def _timed_run(self, x: F32, h: F32, c: F32) -> _Run:
+        """Run the model and time only the run (not the wait for a thread): its wall and this thread's CPU time
+        (ONNX Runtime's caller thread takes part in every run, so with more intra-op threads the CPU time is
+        about the run's wall time without the waits)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
         y, hn, cn = self.model.runtime.run(x, h, c)
-        return y, hn, cn, time.perf_counter() - t0
+        return y, hn, cn, time.perf_counter() - t0, time.thread_time() - c0
 
     async def _execute(self, batch: list[_Work]) -> None:
         started = time.perf_counter()
@@ -578,13 +588,13 @@ class Batcher:
             h[:, stateful, :] = h_s[:, [run[i][2] for i in stateful], :]
             c[:, stateful, :] = c_s[:, [run[i][2] for i in stateful], :]
         try:
-            y, hn, cn, took = await self._start_run(x, h, c)
+            y, hn, cn, took, cpu = await self._start_run(x, h, c)
         except Exception:
             log.exception("ONNX Runtime failed on %s", self.model.key)
             for w, _, _ in run:
                 w.resolve(ModelError(f"{self.model.describe()} failed to run this batch"))
             return
-        self._ran(took, x, len(run))
+        self._ran(took, cpu, x, len(run))
         finite = self._finite_rows(y, hn, cn)
         idx = [i for i, (w, held, _) in enumerate(run) if held is not None and finite[i] and not w.peek]
         every = len(idx) == len(run)
@@ -718,13 +728,13 @@ class Batcher:
             if chunk is None or running is None:
                 continue
             try:
-                y, hn, cn, took = await running
+                y, hn, cn, took, cpu = await running
             except Exception:
                 log.exception("ONNX Runtime failed on %s", self.model.key)
                 for i in chunk.idx.tolist():
                     out.errors[i] = ModelError(f"{self.model.describe()} failed to run this batch")
                 continue
-            self._ran(took, chunk.x, len(chunk.idx))
+            self._ran(took, cpu, chunk.x, len(chunk.idx))
             self._steps.inc(len(chunk.idx) * t)
             finishing = asyncio.ensure_future(self._commit_chunk(b, out, chunk, y, hn, cn))
         if finishing is not None:

@@ -958,3 +958,53 @@ async def test_a_busy_batch_is_one_model_call_even_past_the_block_rows() -> None
     assert rt.calls == [24]  # NOTE: all 24 queue before the batcher runs: one batch, one call
     assert [r.steps for r in results] == [1] * 24
     await dp.stop()
+
+
+class ThreadRecordingRuntime(FakeRuntime):
+    """Records the thread of every run; its first run waits `first_wait` seconds without computing, as a run in
+    the executor does while it waits for the GIL behind a busy event loop."""
+
+    def __init__(self, first_wait: float = 0.0) -> None:
+        super().__init__()
+        self.first_wait = first_wait
+        self.threads: list[int] = []
+
+    def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import threading
+
+        if self.first_wait and not self.threads:
+            time.sleep(self.first_wait)
+        self.threads.append(threading.get_ident())
+        return super().run(x, h0, c0)
+
+
+async def test_a_run_that_waited_in_its_thread_does_not_send_later_single_steps_to_the_thread() -> None:
+    """A run in the executor that waited there (for the GIL, behind a busy event loop: up to the 5 ms switch
+    interval) once taught the batcher that a step costs that much, so every later one-step run took the thread and
+    paid the wait again; under a flood of requests the server then refused nearly every step. The cost it learns
+    is the run's CPU time, where the wait is no more than the GIL can explain."""
+    import threading
+
+    dp, rt = await make_dp(ThreadRecordingRuntime(first_wait=0.004))
+    sid = (await dp.create_session("fake", None, None)).session_id
+    await dp.step(sid, rows(0, 1)[0])  # NOTE: nothing learned yet: the first run takes the executor, and waits
+    for x in rows(1, 3):
+        await dp.step(sid, x)
+    loop_thread = threading.get_ident()
+    assert rt.threads[0] != loop_thread
+    assert rt.threads[1:] == [loop_thread] * 3  # NOTE: a cheap run is cheaper on the loop than a thread hop
+    await dp.stop()
+
+
+async def test_a_slow_model_keeps_running_in_the_executor() -> None:
+    """A model that waits in its run for longer than the GIL can explain (for a device or a lock: here it sleeps
+    30 ms and computes next to nothing) is costed at its wall time and never blocks the event loop."""
+    import threading
+
+    dp, rt = await make_dp(ThreadRecordingRuntime())
+    rt.delay = 0.03
+    sid = (await dp.create_session("fake", None, None)).session_id
+    for x in rows(1, 4):
+        await dp.step(sid, x)
+    assert threading.get_ident() not in rt.threads
+    await dp.stop()
