@@ -736,7 +736,10 @@ class Batcher:
                 continue
             self._ran(took, cpu, chunk.x, len(chunk.idx))
             self._steps.inc(len(chunk.idx) * t)
-            finishing = asyncio.ensure_future(self._commit_chunk(b, out, chunk, y, hn, cn))
+            if n + 1 == len(bounds):  # NOTE: the last (or only) chunk commits at once: a task would cost a loop turn
+                await self._commit_chunk(b, out, chunk, y, hn, cn)
+            else:
+                finishing = asyncio.ensure_future(self._commit_chunk(b, out, chunk, y, hn, cn))
         if finishing is not None:
             await finishing
 

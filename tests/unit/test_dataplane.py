@@ -1008,3 +1008,26 @@ async def test_a_slow_model_keeps_running_in_the_executor() -> None:
         await dp.step(sid, x)
     assert threading.get_ident() not in rt.threads
     await dp.stop()
+
+
+async def test_a_busy_batch_costs_no_more_event_loop_turns_than_a_small_one() -> None:
+    """A batch of 16 or more steps runs as a block; its only chunk commits at once instead of in a task of its
+    own, which cost one more turn of the event loop for every caller (under a flood of requests a turn is tens of
+    milliseconds, so the estimated queue wait doubled and the server refused steps it could serve)."""
+    dp, _ = await make_dp(ThreadRecordingRuntime(), max_queue_delay=0)  # NOTE: no waiting for company
+    sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(20)]
+    for _ in range(30):  # NOTE: these runs teach the batcher that a run of 20 steps is cheap: on the loop from now on
+        await asyncio.gather(*(dp.step(sid, rows(0, 1)[0]) for sid in sids))
+
+    async def turns_until_answered(n: int) -> int:
+        turns = 0
+        steps = asyncio.gather(*(dp.step(sid, rows(i, 1)[0]) for i, sid in enumerate(sids[:n])))
+        while not steps.done():
+            await asyncio.sleep(0)
+            turns += 1
+        await steps
+        return turns
+
+    small, busy = await turns_until_answered(4), await turns_until_answered(20)
+    assert busy <= small, (small, busy)
+    await dp.stop()
