@@ -168,6 +168,36 @@ class _Unanswered:
 _NO_ANSWER = _Unanswered()
 
 
+class RunCost:
+    """What a model run costs, fitted online as fixed + per step (seconds), older runs forgotten geometrically.
+
+    A run's cost is mostly fixed at small batches (the default model: ~25 us at 1 step, ~4 us per step at 64), so
+    a cost per step averaged over runs of every size overestimated a full batch several times over and sent it to
+    the executor thread, whose round trip costs more than the run. Runs of one size only are scaled in proportion
+    to their steps (the cautious guess: more steps never look cheaper than they are)."""
+
+    DECAY = 0.95  # NOTE: the weight of the run before; about the last 20 runs count
+
+    def __init__(self) -> None:
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def learn(self, steps: int, seconds: float) -> None:
+        d = self.DECAY
+        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + steps, d * self.sy + seconds
+        self.sxx, self.sxy = d * self.sxx + steps * steps, d * self.sxy + steps * seconds
+
+    def predict(self, steps: int) -> float | None:
+        """Expected seconds of a run of `steps` session-steps; None before any run."""
+        if not self.n:
+            return None
+        spread = self.n * self.sxx - self.sx * self.sx
+        if spread <= 1e-6 * self.n * self.sxx:  # NOTE: one size only so far
+            return self.sy / self.sx * steps
+        per_step = max((self.n * self.sxy - self.sx * self.sy) / spread, 0.0)
+        fixed = max((self.sy - per_step * self.sx) / self.n, 0.0)
+        return fixed + per_step * steps
+
+
 @dataclass
 class _Work:
     session_id: str | None  # None: stateless prediction from a zero state
@@ -263,7 +293,7 @@ class Batcher:
         # is over this (0: only max_queue bounds the queue)
         self.max_queue_wait = max_queue_wait
         self._per_call = 0.0  # moving average of batch time / calls in the batch (seconds), 0 until measured
-        self._per_step = 0.0  # moving average of ONNX Runtime time per session-step (seconds), 0 until measured
+        self._run_cost = RunCost()  # what an ONNX Runtime call costs by its steps, learned from the runs
         self.clock = clock
         self._pending: deque[_Work | _Block] = deque()
         self._block_rows = 0  # NOTE: queued blocks count a call per row: their rows beyond the first, in all
@@ -501,7 +531,8 @@ class Batcher:
         """Start the model on a batch: on the event loop (done at once) when it is expected to take less than
         INLINE_RUN_SECONDS, else in the executor thread (to await, or to overlap with other work)."""
         assert self._loop_ref is not None
-        if self._per_step and self._per_step * x.shape[0] * x.shape[1] < INLINE_RUN_SECONDS:
+        expected = self._run_cost.predict(x.shape[0] * x.shape[1])
+        if expected is not None and expected < INLINE_RUN_SECONDS:
             done: asyncio.Future[_Run] = self._loop_ref.create_future()
             try:
                 done.set_result(self._timed_run(x, h, c))
@@ -519,8 +550,7 @@ class Batcher:
         than the GIL can explain (a model that waits for a device or a lock costs the loop its wall time)."""
         self._inference.observe(took)
         cost = took if took - cpu > 2 * sys.getswitchinterval() else cpu
-        per_step = cost / (x.shape[0] * x.shape[1])
-        self._per_step = per_step if not self._per_step else 0.9 * self._per_step + 0.1 * per_step
+        self._run_cost.learn(x.shape[0] * x.shape[1], cost)
         self._batch_size.observe(rows)
 
     def _timed_run(self, x: F32, h: F32, c: F32) -> _Run:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.core.batcher import REPLAY_MAX_BYTES, BlockOutcome
+from service.core.batcher import REPLAY_MAX_BYTES, BlockOutcome, RunCost
 from service.core.dataplane import DataPlane, Limits, StepResult, StreamMessage, StreamOpen
 from service.core.sessions import MemorySessionStore
 from service.errors import (
@@ -1030,4 +1030,45 @@ async def test_a_busy_batch_costs_no_more_event_loop_turns_than_a_small_one() ->
 
     small, busy = await turns_until_answered(4), await turns_until_answered(20)
     assert busy <= small, (small, busy)
+    await dp.stop()
+
+
+def test_run_cost_is_fitted_as_a_fixed_cost_plus_a_cost_per_step() -> None:
+    """Runs of 1 and 64 steps (25 us fixed, 4 us a step) predict a run of 16 steps, and one size alone scales in
+    proportion to its steps."""
+    cost = RunCost()
+    assert cost.predict(1) is None
+    for _ in range(10):
+        cost.learn(1, 25e-6 + 4e-6)
+        cost.learn(64, 25e-6 + 64 * 4e-6)
+    assert cost.predict(16) == pytest.approx(25e-6 + 16 * 4e-6, rel=1e-6)
+    alone = RunCost()
+    alone.learn(2, 1e-4)
+    assert alone.predict(8) == pytest.approx(4e-4)
+
+
+class FixedCostRuntime(ThreadRecordingRuntime):
+    """Every run computes for 150 us whatever its size, as a small LSTM's run mostly does."""
+
+    def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        until = time.perf_counter() + 150e-6
+        while time.perf_counter() < until:
+            pass
+        return super().run(x, h0, c0)
+
+
+async def test_a_full_batch_of_a_model_whose_runs_cost_the_same_at_any_size_runs_on_the_event_loop() -> None:
+    """After runs of one and of a few steps, a batch of 64 steps is expected to cost what it costs (about the
+    same), not 64 times a one-step run, so it runs on the loop instead of paying a round trip to the thread."""
+    import threading
+
+    dp, rt = await make_dp(FixedCostRuntime(), max_batch_size=64)
+    sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(64)]
+    for _ in range(20):  # NOTE: ~30 runs: the first (cold) runs' weight has faded
+        await dp.step(sids[0], rows(0, 1)[0])
+    for _ in range(10):
+        await asyncio.gather(*(dp.step(sid, rows(1, 1)[0]) for sid in sids[:4]))
+    rt.threads.clear()
+    await asyncio.gather(*(dp.step(sid, rows(2, 1)[0]) for sid in sids))
+    assert rt.threads == [threading.get_ident()]
     await dp.stop()
