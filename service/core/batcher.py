@@ -72,7 +72,7 @@ INLINE_RUN_SECONDS = 0.0005
 # block path costs more per batch and less per row; this is about where it starts to win (bench/core.py)
 BLOCK_ROUTE_ROWS = 16
 STOPPED = "the server stopped before this step completed; retry"
-_Run = tuple[F32, F32, F32, float, float]  # NOTE: y, hn, cn, the run's wall seconds, its CPU seconds on this thread
+_Run = tuple[F32, F32, F32, float, float, bool]  # NOTE: y, hn, cn, wall and CPU seconds of the run, on the loop?
 SCORE_FLUSH_SECONDS = 0.1  # NOTE: how stale the live-accuracy counters may be between scrapes (see flush_scores)
 
 
@@ -169,33 +169,41 @@ _NO_ANSWER = _Unanswered()
 
 
 class RunCost:
-    """What a model run costs, fitted online as fixed + per step (seconds), older runs forgotten geometrically.
+    """Expected seconds of a model run on B sessions x T time steps, learned from the runs so far.
 
-    A run's cost is mostly fixed at small batches (the default model: ~25 us at 1 step, ~4 us per step at 64), so
-    a cost per step averaged over runs of every size overestimated a full batch several times over and sent it to
-    the executor thread, whose round trip costs more than the run. Runs of one size only are scaled in proportion
-    to their steps (the cautious guess: more steps never look cheaper than they are)."""
+    One time step of a batch is fitted online as a fixed cost plus a cost per row, older runs forgotten
+    geometrically, and a run of T steps as T of those (a little cautious: the call's own overhead is paid once). A
+    small LSTM's step is mostly fixed cost (the default model: ~25 us for one row, ~3 us a row more at 64), so a
+    cost per row averaged over runs of every width overestimated a full batch several times over and sent it to
+    the executor thread. The fit is trusted only where it is sound: within the widths seen and with a positive
+    slope; otherwise the prediction is the average cost per row times B x T, which never makes a batch wider or
+    longer than those seen look cheaper than they were per row."""
 
-    DECAY = 0.95  # NOTE: the weight of the run before; about the last 20 runs count
+    DECAY = 0.95  # NOTE: the weight of the run before: a change of cost shows within some 20 runs
 
     def __init__(self) -> None:
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.widest = 0  # the most rows of a run seen
 
-    def learn(self, steps: int, seconds: float) -> None:
-        d = self.DECAY
-        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + steps, d * self.sy + seconds
-        self.sxx, self.sxy = d * self.sxx + steps * steps, d * self.sxy + steps * seconds
+    def learn(self, rows: int, steps: int, seconds: float) -> None:
+        d, y = self.DECAY, seconds / steps
+        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + rows, d * self.sy + y
+        self.sxx, self.sxy = d * self.sxx + rows * rows, d * self.sxy + rows * y
+        self.widest = max(self.widest, rows)
 
-    def predict(self, steps: int) -> float | None:
-        """Expected seconds of a run of `steps` session-steps; None before any run."""
+    def predict(self, rows: int, steps: int) -> float | None:
+        """Expected seconds of a run of `rows` x `steps`; None before any run."""
         if not self.n:
             return None
+        proportional = self.sy / self.sx * rows * steps
         spread = self.n * self.sxx - self.sx * self.sx
-        if spread <= 1e-6 * self.n * self.sxx:  # NOTE: one size only so far
-            return self.sy / self.sx * steps
-        per_step = max((self.n * self.sxy - self.sx * self.sy) / spread, 0.0)
-        fixed = max((self.sy - per_step * self.sx) / self.n, 0.0)
-        return fixed + per_step * steps
+        if rows > self.widest or spread <= 1e-6 * self.n * self.sxx:  # NOTE: beyond the widths seen, or one only
+            return proportional
+        per_row = (self.n * self.sxy - self.sx * self.sy) / spread
+        if per_row <= 0:  # NOTE: noise (or a cold first run) against a cost that barely grows with the width
+            return proportional
+        fixed = max((self.sy - per_row * self.sx) / self.n, 0.0)
+        return (fixed + per_row * rows) * steps
 
 
 @dataclass
@@ -293,7 +301,9 @@ class Batcher:
         # is over this (0: only max_queue bounds the queue)
         self.max_queue_wait = max_queue_wait
         self._per_call = 0.0  # moving average of batch time / calls in the batch (seconds), 0 until measured
-        self._run_cost = RunCost()  # what an ONNX Runtime call costs by its steps, learned from the runs
+        self._run_cost = RunCost()  # what an ONNX Runtime call costs by its rows and steps, learned from the runs
+        self._loop_wait = 0.0  # what runs on the loop waited without computing (seconds), fading: see _ran
+        self._last_loop_wait = 0.0  # what the last run on the loop waited
         self.clock = clock
         self._pending: deque[_Work | _Block] = deque()
         self._block_rows = 0  # NOTE: queued blocks count a call per row: their rows beyond the first, in all
@@ -531,35 +541,45 @@ class Batcher:
         """Start the model on a batch: on the event loop (done at once) when it is expected to take less than
         INLINE_RUN_SECONDS, else in the executor thread (to await, or to overlap with other work)."""
         assert self._loop_ref is not None
-        expected = self._run_cost.predict(x.shape[0] * x.shape[1])
-        if expected is not None and expected < INLINE_RUN_SECONDS:
+        expected = self._run_cost.predict(x.shape[0], x.shape[1])
+        if expected is not None and expected + self._loop_wait < INLINE_RUN_SECONDS:
             done: asyncio.Future[_Run] = self._loop_ref.create_future()
             try:
-                done.set_result(self._timed_run(x, h, c))
+                done.set_result(self._timed_run(x, h, c, True))
             except Exception as e:
                 done.set_exception(e)
             return done
-        return self._loop_ref.run_in_executor(self.executor, self._timed_run, x, h, c)
+        return self._loop_ref.run_in_executor(self.executor, self._timed_run, x, h, c, False)
 
-    def _ran(self, took: float, cpu: float, x: F32, rows: int) -> None:
-        """Count a model run of `rows` calls on x [B, T, F] that took `took` seconds, `cpu` of them on the calling
-        thread's CPU, and learn its cost per step. A run in the executor also waits for the GIL after it (up to the
-        switch interval, 5 ms, while the event loop is busy); learning that wait once sent every later one-step
-        run to the thread to pay it again, and under a flood of requests the batcher then ran one step per loop
-        turn and refused nearly every other one. So the cost is the CPU time, unless the run waited for longer
-        than the GIL can explain (a model that waits for a device or a lock costs the loop its wall time)."""
+    def _ran(self, took: float, cpu: float, on_loop: bool, x: F32, rows: int) -> None:
+        """Count a model run of `rows` calls on x [B, T, F] that took `took` seconds, `cpu` of them on the CPU of
+        the thread that ran it, and learn what a run costs the event loop: its CPU time (RunCost), plus what
+        runs wait for without computing (`_loop_wait`; for ONNX Runtime on the CPU next to nothing).
+
+        A wait counts when two runs on the loop in a row show it (one may be the OS running something else), or
+        when a run in the executor waited longer than the GIL can explain: there the wall time also holds the
+        wait for the GIL after the run (up to the switch interval, 5 ms, while the event loop is busy), and
+        learning that once sent every later one-step run to the thread to pay it again (under a flood of
+        requests the batcher then ran one step per loop turn and refused nearly every other one). The wait
+        fades by RunCost.DECAY a run, so a model that waits is tried on the loop again after some dozens."""
         self._inference.observe(took)
-        cost = took if took - cpu > 2 * sys.getswitchinterval() else cpu
-        self._run_cost.learn(x.shape[0] * x.shape[1], cost)
+        waited = max(took - cpu, 0.0)
+        if on_loop:
+            seen, self._last_loop_wait = min(waited, self._last_loop_wait), waited
+        else:
+            seen = waited if waited > 2 * sys.getswitchinterval() else 0.0
+            self._last_loop_wait = max(self._last_loop_wait, seen)  # NOTE: the next run on the loop confirms it
+        self._loop_wait = max(seen, RunCost.DECAY * self._loop_wait)
+        self._run_cost.learn(x.shape[0], x.shape[1], cpu)
         self._batch_size.observe(rows)
 
-    def _timed_run(self, x: F32, h: F32, c: F32) -> _Run:
+    def _timed_run(self, x: F32, h: F32, c: F32, on_loop: bool) -> _Run:
         """Run the model and time only the run (not the wait for a thread): its wall and this thread's CPU time
-        (ONNX Runtime's caller thread takes part in every run, so with more intra-op threads the CPU time is
-        about the run's wall time without the waits)."""
+        (ONNX Runtime's caller thread takes part in every run: with more intra-op threads its CPU time was
+        measured within 0.1 % of the run's wall time)."""
         t0, c0 = time.perf_counter(), time.thread_time()
         y, hn, cn = self.model.runtime.run(x, h, c)
-        return y, hn, cn, time.perf_counter() - t0, time.thread_time() - c0
+        return y, hn, cn, time.perf_counter() - t0, time.thread_time() - c0, on_loop
 
     async def _execute(self, batch: list[_Work]) -> None:
         started = time.perf_counter()
@@ -618,13 +638,13 @@ class Batcher:
             h[:, stateful, :] = h_s[:, [run[i][2] for i in stateful], :]
             c[:, stateful, :] = c_s[:, [run[i][2] for i in stateful], :]
         try:
-            y, hn, cn, took, cpu = await self._start_run(x, h, c)
+            y, hn, cn, took, cpu, on_loop = await self._start_run(x, h, c)
         except Exception:
             log.exception("ONNX Runtime failed on %s", self.model.key)
             for w, _, _ in run:
                 w.resolve(ModelError(f"{self.model.describe()} failed to run this batch"))
             return
-        self._ran(took, cpu, x, len(run))
+        self._ran(took, cpu, on_loop, x, len(run))
         finite = self._finite_rows(y, hn, cn)
         idx = [i for i, (w, held, _) in enumerate(run) if held is not None and finite[i] and not w.peek]
         every = len(idx) == len(run)
@@ -758,13 +778,13 @@ class Batcher:
             if chunk is None or running is None:
                 continue
             try:
-                y, hn, cn, took, cpu = await running
+                y, hn, cn, took, cpu, on_loop = await running
             except Exception:
                 log.exception("ONNX Runtime failed on %s", self.model.key)
                 for i in chunk.idx.tolist():
                     out.errors[i] = ModelError(f"{self.model.describe()} failed to run this batch")
                 continue
-            self._ran(took, cpu, chunk.x, len(chunk.idx))
+            self._ran(took, cpu, on_loop, chunk.x, len(chunk.idx))
             self._steps.inc(len(chunk.idx) * t)
             if n + 1 == len(bounds):  # NOTE: the last (or only) chunk commits at once: a task would cost a loop turn
                 await self._commit_chunk(b, out, chunk, y, hn, cn)
