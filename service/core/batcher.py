@@ -68,6 +68,10 @@ REPLAY_MAX_BYTES = 1024
 # NOTE: a batch expected to run for less than this runs on the event loop: handing it to a thread and back
 # costs more than the run itself (the default model runs one step in ~25 µs); longer runs go to the executor
 INLINE_RUN_SECONDS = 0.0005
+# NOTE: a batcher with batches queued runs them back to back, without a turn of the event loop between them when
+# nothing in them waits (inline runs, the memory store); after this long it lets the loop run once: the answers
+# reach their callers, the sockets are read, other models' batchers run
+BATCHER_TURN_SECONDS = 0.005
 # NOTE: a batch of at least this many single steps runs as a block (whole-array gather, scoring and commit): the
 # block path costs more per batch and less per row; this is about where it starts to win (bench/core.py)
 BLOCK_ROUTE_ROWS = 16
@@ -505,10 +509,12 @@ class Batcher:
             await self._sleep(left)
 
     async def _loop(self) -> None:
+        resumed = time.perf_counter()  # NOTE: when the loop last let others run (see BATCHER_TURN_SECONDS)
         while True:
             if not self._pending:
                 self._idle.set()
                 await self._sleep(None)
+                resumed = time.perf_counter()
                 continue
             await self._gather_company()
             batch = self._select()
@@ -536,6 +542,9 @@ class Batcher:
                     if w.session_id is not None and w.session_id not in queued:
                         self._awaiting[w.session_id] = answered
             self._depth.set(self.queued)
+            if answered - resumed > BATCHER_TURN_SECONDS:
+                await asyncio.sleep(0)  # NOTE: deliver the answers, read the sockets, let other models' batchers run
+                resumed = time.perf_counter()
 
     def _start_run(self, x: F32, h: F32, c: F32) -> asyncio.Future[_Run]:
         """Start the model on a batch: on the event loop (done at once) when it is expected to take less than

@@ -1133,3 +1133,37 @@ async def test_a_model_that_waits_in_every_run_is_kept_off_the_event_loop() -> N
     assert sum(on_loop) <= 2, on_loop
     assert not any(on_loop[3:]), on_loop
     await dp.stop()
+
+
+class TimedRuntime(FakeRuntime):
+    """Records when every run ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended: list[float] = []
+
+    def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = super().run(x, h0, c0)
+        self.ended.append(time.perf_counter())
+        return out
+
+
+async def test_a_long_queue_of_batches_lets_the_event_loop_run_between_them() -> None:
+    """Batches that run on the loop back to back (no await in them suspends) still let the loop run every few
+    milliseconds: the first callers have their answers before the last batch of the queue has run."""
+    dp, rt = await make_dp(TimedRuntime(), max_batch_size=8)
+    sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(8)]
+    for _ in range(20):  # NOTE: the batcher learns that a run is cheap: it runs on the loop from then on
+        await asyncio.gather(*(dp.step(sid, rows(0, 1)[0]) for sid in sids))
+    rt.ended.clear()
+    answered: list[float] = []
+
+    async def step(sid: str, x: np.ndarray) -> None:
+        await dp.step(sid, x)
+        answered.append(time.perf_counter())
+
+    # NOTE: 8 sessions x 150 calls each: 150 batches of 8, at least 10 ms of batch work in all
+    await asyncio.gather(*(step(sid, x) for x in rows(1, 150) for sid in sids))
+    assert len(rt.ended) == 150
+    assert min(answered) < rt.ended[-1]
+    await dp.stop()
