@@ -2,9 +2,10 @@
 
 One batcher per model version runs one batch at a time: it takes queued calls in arrival order, at
 most one per session and all with the same number of time steps T (an LSTM cannot pad a step without
-moving its state), gathers their states, runs the model off the event loop, and scatters the new
-states back. A call that cannot join this batch keeps its place for the next one, so the steps of a
-session are applied in arrival order.
+moving its state), gathers their states, runs the model (on the event loop when the run is cheaper
+than a round trip to a thread, else in the executor thread: see RunCost), and scatters the new states
+back. A call that cannot join this batch keeps its place for the next one, so the steps of a session
+are applied in arrival order.
 
 When to run: a batch with room waits for the callers answered within the last `max_queue_delay` whose
 next call has not come yet (closed-loop callers come back within a round trip), and runs as soon as
