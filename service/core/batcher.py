@@ -69,6 +69,7 @@ REPLAY_MAX_BYTES = 1024
 # NOTE: a batch expected to run for less than this runs on the event loop: handing it to a thread and back
 # costs more than the run itself (the default model runs one step in ~25 µs); longer runs go to the executor
 INLINE_RUN_SECONDS = 0.0005
+EXECUTOR_WAIT_CAP_SECONDS = 0.01  # NOTE: see Batcher._ran
 # NOTE: a batcher with batches queued runs them back to back, without a turn of the event loop between them when
 # nothing in them waits (inline runs, the memory store); after this long it lets the loop run once: the answers
 # reach their callers, the sockets are read, other models' batchers run
@@ -174,39 +175,41 @@ _NO_ANSWER = _Unanswered()
 
 
 class RunCost:
-    """Expected seconds of a model run on B sessions x T time steps, learned from the runs so far.
+    """Expected CPU seconds of a model run on B sessions x T time steps, learned from the runs so far.
 
     One time step of a batch is fitted online as a fixed cost plus a cost per row, older runs forgotten
     geometrically, and a run of T steps as T of those (a little cautious: the call's own overhead is paid once). A
     small LSTM's step is mostly fixed cost (the default model: ~25 us for one row, ~3 us a row more at 64), so a
     cost per row averaged over runs of every width overestimated a full batch several times over and sent it to
     the executor thread. The fit is trusted only where it is sound: within the widths seen and with a positive
-    slope; otherwise the prediction is the average cost per row times B x T, which never makes a batch wider or
-    longer than those seen look cheaper than they were per row."""
+    slope. Otherwise the guess is cautious both ways: for B at least the mean width seen, the mean cost per row
+    times B; narrower, the mean cost of a step of the runs seen (a narrow call may cost as much as a wide one:
+    the fixed part does not shrink with the width); both times T."""
 
     DECAY = 0.95  # NOTE: the weight of the run before: a change of cost shows within some 20 runs
 
     def __init__(self) -> None:
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
-        self.widest = 0  # the most rows of a run seen
+        self.widest, self.narrowest = 0, 0  # the most and the fewest rows of a run seen
 
     def learn(self, rows: int, steps: int, seconds: float) -> None:
         d, y = self.DECAY, seconds / steps
         self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + rows, d * self.sy + y
         self.sxx, self.sxy = d * self.sxx + rows * rows, d * self.sxy + rows * y
         self.widest = max(self.widest, rows)
+        self.narrowest = min(self.narrowest, rows) if self.narrowest else rows
 
     def predict(self, rows: int, steps: int) -> float | None:
         """Expected seconds of a run of `rows` x `steps`; None before any run."""
         if not self.n:
             return None
-        proportional = self.sy / self.sx * rows * steps
+        cautious = max(self.sy / self.n, self.sy / self.sx * rows) * steps
         spread = self.n * self.sxx - self.sx * self.sx
-        if rows > self.widest or spread <= 1e-6 * self.n * self.sxx:  # NOTE: beyond the widths seen, or one only
-            return proportional
+        if not self.narrowest <= rows <= self.widest or spread <= 1e-6 * self.n * self.sxx:
+            return cautious  # NOTE: outside the widths seen, or one width only
         per_row = (self.n * self.sxy - self.sx * self.sy) / spread
         if per_row <= 0:  # NOTE: noise (or a cold first run) against a cost that barely grows with the width
-            return proportional
+            return cautious
         fixed = max((self.sy - per_row * self.sx) / self.n, 0.0)
         return (fixed + per_row * rows) * steps
 
@@ -308,7 +311,6 @@ class Batcher:
         self._per_call = 0.0  # moving average of batch time / calls in the batch (seconds), 0 until measured
         self._run_cost = RunCost()  # what an ONNX Runtime call costs by its rows and steps, learned from the runs
         self._loop_wait = 0.0  # what runs on the loop waited without computing (seconds), fading: see _ran
-        self._last_loop_wait = 0.0  # what the last run on the loop waited
         self.clock = clock
         self._pending: deque[_Work | _Block] = deque()
         self._block_rows = 0  # NOTE: queued blocks count a call per row: their rows beyond the first, in all
@@ -564,23 +566,25 @@ class Batcher:
     def _ran(self, took: float, cpu: float, on_loop: bool, x: F32, rows: int) -> None:
         """Count a model run of `rows` calls on x [B, T, F] that took `took` seconds, `cpu` of them on the CPU of
         the thread that ran it, and learn what a run costs the event loop: its CPU time (RunCost), plus what
-        runs wait for without computing (`_loop_wait`; for ONNX Runtime on the CPU next to nothing).
+        runs on the loop wait for without computing (`_loop_wait`, a moving average: for ONNX Runtime on the CPU
+        next to nothing; a model that waits for a device or a lock is soon kept off the loop, and tried there
+        again after some dozens of runs).
 
-        A wait counts when two runs on the loop in a row show it (one may be the OS running something else), or
-        when a run in the executor waited longer than the GIL can explain: there the wall time also holds the
-        wait for the GIL after the run (up to the switch interval, 5 ms, while the event loop is busy), and
-        learning that once sent every later one-step run to the thread to pay it again (under a flood of
-        requests the batcher then ran one step per loop turn and refused nearly every other one). The wait
-        fades by RunCost.DECAY a run, so a model that waits is tried on the loop again after some dozens."""
+        A run in the executor also waits for the GIL after it (up to the switch interval, 5 ms, while the event
+        loop is busy) and may be preempted: learning its wall time once sent every later one-step run to the
+        thread to pay the wait again, and under a flood of requests the batcher then ran one step per loop turn
+        and refused nearly every other one. So it teaches its CPU time, plus what it waited beyond what the GIL
+        explains, at most EXECUTOR_WAIT_CAP_SECONDS (a model that waits for long stays in the executor; one
+        long preemption fades as any run does)."""
         self._inference.observe(took)
         waited = max(took - cpu, 0.0)
         if on_loop:
-            seen, self._last_loop_wait = min(waited, self._last_loop_wait), waited
+            self._loop_wait = 0.8 * self._loop_wait + 0.2 * waited
+            cost = cpu
         else:
-            seen = waited if waited > 2 * sys.getswitchinterval() else 0.0
-            self._last_loop_wait = max(self._last_loop_wait, seen)  # NOTE: the next run on the loop confirms it
-        self._loop_wait = max(seen, RunCost.DECAY * self._loop_wait)
-        self._run_cost.learn(x.shape[0], x.shape[1], cpu)
+            self._loop_wait *= RunCost.DECAY
+            cost = cpu + min(max(waited - 2 * sys.getswitchinterval(), 0.0), EXECUTOR_WAIT_CAP_SECONDS)
+        self._run_cost.learn(x.shape[0], x.shape[1], cost)
         self._batch_size.observe(rows)
 
     def _timed_run(self, x: F32, h: F32, c: F32, on_loop: bool) -> _Run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -1048,11 +1049,15 @@ def test_run_cost_is_fitted_as_a_fixed_cost_plus_a_cost_per_row_and_scaled_by_th
     alone = RunCost()
     alone.learn(2, 1, 1e-4)
     assert alone.predict(2, 4) == pytest.approx(4e-4)
+    wide = RunCost()  # NOTE: full batches only: a narrow call may cost as much per step, not 1/64 of it
+    for _ in range(5):
+        wide.learn(64, 1, 200e-6)
+    assert wide.predict(1, 140) == pytest.approx(140 * 200e-6)
     cold = RunCost()  # NOTE: a slow first run of one row, then full batches: the slope comes out negative
     cold.learn(1, 1, 5e-3)
     for _ in range(5):
         cold.learn(64, 1, 200e-6)
-    assert cold.predict(1, 4096) == pytest.approx(4096 * cold.sy / cold.sx)
+    assert cold.predict(1, 4096) == pytest.approx(4096 * cold.sy / cold.n)
 
 
 class FixedCostRuntime(ThreadRecordingRuntime):
@@ -1113,25 +1118,61 @@ async def test_a_long_call_after_one_step_runs_stays_in_the_executor() -> None:
 
 
 class WaitingRuntime(ThreadRecordingRuntime):
-    """Every run waits 3 ms without computing (as for a device or a lock), then computes next to nothing."""
+    """Runs wait `wait` seconds without computing (as for a device or a lock), then compute next to nothing: every
+    run, every other run (`every=2`), or only the first (`once=True`)."""
+
+    def __init__(self, wait: float, every: int = 1, once: bool = False) -> None:
+        super().__init__()
+        self.wait, self.every, self.once = wait, every, once
+        self.waited: list[bool] = []
 
     def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        time.sleep(0.003)
+        wait = not self.waited if self.once else len(self.waited) % self.every == 0
+        if wait:
+            time.sleep(self.wait)
+        self.waited.append(wait)
         return super().run(x, h0, c0)
 
 
 async def test_a_model_that_waits_in_every_run_is_kept_off_the_event_loop() -> None:
-    """Its CPU time is tiny, but two runs on the loop in a row that waited 3 ms each show what a run costs the
-    loop: the runs after them take the executor thread."""
+    """Its CPU time is tiny, but a run on the loop that waited 3 ms shows what a run costs the loop: the runs
+    after it take the executor thread, and the loop is tried again only after some runs."""
     import threading
 
-    dp, rt = await make_dp(WaitingRuntime())
+    dp, rt = await make_dp(WaitingRuntime(0.003))
     sid = (await dp.create_session("fake", None, None)).session_id
     for x in rows(0, 12):
         await dp.step(sid, x)
     on_loop = [t == threading.get_ident() for t in rt.threads]
     assert sum(on_loop) <= 2, on_loop
-    assert not any(on_loop[3:]), on_loop
+    assert not any(a and b for a, b in itertools.pairwise(on_loop)), on_loop
+    await dp.stop()
+
+
+async def test_a_model_that_waits_in_every_other_run_is_kept_off_the_event_loop() -> None:
+    """A wait of 8 ms in every other run is caught as well (a check for two waits in a row never saw it)."""
+    import threading
+
+    dp, rt = await make_dp(WaitingRuntime(0.008, every=2))
+    sid = (await dp.create_session("fake", None, None)).session_id
+    for x in rows(0, 40):
+        await dp.step(sid, x)
+    blocked = [t == threading.get_ident() and w for t, w in zip(rt.threads, rt.waited, strict=True)]
+    assert sum(blocked) <= 3, blocked
+    await dp.stop()
+
+
+async def test_one_long_wait_in_the_executor_keeps_cheap_runs_off_the_loop_only_briefly() -> None:
+    """A run that waited a second in the executor (a long preemption, a stall) counts at most a capped wait, so
+    one-step runs are back on the event loop within some 20 runs (it took some 200 before)."""
+    import threading
+
+    dp, rt = await make_dp(WaitingRuntime(1.0, once=True))
+    sid = (await dp.create_session("fake", None, None)).session_id
+    for x in rows(0, 30):
+        await dp.step(sid, x)
+    assert rt.threads[0] != threading.get_ident()
+    assert rt.threads[-1] == threading.get_ident()
     await dp.stop()
 
 
