@@ -512,7 +512,9 @@ class Batcher:
             await self._sleep(left)
 
     async def _loop(self) -> None:
-        resumed = time.perf_counter()  # NOTE: when the loop last let others run (see BATCHER_TURN_SECONDS)
+        # NOTE: when this loop last suspended on purpose (idle, or its own yield: BATCHER_TURN_SECONDS); waits inside
+        # a batch are not counted, so after one it may yield a turn more than it had to
+        resumed = time.perf_counter()
         while True:
             if not self._pending:
                 self._idle.set()
