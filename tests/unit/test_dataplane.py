@@ -961,22 +961,34 @@ async def test_a_busy_batch_is_one_model_call_even_past_the_block_rows() -> None
     await dp.stop()
 
 
-class ThreadRecordingRuntime(FakeRuntime):
-    """Records the thread of every run; its first run waits `first_wait` seconds without computing, as a run in
-    the executor does while it waits for the GIL behind a busy event loop."""
+class RecordingRuntime(FakeRuntime):
+    """Records the thread and the end of every run. A run may first wait `wait` seconds without computing (as a
+    run in the executor waits for the GIL behind a busy event loop, or any run for a device or a lock): every
+    `every`-th run, or only the first (`once`); and it may compute (busy CPU) for `fixed + per_step * T` seconds."""
 
-    def __init__(self, first_wait: float = 0.0) -> None:
+    def __init__(
+        self, wait: float = 0.0, every: int = 1, once: bool = False, fixed: float = 0.0, per_step: float = 0.0
+    ) -> None:
         super().__init__()
-        self.first_wait = first_wait
+        self.wait, self.every, self.once, self.fixed, self.per_step = wait, every, once, fixed, per_step
         self.threads: list[int] = []
+        self.waited: list[bool] = []
+        self.ended: list[float] = []
 
     def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import threading
 
-        if self.first_wait and not self.threads:
-            time.sleep(self.first_wait)
+        wait = bool(self.wait) and (not self.waited if self.once else len(self.waited) % self.every == 0)
+        if wait:
+            time.sleep(self.wait)
+        until = time.perf_counter() + self.fixed + self.per_step * x.shape[1]
+        while time.perf_counter() < until:
+            pass
+        self.waited.append(wait)
         self.threads.append(threading.get_ident())
-        return super().run(x, h0, c0)
+        out = super().run(x, h0, c0)
+        self.ended.append(time.perf_counter())
+        return out
 
 
 async def test_a_run_that_waited_in_its_thread_does_not_send_later_single_steps_to_the_thread() -> None:
@@ -986,7 +998,7 @@ async def test_a_run_that_waited_in_its_thread_does_not_send_later_single_steps_
     is the run's CPU time, where the wait is no more than the GIL can explain."""
     import threading
 
-    dp, rt = await make_dp(ThreadRecordingRuntime(first_wait=0.004))
+    dp, rt = await make_dp(RecordingRuntime(wait=0.004, once=True))
     sid = (await dp.create_session("fake", None, None)).session_id
     await dp.step(sid, rows(0, 1)[0])  # NOTE: nothing learned yet: the first run takes the executor, and waits
     for x in rows(1, 3):
@@ -1002,7 +1014,7 @@ async def test_a_slow_model_keeps_running_in_the_executor() -> None:
     30 ms and computes next to nothing) is costed at its wall time and never blocks the event loop."""
     import threading
 
-    dp, rt = await make_dp(ThreadRecordingRuntime())
+    dp, rt = await make_dp(RecordingRuntime())
     rt.delay = 0.03
     sid = (await dp.create_session("fake", None, None)).session_id
     for x in rows(1, 4):
@@ -1015,7 +1027,7 @@ async def test_a_busy_batch_costs_no_more_event_loop_turns_than_a_small_one() ->
     """A batch of 16 or more steps runs as a block; its only chunk commits at once instead of in a task of its
     own, which cost one more turn of the event loop for every caller (under a flood of requests a turn is tens of
     milliseconds, so the estimated queue wait doubled and the server refused steps it could serve)."""
-    dp, _ = await make_dp(ThreadRecordingRuntime(), max_queue_delay=0)  # NOTE: no waiting for company
+    dp, _ = await make_dp(RecordingRuntime(), max_queue_delay=0)  # NOTE: no waiting for company
     sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(20)]
     for _ in range(30):  # NOTE: these runs teach the batcher that a run of 20 steps is cheap: on the loop from now on
         await asyncio.gather(*(dp.step(sid, rows(0, 1)[0]) for sid in sids))
@@ -1060,22 +1072,12 @@ def test_run_cost_is_fitted_as_a_fixed_cost_plus_a_cost_per_row_and_scaled_by_th
     assert cold.predict(1, 4096) == pytest.approx(4096 * cold.sy / cold.n)
 
 
-class FixedCostRuntime(ThreadRecordingRuntime):
-    """Every run computes for 150 us whatever its size, as a small LSTM's run mostly does."""
-
-    def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        until = time.perf_counter() + 150e-6
-        while time.perf_counter() < until:
-            pass
-        return super().run(x, h0, c0)
-
-
 async def test_a_full_batch_of_a_model_whose_runs_cost_the_same_at_any_size_runs_on_the_event_loop() -> None:
     """After runs of one and of a few steps, a batch of 64 steps is expected to cost what it costs (about the
     same), not 64 times a one-step run, so it runs on the loop instead of paying a round trip to the thread."""
     import threading
 
-    dp, rt = await make_dp(FixedCostRuntime(), max_batch_size=64)
+    dp, rt = await make_dp(RecordingRuntime(fixed=150e-6), max_batch_size=64)
     sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(64)]
     for _ in range(20):  # NOTE: ~30 runs: the first (cold) runs' weight has faded
         await dp.step(sids[0], rows(0, 1)[0])
@@ -1089,22 +1091,12 @@ async def test_a_full_batch_of_a_model_whose_runs_cost_the_same_at_any_size_runs
     await dp.stop()
 
 
-class PerStepCostRuntime(ThreadRecordingRuntime):
-    """Every time step of a run computes for 50 us, whatever the batch width."""
-
-    def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        until = time.perf_counter() + 50e-6 * x.shape[1]
-        while time.perf_counter() < until:
-            pass
-        return super().run(x, h0, c0)
-
-
 async def test_a_long_call_after_one_step_runs_stays_in_the_executor() -> None:
     """One call of 400 steps after one-step runs is expected to cost 400 of them (20 ms), not one: it runs in the
     executor thread instead of blocking the event loop."""
     import threading
 
-    dp, rt = await make_dp(PerStepCostRuntime())
+    dp, rt = await make_dp(RecordingRuntime(per_step=50e-6))
     sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(4)]
     for _ in range(20):
         await dp.step(sids[0], rows(0, 1)[0])
@@ -1117,29 +1109,12 @@ async def test_a_long_call_after_one_step_runs_stays_in_the_executor() -> None:
     await dp.stop()
 
 
-class WaitingRuntime(ThreadRecordingRuntime):
-    """Runs wait `wait` seconds without computing (as for a device or a lock), then compute next to nothing: every
-    run, every other run (`every=2`), or only the first (`once=True`)."""
-
-    def __init__(self, wait: float, every: int = 1, once: bool = False) -> None:
-        super().__init__()
-        self.wait, self.every, self.once = wait, every, once
-        self.waited: list[bool] = []
-
-    def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        wait = not self.waited if self.once else len(self.waited) % self.every == 0
-        if wait:
-            time.sleep(self.wait)
-        self.waited.append(wait)
-        return super().run(x, h0, c0)
-
-
 async def test_a_model_that_waits_in_every_run_is_kept_off_the_event_loop() -> None:
     """Its CPU time is tiny, but a run on the loop that waited 3 ms shows what a run costs the loop: the runs
     after it take the executor thread, and the loop is tried again only after some runs."""
     import threading
 
-    dp, rt = await make_dp(WaitingRuntime(0.003))
+    dp, rt = await make_dp(RecordingRuntime(wait=0.003))
     sid = (await dp.create_session("fake", None, None)).session_id
     for x in rows(0, 12):
         await dp.step(sid, x)
@@ -1153,7 +1128,7 @@ async def test_a_model_that_waits_in_every_other_run_is_kept_off_the_event_loop(
     """A wait of 8 ms in every other run is caught as well (a check for two waits in a row never saw it)."""
     import threading
 
-    dp, rt = await make_dp(WaitingRuntime(0.008, every=2))
+    dp, rt = await make_dp(RecordingRuntime(wait=0.008, every=2))
     sid = (await dp.create_session("fake", None, None)).session_id
     for x in rows(0, 40):
         await dp.step(sid, x)
@@ -1167,7 +1142,7 @@ async def test_one_long_wait_in_the_executor_keeps_cheap_runs_off_the_loop_only_
     one-step runs are back on the event loop within some 20 runs (it took some 200 before)."""
     import threading
 
-    dp, rt = await make_dp(WaitingRuntime(1.0, once=True))
+    dp, rt = await make_dp(RecordingRuntime(wait=1.0, once=True))
     sid = (await dp.create_session("fake", None, None)).session_id
     for x in rows(0, 30):
         await dp.step(sid, x)
@@ -1176,23 +1151,10 @@ async def test_one_long_wait_in_the_executor_keeps_cheap_runs_off_the_loop_only_
     await dp.stop()
 
 
-class TimedRuntime(FakeRuntime):
-    """Records when every run ended."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ended: list[float] = []
-
-    def run(self, x: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out = super().run(x, h0, c0)
-        self.ended.append(time.perf_counter())
-        return out
-
-
 async def test_a_long_queue_of_batches_lets_the_event_loop_run_between_them() -> None:
     """Batches that run on the loop back to back (no await in them suspends) still let the loop run every few
     milliseconds: the first callers have their answers before the last batch of the queue has run."""
-    dp, rt = await make_dp(TimedRuntime(), max_batch_size=8)
+    dp, rt = await make_dp(RecordingRuntime(), max_batch_size=8)
     sids = [(await dp.create_session("fake", None, None)).session_id for _ in range(8)]
     for _ in range(20):  # NOTE: the batcher learns that a run is cheap: it runs on the loop from then on
         await asyncio.gather(*(dp.step(sid, rows(0, 1)[0]) for sid in sids))
