@@ -78,6 +78,11 @@ BATCHER_TURN_SECONDS = 0.005
 # block path costs more per batch and less per row; this is about where it starts to win (bench/core.py)
 BLOCK_ROUTE_ROWS = 16
 STOPPED = "the server stopped before this step completed; retry"
+# NOTE: a stop that cuts a commit short (a store that answers over the network) cannot know whether it applied
+STOPPED_SAVING = (
+    "the server stopped while this step was being saved, so it may have been applied: retry with its seq (the "
+    "retry then replays it or applies it once), or read the session's steps before you retry without"
+)
 _Run = tuple[F32, F32, F32, float, float, bool]  # NOTE: y, hn, cn, wall and CPU seconds of the run, on the loop?
 SCORE_FLUSH_SECONDS = 0.1  # NOTE: how stale the live-accuracy counters may be between scrapes (see flush_scores)
 
@@ -251,13 +256,14 @@ class _Block:
 class _BlockAnswer:
     """The answer to a block as it is filled in, chunk by chunk."""
 
-    __slots__ = ("answered", "errors", "outputs", "replayed", "seq", "steps")
+    __slots__ = ("answered", "errors", "outputs", "replayed", "saving", "seq", "steps")
 
     def __init__(self, k: int, t: int, outputs: int) -> None:
         self.outputs = np.zeros((k, t, outputs), np.float32)
         self.steps, self.seq = np.zeros(k, np.int64), np.zeros(k, np.int64)
         self.replayed = np.zeros(k, np.bool_)
         self.answered = np.zeros(k, np.bool_)  # NOTE: rows with a result (committed or replayed)
+        self.saving = np.zeros(k, np.bool_)  # NOTE: rows whose commit the store has been sent and not answered
         self.errors: dict[int, ServeError] = {}
 
     def outcome(self) -> BlockOutcome:
@@ -265,10 +271,11 @@ class _BlockAnswer:
 
     def stopped(self) -> None:
         """The batcher stopped mid-block: rows already answered (committed, replayed) or refused keep their answers
-        (their sessions moved, or nothing was to move); the others are answered as not applied."""
-        stopped = UnavailableError(STOPPED)
+        (their sessions moved, or nothing was to move); rows whose commit was under way may have been applied and
+        say so; the others are answered as not applied."""
+        stopped, unsure = UnavailableError(STOPPED), UnavailableError(STOPPED_SAVING)
         for i in np.flatnonzero(~self.answered).tolist():
-            self.errors.setdefault(i, stopped)
+            self.errors.setdefault(i, unsure if self.saving[i] else stopped)
 
 
 @dataclass(frozen=True)
@@ -315,6 +322,7 @@ class Batcher:
         self._pending: deque[_Work | _Block] = deque()
         self._block_rows = 0  # NOTE: queued blocks count a call per row: their rows beyond the first, in all
         self._running: list[_Work | _Block] = []  # the batch being executed
+        self._saving: list[_Work] = []  # the calls of that batch whose commit the store has not answered yet
         # NOTE: the loop is looked up once: asyncio.get_running_loop() makes a getpid() system call on Python 3.11
         self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None  # the batch loop sleeps on this until work arrives
@@ -356,9 +364,11 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.flush_scores()
+        saving = {id(w) for w in self._saving}  # NOTE: a commit under way when the stop came may have applied
         for w in [*self._running, *self._pending]:
-            w.resolve(UnavailableError(STOPPED))
+            w.resolve(UnavailableError(STOPPED_SAVING if id(w) in saving else STOPPED))
         self._pending.clear()
+        self._saving = []
         self._block_rows = 0
         self._running = []
         self._depth.set(0)
@@ -676,14 +686,18 @@ class Batcher:
             commits.append(Commit(lease, lease.steps + w.x.shape[0], lease.seq + 1, self._replay(w, y[i]), extras[j]))
         status: dict[int, CommitStatus] = {}
         if commits:
+            # NOTE: cleared when the store answers, not when a stop cancels the wait (see stop)
+            self._saving = [run[i][0] for i in idx]
             try:
                 h_new, c_new = (hn, cn) if every else (hn[:, idx, :], cn[:, idx, :])
                 outcome = await self.store.commit(self.model.key, commits, h_new, c_new, self.clock())
             except Exception as e:
+                self._saving = []
                 for i in idx:
                     run[i][0].resolve(self._store_failed(e))  # NOTE: answered here; GONE below does not overwrite
                 status = dict.fromkeys(idx, CommitStatus.GONE)
             else:
+                self._saving = []
                 status = dict(zip(idx, outcome, strict=True))
             if scored is not None:
                 self._count_scored(scored, [status[i] is CommitStatus.COMMITTED for i in idx])
@@ -874,16 +888,19 @@ class Batcher:
         if self._scoring is not None:
             extra, scored = self._scoring.score_rows(lb.extra[rows], xs, ys)
         new_steps, new_seq = lb.steps[rows] + t, lb.seq[rows] + 1
+        out.saving[rows + chunk.lo] = True  # NOTE: cleared when the store answers, not when a stop cancels the wait
         try:
             status = await self.store.commit_block(
                 self.model.key, lb, BlockCommit(rows, new_steps, new_seq, digests, kept, extra),
                 hn if every else hn[:, keep, :], cn if every else cn[:, keep, :], self.clock(),
             )  # fmt: skip
         except Exception as e:
+            out.saving[rows + chunk.lo] = False
             failed = self._store_failed(e)
             for r in rows.tolist():
                 out.errors[chunk.lo + r] = failed
             return
+        out.saving[rows + chunk.lo] = False
         done = status == COMMITTED
         if scored is not None:
             self._count_scored(scored, done.tolist())
