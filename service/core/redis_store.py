@@ -462,6 +462,31 @@ class RedisSessionStore:
     async def model_of(self, session_id: str, now: float) -> str:
         return (await self._load(session_id)).model_key
 
+    async def models_of(self, session_ids: list[str], now: float) -> list[str | ServeError]:
+        """One MGET for all (a round trip per session made a packed batch of 1,024 sessions take 0.3 s); only the
+        header of each value is read. Missing sessions say why in a second MGET, of their tombstones."""
+        if not session_ids:
+            return []
+        raws = await self._call(lambda: self.redis.mget([self.kp + sid for sid in session_ids]))
+        out: list[str | ServeError] = []
+        missing: list[int] = []
+        for i, raw in enumerate(raws):
+            if raw is None:
+                missing.append(i)
+                out.append("")
+                continue
+            head = cast(bytes, raw)
+            n = HEADER.unpack_from(head)[-1]
+            key = head[HEADER.size : HEADER.size + n].decode()
+            out.append(key if key in self.sigs else SessionNotFoundError(
+                f"a session in Redis runs {key}, which this server does not serve"
+            ))  # fmt: skip
+        if missing:
+            reasons = await self._call(lambda: self.redis.mget([self.gp + session_ids[i] for i in missing]))
+            for i, reason in zip(missing, reasons, strict=True):
+                out[i] = session_gone(session_ids[i], cast(bytes, reason).decode() if reason else None, self.ttl)
+        return out
+
     async def delete(self, session_id: str, incarnation: str | None = None) -> None:
         def drop(st: _State) -> None:
             if incarnation is not None and st.incarnation() != incarnation:
@@ -562,11 +587,12 @@ class RedisSessionStore:
         wall = time.time()
         args: list[Any] = [int(self.ttl * 1000), wall, self.ip, len(self.kp), self.rp]
         keys = []
+        versions = os.urandom(8 * len(commits))  # NOTE: one system call, not one per session (9 % of a big batch)
         for i, cm in enumerate(commits):
             old = cast(_State, cm.lease.token)  # NOTE: our own token, see gather
             replay = cm.replay
             new = _State(
-                self._new_version(), old.born, old.owner, cm.steps, cm.seq, old.created, wall, model_key,
+                versions[8 * i : 8 * i + 8], old.born, old.owner, cm.steps, cm.seq, old.created, wall, model_key,
                 hn[:, i, :], cn[:, i, :], replay.digest if replay else bytes(DIGEST_BYTES),
                 replay.outputs if replay else None, old.extra if cm.extra is None else cm.extra,
             )  # fmt: skip

@@ -224,6 +224,8 @@ class SessionStore(Protocol):
     async def create(self, model_key: str, session_id: str | None, now: float) -> SessionInfo: ...
     async def info(self, session_id: str, now: float) -> SessionInfo: ...
     async def model_of(self, session_id: str, now: float) -> str: ...
+    # NOTE: many at once (a step batch): each session's model key, or the error model_of would raise for it
+    async def models_of(self, session_ids: list[str], now: float) -> list[str | ServeError]: ...
     async def delete(self, session_id: str, incarnation: str | None = None) -> None: ...
     async def detach(self, session_id: str, now: float) -> SessionInfo: ...
     async def fork(self, source_id: str, session_id: str, now: float, record: Record) -> SessionInfo: ...
@@ -640,6 +642,15 @@ class MemorySessionStore:
 
     async def model_of(self, session_id: str, now: float) -> str:
         return self._locate(session_id, now)[0]
+
+    async def models_of(self, session_ids: list[str], now: float) -> list[str | ServeError]:
+        out: list[str | ServeError] = []
+        for sid in session_ids:
+            try:
+                out.append(self._locate(sid, now)[0])
+            except ServeError as e:
+                out.append(e)
+        return out
 
     async def delete(self, session_id: str, incarnation: str | None = None) -> None:
         """Delete a session; with `incarnation`, only that life of the id (another one is left alone)."""

@@ -112,6 +112,25 @@ async def test_create_info_delete_and_unknown_ids(make_store: Factory) -> None:
         await s.delete(info.session_id)
 
 
+async def test_models_of_many_sessions_says_each_ones_model_or_why_it_is_gone(make_store: Factory) -> None:
+    """The lookup a step batch makes for all its sessions at once answers as model_of would, session by session."""
+    s, _ = await make_store()
+    a = (await s.create("m/1", None, now())).session_id
+    b = (await s.create("m/2", None, now())).session_id
+    gone = (await s.create("m/1", None, now())).session_id
+    await s.delete(gone)
+    got = await s.models_of([b, "never-made", a, gone, b], now())
+    assert got[0] == got[4] == "m/2"
+    assert got[2] == "m/1"
+    for i in (1, 3):
+        assert isinstance(got[i], SessionNotFoundError)
+        with pytest.raises(SessionNotFoundError) as single:
+            await s.model_of(["never-made", gone][i // 2], now())
+        assert str(got[i]) == str(single.value)  # NOTE: the same message, "deleted" for the deleted one
+    assert "deleted" in str(got[3])
+    assert await s.models_of([], now()) == []
+
+
 async def test_client_chosen_ids_are_validated_and_unique(make_store: Factory) -> None:
     s, _ = await make_store()
     await s.create("m/1", "sensor-7", now())
