@@ -586,6 +586,12 @@ class DataPlane:
         results: list[StepResult | ServeError | None] = [None] * len(items)
         # NOTE: with one model version served, every session runs it (its batch checks that): no lookup per item
         only = next(iter(self._batchers)) if len(self._batchers) == 1 else None
+        keys: dict[int, str | ServeError] = {}
+        if only is None:  # NOTE: one store call for all items (a round trip each on Redis made a big batch slow)
+            valid = [(i, f"{owner}.{sid}" if owner else sid) for i, (sid, _, _) in enumerate(items)
+                     if SESSION_ID.fullmatch(sid) is not None]  # fmt: skip
+            found = await self.store.models_of([scoped for _, scoped in valid], self.clock())
+            keys = {i: key for (i, _), key in zip(valid, found, strict=True)}
         groups: dict[str, list[tuple[int, str, F32, int | None]]] = {}  # model key -> (item, scoped id, x, seq)
         for i, ((sid, x, seq), again) in enumerate(zip(items, repeated, strict=True)):
             try:
@@ -596,7 +602,9 @@ class DataPlane:
                 scoped = self._scoped(owner, sid)
                 check_seq(seq)
                 with self._as_client(owner, sid):
-                    key = only or await self.store.model_of(scoped, self.clock())
+                    key = only or keys[i]
+                    if isinstance(key, ServeError):
+                        raise key
                 x32 = self.validate_inputs(self._batcher(key, sid).model, x)
                 groups.setdefault(key, []).append((i, scoped, x32, seq))
             except ServeError as e:
@@ -696,16 +704,17 @@ class DataPlane:
         if len(self._batchers) == 1:  # NOTE: one model version served: every session runs it (the block checks)
             groups[next(iter(self._batchers))] = [i for i in range(k) if i not in errors] if errors else list(range(k))
         else:
-            for i in range(k):
-                if i in errors:
-                    continue
+            asked = [i for i in range(k) if i not in errors] if errors else list(range(k))
+            keys = await self.store.models_of([scoped[i] for i in asked], self.clock())  # NOTE: one store call
+            for i, key in zip(asked, keys, strict=True):
                 try:
-                    with self._as_client(owner, session_ids[i]):
-                        key = await self.store.model_of(scoped[i], self.clock())
-                        self._batcher(key, session_ids[i])
+                    if isinstance(key, ServeError):
+                        raise key
+                    if key not in self._batchers:
+                        self._batcher(key, session_ids[i])  # NOTE: raises what this server says of that version
                     groups.setdefault(key, []).append(i)
                 except ServeError as e:
-                    errors[i] = e
+                    errors[i] = e  # NOTE: renamed for the client at the end
         groups = {key: rows for key, rows in groups.items() if rows}
         with np.errstate(over="ignore", invalid="ignore"):
             all_finite = bool(np.isfinite(x.sum()))  # NOTE: one reduction says "all finite" in the usual case
