@@ -29,6 +29,7 @@ from service.core.sessions import (
     SessionStore,
     Snapshot,
     check_session_id,
+    not_served,
     session_gone,
 )
 from service.errors import (
@@ -235,10 +236,7 @@ class DataPlane:
         if b is None:
             if key in self._unloaded:
                 raise session_gone(session_id, "unloaded", self.limits.session_ttl)
-            raise UnavailableError(
-                f"session {session_id!r} runs {key}, which this server does not serve (yet): retry in a moment, or "
-                "on the replica that loaded it"
-            )
+            raise not_served(session_id, key)
         return b
 
     def flush_metrics(self) -> None:

@@ -60,6 +60,7 @@ from service.core.sessions import (
     check_store_id,
     commit_block_by_items,
     gather_block_by_items,
+    not_served,
     session_gone,
     session_moved,
 )
@@ -76,6 +77,14 @@ from service.runtime import F32, Signature
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 HEADER = struct.Struct("<8s8s8sqqddH")  # version, born, owner, steps, seq, created, last_used, len(model key)
+
+
+def model_key_of(raw: bytes) -> str:
+    """The model version a session value is of, from its header (the rest is laid out by that version)."""
+    n = HEADER.unpack_from(raw)[-1]
+    return raw[HEADER.size : HEADER.size + n].decode()
+
+
 GONE_TTL_S = 3600
 UNAVAILABLE = "the session store (Redis) is unavailable; retry shortly (with seq, a retry is safe)"
 
@@ -460,11 +469,18 @@ class RedisSessionStore:
         return self._info(session_id, await self._load(session_id))
 
     async def model_of(self, session_id: str, now: float) -> str:
-        return (await self._load(session_id)).model_key
+        """Read from the value's header alone: a session of a version this server does not serve (yet) still
+        names it, so that the core answers "retry", not "no such session" (a rolling update loads a version on
+        one replica before the next)."""
+        raw = await self._call(lambda: self.redis.get(self.kp + session_id))
+        if raw is None:
+            raise await self._not_found(session_id)
+        return model_key_of(cast(bytes, raw))
 
     async def models_of(self, session_ids: list[str], now: float) -> list[str | ServeError]:
         """One MGET for all (a round trip per session made a packed batch of 1,024 sessions take 0.3 s); only the
-        header of each value is read. Missing sessions say why in a second MGET, of their tombstones."""
+        header of each value is read (see model_of). Missing sessions say why in a second MGET, of their
+        tombstones."""
         if not session_ids:
             return []
         raws = await self._call(lambda: self.redis.mget([self.kp + sid for sid in session_ids]))
@@ -474,13 +490,8 @@ class RedisSessionStore:
             if raw is None:
                 missing.append(i)
                 out.append("")
-                continue
-            head = cast(bytes, raw)
-            n = HEADER.unpack_from(head)[-1]
-            key = head[HEADER.size : HEADER.size + n].decode()
-            out.append(key if key in self.sigs else SessionNotFoundError(
-                f"a session in Redis runs {key}, which this server does not serve"
-            ))  # fmt: skip
+            else:
+                out.append(model_key_of(cast(bytes, raw)))
         if missing:
             reasons = await self._call(lambda: self.redis.mget([self.gp + session_ids[i] for i in missing]))
             for i, reason in zip(missing, reasons, strict=True):
@@ -572,10 +583,11 @@ class RedisSessionStore:
             if not raw:
                 leases.append(await self._not_found(sid))
                 continue
-            st = self._decode(raw[0], raw[1])
-            if st.model_key != model_key:
-                leases.append(session_moved(sid, st.model_key))
+            key = model_key_of(raw[0])
+            if key != model_key:  # NOTE: this row alone fails; a version not served here cannot be decoded here
+                leases.append(session_moved(sid, key) if key in self.sigs else not_served(sid, key))
                 continue
+            st = self._decode(raw[0], raw[1])
             h[:, n, :], c[:, n, :] = st.h, st.c
             replay = Replay(st.seq, st.digest, st.outputs) if any(st.digest) else None
             leases.append(Lease(sid, st, st.steps, st.seq, replay, st.extra))

@@ -67,6 +67,15 @@ def session_gone(session_id: str, reason: str | None, ttl: float) -> SessionNotF
     return SessionNotFoundError(f"no session {session_id!r}; create one first (it may have been deleted)")
 
 
+def not_served(session_id: str, model_key: str) -> UnavailableError:
+    """A session of a model version that this server has not loaded (yet: another replica or worker loaded it
+    first, as in a rolling update): retryable, and the session is left as it is."""
+    return UnavailableError(
+        f"session {session_id!r} runs {model_key}, which this server does not serve (yet): retry in a moment, or on "
+        "the replica that loaded it"
+    )
+
+
 def session_moved(session_id: str, model_key: str) -> SessionNotFoundError:
     """A queued step's session was deleted and created again on another model version meanwhile."""
     return SessionNotFoundError(f"session {session_id!r} now runs {model_key}; resend the step")

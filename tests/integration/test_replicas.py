@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -14,13 +16,16 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from service.app import Server
+from service.client import AsyncClient
 from service.grpc._generated.lstm.v1 import lstm_service_pb2 as pb
 from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
+from tests.conftest import SHIPPED_MODEL
 from tests.fixtures import reference_run
 from tests.integration.conftest import ServerFactory, start_serve_process
 from tests.integration.test_session_stores import REDIS_URL, free_port, private_redis
 
 MODEL = "seattle-weather"
+HOURLY = "seattle-temps"
 ATOL = 1e-5
 
 
@@ -168,3 +173,36 @@ async def test_a_server_whose_redis_goes_away_answers_503_turns_unready_and_reco
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_a_session_of_a_version_this_replica_has_not_loaded_is_retry_later_and_fails_alone(
+    make_server: ServerFactory, prefix: str, weather: np.ndarray, tmp_path: Path
+) -> None:
+    """Mid rolling update, replica A serves both shipped models and B only the daily one. A step on B of a session
+    A opened on the hourly model is 503 unavailable, "retry ... on the replica that loaded it" (it was 404, "no
+    such session", and a client would have opened a new one); in a packed batch on B that row fails alone (the
+    whole batch failed). The session is untouched and A steps it."""
+    shared = {"state_store": REDIS_URL, "redis_key_prefix": prefix}
+    a: Server = await make_server(**shared)
+    only_daily = tmp_path / "models"
+    shutil.copytree(SHIPPED_MODEL, only_daily / MODEL / "1")
+    b: Server = await make_server(models=only_daily, **shared)
+    async with (
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{a.http_port}") as rest_a,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{b.http_port}") as rest_b,
+        AsyncClient(f"127.0.0.1:{b.grpc_port}") as grpc_b,
+    ):
+        hourly = (await rest_a.post("/v1/sessions", json={"model": HOURLY})).json()["session_id"]
+        daily = (await rest_a.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
+        r = await rest_b.post(f"/v1/sessions/{hourly}/steps", json={"inputs": [[10.0]]})
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "unavailable"
+        assert "does not serve (yet)" in r.json()["error"]
+        got = await grpc_b.step_packed([daily, hourly], np.stack([weather[:1], weather[1:2]]))
+        assert sorted(got.errors) == [1]
+        assert got.errors[1].code == "unavailable"
+        assert "does not serve (yet)" in got.errors[1].message
+        assert got.steps[0] == 1
+        assert (await rest_a.get(f"/v1/sessions/{hourly}")).json()["steps"] == 0
+        r = await rest_a.post(f"/v1/sessions/{hourly}/steps", json={"inputs": [[10.0]]})
+        assert r.status_code == 200, r.text

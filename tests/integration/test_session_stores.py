@@ -131,6 +131,27 @@ async def test_models_of_many_sessions_says_each_ones_model_or_why_it_is_gone(ma
     assert await s.models_of([], now()) == []
 
 
+async def test_a_redis_replica_names_versions_it_does_not_serve_and_fails_only_their_rows(prefix: str) -> None:
+    """A store that serves m/1 only, beside one that serves m/2 too: lookups name m/2 (the core answers "retry,
+    not served here"), and a gather of both sessions fails the m/2 row alone (it failed the whole gather)."""
+    both = RedisSessionStore(REDIS_URL, dict(SIGS), ttl=30.0, max_sessions=100, prefix=prefix)
+    one = RedisSessionStore(REDIS_URL, {"m/1": SIG}, ttl=30.0, max_sessions=100, prefix=prefix)
+    await both.start()
+    await one.start()
+    try:
+        a = (await both.create("m/1", None, now())).session_id
+        b = (await both.create("m/2", None, now())).session_id
+        assert await one.model_of(b, now()) == "m/2"
+        assert await one.models_of([a, b], now()) == ["m/1", "m/2"]
+        leases, _, _ = await one.gather("m/1", [a, b], now())
+        assert isinstance(leases[0], Lease)
+        assert isinstance(leases[1], UnavailableError)
+        assert "does not serve (yet)" in leases[1].message
+    finally:
+        await both.close()
+        await one.close()
+
+
 async def test_client_chosen_ids_are_validated_and_unique(make_store: Factory) -> None:
     s, _ = await make_store()
     await s.create("m/1", "sensor-7", now())
