@@ -365,14 +365,14 @@ class RedisSessionStore:
         """The value of the session's record key: its version, then the record ('' for a model without one)."""
         return st.version + st.extra if st.extra else b""
 
-    def _decode(self, raw: bytes, record: bytes = b"") -> _State:
+    def _decode(self, raw: bytes, record: bytes = b"", sid: str = "") -> _State:
         version, born, owner, steps, seq, created, last_used, n = HEADER.unpack_from(raw)
         at = HEADER.size
         model_key = raw[at : at + n].decode()
         at += n
         sig = self.sigs.get(model_key)
-        if sig is None:
-            raise SessionNotFoundError(f"a session in Redis runs {model_key}, which this server does not serve")
+        if sig is None:  # NOTE: not "no such session": it lives, on a version another replica loaded first
+            raise not_served(sid, model_key)
         size = sig.layers * sig.hidden * 4
         h = np.frombuffer(raw, np.float32, sig.layers * sig.hidden, at).reshape(sig.layers, sig.hidden)
         c = np.frombuffer(raw, np.float32, sig.layers * sig.cell, at + size).reshape(sig.layers, sig.cell)
@@ -403,7 +403,7 @@ class RedisSessionStore:
         raw, record = await self._call(lambda: self.redis.mget(self.kp + sid, self.rp + sid))
         if raw is None:
             raise await self._not_found(sid)
-        return self._decode(cast(bytes, raw), cast(bytes, record or b""))
+        return self._decode(cast(bytes, raw), cast(bytes, record or b""), sid)
 
     async def _cas(self, sid: str, old: _State, new: _State | None) -> CommitStatus:
         """Compare-and-set one session (None: delete it) against the version it was read at."""
@@ -587,7 +587,7 @@ class RedisSessionStore:
             if key != model_key:  # NOTE: this row alone fails; a version not served here cannot be decoded here
                 leases.append(session_moved(sid, key) if key in self.sigs else not_served(sid, key))
                 continue
-            st = self._decode(raw[0], raw[1])
+            st = self._decode(raw[0], raw[1], sid)
             h[:, n, :], c[:, n, :] = st.h, st.c
             replay = Replay(st.seq, st.digest, st.outputs) if any(st.digest) else None
             leases.append(Lease(sid, st, st.steps, st.seq, replay, st.extra))

@@ -180,8 +180,8 @@ async def test_a_session_of_a_version_this_replica_has_not_loaded_is_retry_later
 ) -> None:
     """Mid rolling update, replica A serves both shipped models and B only the daily one. A step on B of a session
     A opened on the hourly model is 503 unavailable, "retry ... on the replica that loaded it" (it was 404, "no
-    such session", and a client would have opened a new one); in a packed batch on B that row fails alone (the
-    whole batch failed). The session is untouched and A steps it."""
+    such session", and a client would have opened a new one), and so are reading and deleting it there; in a packed
+    batch on B that row fails alone (the whole batch failed). The session is untouched and A steps it."""
     shared = {"state_store": REDIS_URL, "redis_key_prefix": prefix}
     a: Server = await make_server(**shared)
     only_daily = tmp_path / "models"
@@ -203,6 +203,9 @@ async def test_a_session_of_a_version_this_replica_has_not_loaded_is_retry_later
         assert got.errors[1].code == "unavailable"
         assert "does not serve (yet)" in got.errors[1].message
         assert got.steps[0] == 1
+        for reply in (await rest_b.get(f"/v1/sessions/{hourly}"), await rest_b.delete(f"/v1/sessions/{hourly}")):
+            assert reply.status_code == 503, reply.text  # NOTE: it was 404 "no such session" for a live one
+            assert "does not serve (yet)" in reply.json()["error"]
         assert (await rest_a.get(f"/v1/sessions/{hourly}")).json()["steps"] == 0
         r = await rest_a.post(f"/v1/sessions/{hourly}/steps", json={"inputs": [[10.0]]})
         assert r.status_code == 200, r.text
