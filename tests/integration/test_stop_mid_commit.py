@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
 
 from service.core.dataplane import DataPlane, Limits
 from service.core.redis_store import RedisSessionStore
@@ -49,17 +46,6 @@ class ReplyLost(RedisSessionStore):
             self.lose = False  # NOTE: only the first commit loses its reply
             self.applied.set()
             await asyncio.Event().wait()
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    p = f"lstm-test-{uuid.uuid4().hex[:8]}:"
-    yield p
-    r = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in r.scan_iter(match=p + "*")]
-    if keys:
-        await r.delete(*keys)
-    await r.aclose()
 
 
 async def start(prefix: str, **limits: Any) -> tuple[DataPlane, ReplyLost]:
