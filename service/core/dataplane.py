@@ -25,6 +25,7 @@ from service.core.scoring import OFF_AT, SessionScore, restart
 from service.core.sessions import (
     MAX_COUNTER,
     SESSION_ID,
+    MemorySessionStore,
     SessionInfo,
     SessionStore,
     Snapshot,
@@ -293,7 +294,9 @@ class DataPlane:
         server has not loaded (yet: another replica or worker loaded it first) is a retryable unavailable."""
         b = self._batchers.get(key)
         if b is None:
-            if key in self._unloaded:
+            # NOTE: an unload here ended the version's sessions in this process's store; in a shared one a session of
+            # it that lives was opened since on a replica that serves it
+            if key in self._unloaded and isinstance(self.store, MemorySessionStore):
                 raise session_gone(session_id, "unloaded", self.limits.session_ttl)
             raise not_served(session_id, key)
         return b
@@ -550,6 +553,7 @@ class DataPlane:
         with self._as_client(owner, session_id):
             key = await self.store.model_of(scoped, self.clock())
             if expect is not None:
+                self._batcher(key, session_id)  # NOTE: a version not served here says so before a pin compares it
                 expect(key)
             return await self._step(key, scoped, session_id, inputs, seq, queue_timeout, peek)
 

@@ -76,6 +76,7 @@ from service.runtime import F32, Signature
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# NOTE: GATHER reads the model key's length at bytes 57-58 and the key from byte 59 (Lua, 1-based): keep in step
 HEADER = struct.Struct("<8s8s8sqqddH")  # version, born, owner, steps, seq, created, last_used, len(model key)
 
 
@@ -99,10 +100,13 @@ for i, key in ipairs(KEYS) do
   if v then
     local id = string.sub(key, off + 1)
     local r = redis.call('GET', rp .. id)
-    if ARGV[5 + 2 * i] == '1' then
+    local model = ARGV[4 + 2 * i]
+    -- NOTE: a session of another version (not served here, or moved) is read, not touched or indexed here
+    local same = string.byte(v, 57) + 256 * string.byte(v, 58) == #model and string.sub(v, 59, 58 + #model) == model
+    if ARGV[5 + 2 * i] == '1' and same then
       redis.call('PEXPIRE', key, ttl)
       if r then redis.call('PEXPIRE', rp .. id, ttl) end
-      redis.call('ZADD', idx .. ARGV[4 + 2 * i], now, id)
+      redis.call('ZADD', idx .. model, now, id)
     end
     out[i] = {v, r or ''}
   else
@@ -478,8 +482,8 @@ class RedisSessionStore:
         return model_key_of(cast(bytes, raw))
 
     async def models_of(self, session_ids: list[str], now: float) -> list[str | ServeError]:
-        """One MGET for all (a round trip per session made a packed batch of 1,024 sessions take 0.3 s); only the
-        header of each value is read (see model_of). Missing sessions say why in a second MGET, of their
+        """One MGET for all (a round trip per session made a packed batch of 1,024 sessions take 0.3 s); of each
+        value only the header is decoded (see model_of). Missing sessions say why in a second MGET, of their
         tombstones."""
         if not session_ids:
             return []

@@ -175,37 +175,79 @@ async def test_a_server_whose_redis_goes_away_answers_503_turns_unready_and_reco
         proc.wait()
 
 
-async def test_a_session_of_a_version_this_replica_has_not_loaded_is_retry_later_and_fails_alone(
+async def test_a_session_of_a_version_this_replica_has_not_loaded_is_retry_later_and_left_alone(
     make_server: ServerFactory, prefix: str, weather: np.ndarray, tmp_path: Path
 ) -> None:
-    """Mid rolling update, replica A serves both shipped models and B only the daily one. A step on B of a session
-    A opened on the hourly model is 503 unavailable, "retry ... on the replica that loaded it" (it was 404, "no
-    such session", and a client would have opened a new one), and so are reading and deleting it there; in a packed
-    batch on B that row fails alone (the whole batch failed). The session is untouched and A steps it."""
+    """Mid rolling update: replica A has loaded version 2 of the daily model, B still serves version 1 only. On B,
+    every call about a session A opened on version 2 is 503 unavailable, "retry ... on the replica that loaded
+    it": /v1 steps, reads and deletes, KServe infer (it was 404 "no such session", or "no version 2", and a client
+    would have opened a new one); in a packed batch that row fails alone (the whole batch failed). The session is
+    left alone: not counted among B's version's sessions (B's gather indexed it there, so that an unload of
+    version 1 ended it), and A steps it."""
     shared = {"state_store": REDIS_URL, "redis_key_prefix": prefix}
-    a: Server = await make_server(**shared)
-    only_daily = tmp_path / "models"
-    shutil.copytree(SHIPPED_MODEL, only_daily / MODEL / "1")
-    b: Server = await make_server(models=only_daily, **shared)
+    both, old = tmp_path / "both", tmp_path / "old"
+    for repo, versions in ((both, ("1", "2")), (old, ("1",))):
+        for v in versions:
+            shutil.copytree(SHIPPED_MODEL, repo / MODEL / v)
+    a: Server = await make_server(models=both, **shared)
+    b: Server = await make_server(models=old, **shared)
+    x = weather[:1].tolist()
     async with (
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{a.http_port}") as rest_a,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{b.http_port}") as rest_b,
         AsyncClient(f"127.0.0.1:{b.grpc_port}") as grpc_b,
     ):
-        hourly = (await rest_a.post("/v1/sessions", json={"model": HOURLY})).json()["session_id"]
-        daily = (await rest_a.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
-        r = await rest_b.post(f"/v1/sessions/{hourly}/steps", json={"inputs": [[10.0]]})
-        assert r.status_code == 503, r.text
-        assert r.json()["code"] == "unavailable"
-        assert "does not serve (yet)" in r.json()["error"]
-        got = await grpc_b.step_packed([daily, hourly], np.stack([weather[:1], weather[1:2]]))
+        new = (await rest_a.post("/v1/sessions", json={"model": MODEL})).json()
+        assert new["version"] == "2"
+        fresh = new["session_id"]
+        old_one = (await rest_a.post("/v1/sessions", json={"model": MODEL, "version": "1"})).json()["session_id"]
+        kserve = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": x}],
+                  "parameters": {"sequence_id": fresh}}  # fmt: skip
+        for reply in (
+            await rest_b.post(f"/v1/sessions/{fresh}/steps", json={"inputs": x}),
+            await rest_b.get(f"/v1/sessions/{fresh}"),
+            await rest_b.delete(f"/v1/sessions/{fresh}"),
+            await rest_b.post(f"/v2/models/{MODEL}/infer", json=kserve),
+        ):
+            assert reply.status_code == 503, reply.text
+            assert "does not serve (yet)" in reply.text
+        got = await grpc_b.step_packed([old_one, fresh], np.stack([weather[:1], weather[1:2]]))
         assert sorted(got.errors) == [1]
         assert got.errors[1].code == "unavailable"
         assert "does not serve (yet)" in got.errors[1].message
         assert got.steps[0] == 1
-        for reply in (await rest_b.get(f"/v1/sessions/{hourly}"), await rest_b.delete(f"/v1/sessions/{hourly}")):
-            assert reply.status_code == 503, reply.text  # NOTE: it was 404 "no such session" for a live one
-            assert "does not serve (yet)" in reply.json()["error"]
-        assert (await rest_a.get(f"/v1/sessions/{hourly}")).json()["steps"] == 0
-        r = await rest_a.post(f"/v1/sessions/{hourly}/steps", json={"inputs": [[10.0]]})
+        assert await b.store.count(f"{MODEL}/1") == 1  # NOTE: old_one only
+        assert await b.store.count(f"{MODEL}/2") == 1
+        assert (await rest_a.get(f"/v1/sessions/{fresh}")).json()["steps"] == 0
+        r = await rest_a.post(f"/v1/sessions/{fresh}/steps", json={"inputs": x})
+        assert r.status_code == 200, r.text
+
+
+async def test_a_session_of_a_version_unloaded_here_but_served_elsewhere_is_retry_not_ended(
+    make_server: ServerFactory, prefix: str, weather: np.ndarray, tmp_path: Path
+) -> None:
+    """B unloads version 1 (forced) while A still serves it; a session A opens on version 1 afterwards lives. B
+    answers its step as it answers a read: 503 "retry, or on the replica that loaded it" (the step said 404
+    "ended: its model version was unloaded; create a new session")."""
+    shared = {"state_store": REDIS_URL, "redis_key_prefix": prefix, "model_poll_s": 0}
+    both = tmp_path / "both"
+    for v in ("1", "2"):
+        shutil.copytree(SHIPPED_MODEL, both / MODEL / v)
+    a: Server = await make_server(models=both, **shared)
+    b: Server = await make_server(models=both, **shared)
+    x = weather[:1].tolist()
+    async with (
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{a.http_port}") as rest_a,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{b.http_port}") as rest_b,
+    ):
+        r = await rest_b.post(
+            f"/v2/repository/models/{MODEL}/unload", json={"parameters": {"version": "1", "force": True}}
+        )
+        assert r.status_code == 200, r.text
+        sid = (await rest_a.post("/v1/sessions", json={"model": MODEL, "version": "1"})).json()["session_id"]
+        for reply in (await rest_b.post(f"/v1/sessions/{sid}/steps", json={"inputs": x}),
+                      await rest_b.get(f"/v1/sessions/{sid}")):  # fmt: skip
+            assert reply.status_code == 503, reply.text
+            assert "does not serve (yet)" in reply.text
+        r = await rest_a.post(f"/v1/sessions/{sid}/steps", json={"inputs": x})
         assert r.status_code == 200, r.text
