@@ -608,6 +608,14 @@ class DataPlane:
         await self._update_open()
         return self._unscoped(owner, info)
 
+    async def _models_of(self, scoped: list[str]) -> list[str | ServeError]:
+        """Each session's model key, or its error; a store that fails fails every row alone (each row of a batch
+        answers as its own call would), not the whole call."""
+        try:
+            return await self.store.models_of(scoped, self.clock())
+        except ServeError as e:
+            return [e] * len(scoped)
+
     async def step_batch(
         self,
         items: Sequence[tuple[str, np.ndarray | ServeError, int | None]],
@@ -651,7 +659,7 @@ class DataPlane:
         if only is None:  # NOTE: one store call for all items (a round trip each on Redis made a big batch slow)
             valid = [(i, f"{owner}.{sid}" if owner else sid) for i, (sid, _, _) in enumerate(items)
                      if SESSION_ID.fullmatch(sid) is not None]  # fmt: skip
-            found = await self.store.models_of([scoped for _, scoped in valid], self.clock())
+            found = await self._models_of([scoped for _, scoped in valid])
             keys = {i: key for (i, _), key in zip(valid, found, strict=True)}
         groups: dict[str, list[tuple[int, str, F32, int | None]]] = {}  # model key -> (item, scoped id, x, seq)
         for i, ((sid, x, seq), again) in enumerate(zip(items, repeated, strict=True)):
@@ -766,7 +774,7 @@ class DataPlane:
             groups[next(iter(self._batchers))] = [i for i in range(k) if i not in errors] if errors else list(range(k))
         else:
             asked = [i for i in range(k) if i not in errors] if errors else list(range(k))
-            keys = await self.store.models_of([scoped[i] for i in asked], self.clock())  # NOTE: one store call
+            keys = await self._models_of([scoped[i] for i in asked])  # NOTE: one store call
             for i, key in zip(asked, keys, strict=True):
                 try:
                     if isinstance(key, ServeError):

@@ -136,7 +136,8 @@ async def test_a_server_whose_redis_goes_away_answers_503_turns_unready_and_reco
     make_server: ServerFactory, weather: np.ndarray
 ) -> None:
     """Redis killed under a running server: steps get 503 unavailable with Retry-After within the timeout (never
-    a 500 or a hang) and /readyz turns 503; with Redis back on its address, the server is ready again by itself."""
+    a 500 or a hang), the items of a step batch each say so, and /readyz turns 503; with Redis back on its
+    address, the server is ready again by itself."""
     port = free_port()
     start = private_redis(port)
     proc = start()
@@ -162,6 +163,11 @@ async def test_a_server_whose_redis_goes_away_answers_503_turns_unready_and_reco
             assert time.perf_counter() - t0 < 3
             assert (r.status_code, r.json()["code"], r.headers["Retry-After"]) == (503, "unavailable", "1")
             assert "Redis" in r.json()["error"]
+            # NOTE: a step batch answers each item as its own call would (not the whole call with one 503)
+            steps = [{"session_id": sid, "inputs": [weather[0].tolist()]}, {"session_id": "other", "inputs": [[0] * 4]}]
+            r = await rest.post("/v1/steps", json={"steps": steps})
+            assert r.status_code == 200, r.text
+            assert [res["error"]["code"] for res in r.json()["results"]] == ["unavailable", "unavailable"]
             assert (await rest.get("/readyz")).status_code == 503
             proc = start()
             deadline = time.monotonic() + 15
