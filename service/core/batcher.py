@@ -360,7 +360,11 @@ class Batcher:
         """Stop the loop; every call still queued or running, and any submitted later, gets 'unavailable'."""
         self._stopped = True
         if self._task is not None:
-            self._task.cancel()
+            # NOTE: cancelled until done: on Python 3.11 a cancel that lands as a store call's wait_for finishes is
+            # swallowed (the loop then runs on, and sleeps on once the queue is empty: stop() waited for ever)
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.flush_scores()

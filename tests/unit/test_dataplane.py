@@ -7,6 +7,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -267,6 +268,38 @@ async def test_stopping_fails_running_and_queued_steps_instead_of_hanging() -> N
     for task in (running, queued):
         with pytest.raises(UnavailableError, match="stopped before this step completed"):
             await asyncio.wait_for(task, 1)
+
+
+class SwallowsOneCancel(MemorySessionStore):
+    """A store whose commit swallows the first cancel that reaches it, as asyncio.wait_for does on Python 3.11 when
+    the cancel lands just as the awaited call finishes (the Redis store wraps every call in wait_for)."""
+
+    swallowed = 0
+
+    async def commit(self, *args: Any, **kw: Any) -> Any:
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        return await super().commit(*args, **kw)
+
+
+async def test_a_stop_whose_cancel_a_store_call_swallows_still_stops() -> None:
+    """The batch loop is cancelled until it is done: one swallowed cancel left it sleeping on an empty queue, and
+    the server's stop waited for ever."""
+    rt = FakeRuntime()
+    repo = fake_repo(rt)
+    store = SwallowsOneCancel({m.key: m.signature for m in repo.all()}, ttl=60, max_sessions=10)
+    dp = DataPlane(repo, store, Metrics(), Limits())  # type: ignore[arg-type]
+    await dp.start()
+    sid = (await dp.create_session("fake", None, None)).session_id
+    step = asyncio.create_task(dp.step(sid, rows(5, 1)[0]))
+    await asyncio.sleep(0.05)  # NOTE: the step is in its commit
+    t0 = time.perf_counter()
+    await asyncio.wait_for(dp.stop(), 5)  # NOTE: on a hang, wait_for's own cancel ends it after 5 s
+    assert time.perf_counter() - t0 < 2
+    assert store.swallowed == 1
+    assert (await asyncio.wait_for(step, 1)).steps == 1  # NOTE: the commit went on, and its step was answered
 
 
 async def test_lone_steps_after_a_burst_wait_at_most_once_and_not_at_all_after_a_pause() -> None:
