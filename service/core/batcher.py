@@ -20,7 +20,6 @@ of what won (the store's compare-and-set), never with a success that was not app
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -49,6 +48,7 @@ from service.core.sessions import (
     Replay,
     SessionStore,
 )
+from service.core.tasks import stop_task
 from service.errors import (
     DeadlineExceededError,
     ModelError,
@@ -359,14 +359,7 @@ class Batcher:
     async def stop(self) -> None:
         """Stop the loop; every call still queued or running, and any submitted later, gets 'unavailable'."""
         self._stopped = True
-        if self._task is not None:
-            # NOTE: cancelled until done: on Python 3.11 a cancel that lands as a store call's wait_for finishes is
-            # swallowed (the loop then runs on, and sleeps on once the queue is empty: stop() waited for ever)
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)  # NOTE: a store call may swallow one cancel (see stop_task)
         self.flush_scores()
         saving = {id(w) for w in self._saving}  # NOTE: a commit under way when the stop came may have applied
         for w in [*self._running, *self._pending]:

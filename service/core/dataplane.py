@@ -33,6 +33,7 @@ from service.core.sessions import (
     not_served,
     session_gone,
 )
+from service.core.tasks import stop_task
 from service.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -332,10 +333,7 @@ class DataPlane:
         await asyncio.gather(*(b.wait_idle() for b in self._batchers.values()))
 
     async def stop(self) -> None:
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry_task
+        await stop_task(self._expiry_task)
         for b in list(self._batchers.values()):
             await b.stop()
             b.executor.shutdown(wait=False, cancel_futures=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.core.dataplane import DataPlane
+from service.core.tasks import stop_task
 from service.errors import InvalidInputError, ModelInUseError, ModelLoadFailedError, ModelNotFoundError
 from service.repository import ModelLoadError, load_version
 
@@ -77,10 +78,7 @@ class LiveRepository:
             self._task = asyncio.create_task(self._poll_loop(), name="model-repository-poll")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _poll_loop(self) -> None:
         while True:

@@ -29,7 +29,6 @@ Multi-key scripts assume one Redis instance (or a cluster slot): keys are comput
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import struct
@@ -64,6 +63,7 @@ from service.core.sessions import (
     session_gone,
     session_moved,
 )
+from service.core.tasks import stop_task
 from service.errors import (
     InvalidInputError,
     ServeError,
@@ -301,15 +301,8 @@ class RedisSessionStore:
 
     async def close(self) -> None:
         self._closing = True
-        task = self._health_task
-        if task is not None:
-            # NOTE: cancelled until done: on Python 3.11 a cancel that lands as the health check's wait_for finishes
-            # is swallowed (the task then sleeps on, "cancelling"), which hung close() now and then
-            while not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=self.health_interval + self.timeout)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # NOTE: a cancel that lands as the health check's wait_for finishes is swallowed: that hung close() now and then
+        await stop_task(self._health_task, self.health_interval + self.timeout)
         await self.redis.aclose()
 
     def _safe_url(self) -> str:
