@@ -166,7 +166,7 @@ class _StreamReader:
     stream's own task, waiting here, and the call ends as cancelled (grpc's request iterator would turn a cancel
     inside it into a plain end of the requests)."""
 
-    __slots__ = ("_loop", "_messages", "_ready", "_room", "_task", "want")
+    __slots__ = ("_closed", "_loop", "_messages", "_ready", "_room", "_task", "want")
 
     def __init__(self, messages: AsyncIterator[StreamMessage]) -> None:
         self._messages = messages
@@ -175,6 +175,7 @@ class _StreamReader:
         self._ready: list[Any] = []  # NOTE: what was read and not yet taken: a message, _END or an exception
         self._room: asyncio.Future[None] | None = None  # NOTE: the reader waits here while one is ready
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def _hand(self, item: Any) -> None:
         want = self.want
@@ -190,6 +191,12 @@ class _StreamReader:
             except Exception as e:  # NOTE: the stream's task raises it when it takes it, as anext would have
                 self._hand(e)
                 return
+            except BaseException as e:
+                # NOTE: a cancel from the messages themselves (grpc raises one when it tears its call down), not
+                # close()'s: the stream's task takes it too, or it would wait for ever
+                if not self._closed:
+                    self._hand(e)
+                raise
             self._hand(_END if msg is None else msg)
             if msg is None:
                 return
@@ -210,6 +217,7 @@ class _StreamReader:
         return want
 
     def close(self) -> None:
+        self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()  # NOTE: a message read ahead is neither applied nor answered
 

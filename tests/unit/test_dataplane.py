@@ -256,6 +256,29 @@ async def test_stream_opens_steps_reports_errors_in_band_and_closes_the_session(
     await dp.stop()
 
 
+async def test_a_stream_whose_messages_end_in_a_cancel_ends_and_closes_its_session() -> None:
+    """grpc's request iterator raises CancelledError when it tears its call down: the stream ends with it (it
+    waited for ever once the messages were read by a task of their own) and deletes the session it opened."""
+    dp, _ = await make_dp()
+
+    async def msgs() -> AsyncIterator[StreamMessage]:
+        yield StreamMessage(inputs=rows(1, 1)[0], open=StreamOpen(model="fake"))
+        await asyncio.sleep(0.05)
+        raise asyncio.CancelledError
+
+    replies: list[object] = []
+
+    async def run() -> None:
+        async for r in dp.stream(msgs()):
+            replies.append(r)
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run(), 2)
+    assert len(replies) == 1
+    assert await dp.store.count() == 0
+    await dp.stop()
+
+
 async def test_stopping_fails_running_and_queued_steps_instead_of_hanging() -> None:
     """A stop that cuts a drain short answers every waiting caller with a retryable error."""
     dp, _ = await make_dp(FakeRuntime(delay=0.3), max_batch_size=1)
