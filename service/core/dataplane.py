@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -155,73 +155,6 @@ class _AsClient:
         return e
 
 
-_END: Any = object()  # NOTE: what a _StreamReader hands over at the end of the messages
-_DRAINED: Any = object()  # NOTE: what a drain hands a stream waiting for its next message
-
-
-class _StreamReader:
-    """A stream's messages, read by one task of its own, at most one ahead of the stream: the stream waits on a
-    plain future that the next message, the end, or a drain completes (a task per message, as before, cost a task
-    and a loop turn more per message). When grpc cancels the call (the client went away), the cancel reaches the
-    stream's own task, waiting here, and the call ends as cancelled (grpc's request iterator would turn a cancel
-    inside it into a plain end of the requests)."""
-
-    __slots__ = ("_closed", "_loop", "_messages", "_ready", "_room", "_task", "want")
-
-    def __init__(self, messages: AsyncIterator[StreamMessage]) -> None:
-        self._messages = messages
-        self._loop = asyncio.get_running_loop()
-        self.want: asyncio.Future[Any] | None = None  # NOTE: the stream's wait for the next message
-        self._ready: list[Any] = []  # NOTE: what was read and not yet taken: a message, _END or an exception
-        self._room: asyncio.Future[None] | None = None  # NOTE: the reader waits here while one is ready
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    def _hand(self, item: Any) -> None:
-        want = self.want
-        if want is not None and not want.done():
-            want.set_result(item)
-        else:
-            self._ready.append(item)
-
-    async def _read(self) -> None:
-        while True:
-            try:
-                msg = await anext(self._messages, None)
-            except Exception as e:  # NOTE: the stream's task raises it when it takes it, as anext would have
-                self._hand(e)
-                return
-            except BaseException as e:
-                # NOTE: a cancel from the messages themselves (grpc raises one when it tears its call down), not
-                # close()'s: the stream's task takes it too, or it would wait for ever
-                if not self._closed:
-                    self._hand(e)
-                raise
-            self._hand(_END if msg is None else msg)
-            if msg is None:
-                return
-            if self._ready:
-                self._room = self._loop.create_future()
-                await self._room
-
-    def next(self) -> asyncio.Future[Any]:
-        """A future of the next message (or _END, or an exception instance); the stream awaits it."""
-        if self._task is None:
-            self._task = self._loop.create_task(self._read())
-        want = self.want = self._loop.create_future()
-        if self._ready:
-            want.set_result(self._ready.pop())
-            room = self._room
-            if room is not None and not room.done():
-                room.set_result(None)
-        return want
-
-    def close(self) -> None:
-        self._closed = True
-        if self._task is not None and not self._task.done():
-            self._task.cancel()  # NOTE: a message read ahead is neither applied nor answered
-
-
 class DataPlane:
     """One instance per server, shared by REST, gRPC and WebSocket."""
 
@@ -244,7 +177,7 @@ class DataPlane:
             self._add_batcher(m)
         self._expiry_task: asyncio.Task[None] | None = None
         self.draining = False
-        self._stream_waits: set[asyncio.Future[Any]] = set()  # NOTE: streams waiting for a message (see begin_drain)
+        self._stream_waits: set[asyncio.Future[None]] = set()  # NOTE: streams waiting for a message (see begin_drain)
         self.started = False
 
     def _add_batcher(self, m: ModelVersion) -> Batcher:
@@ -334,7 +267,7 @@ class DataPlane:
         self.draining = True
         for waiting in self._stream_waits:  # NOTE: wakes every stream waiting for its next message: it ends
             if not waiting.done():
-                waiting.set_result(_DRAINED)
+                waiting.set_result(None)
         self.metrics.ready.set(0)
 
     async def wait_idle(self) -> None:
@@ -857,83 +790,85 @@ class DataPlane:
         opened is deleted unless the first message asked to keep it; a resumed one stays (`StreamOpen`).
         The first message must come within `stream_open_timeout`.
         """
-        reader = _StreamReader(messages)
         try:
-            try:
-                first = await asyncio.wait_for(self._next_unless_draining(reader), self.limits.stream_open_timeout)
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"no first message within {self.limits.stream_open_timeout:g} s; send it as soon as the stream "
-                    "opens"
-                ) from None
-            if first is None:
-                return
-            if first.error is not None:
-                raise first.error
-            opened = first.open
-            if opened is None:
-                raise InvalidInputError(
-                    "the first stream message must open a session (model) or resume one (session id)"
-                )
-            if opened.resume_session_id and opened.model:
-                raise InvalidInputError(
-                    "the first stream message must either open a session (model) or resume one, not both"
-                )
-            if opened.resume_session_id:
-                # NOTE: the resumed session changes hands: the stream that opened it no longer closes it
-                rid = opened.resume_session_id
-                with self._as_client(owner, rid):
-                    info = self._unscoped(owner, await self.store.detach(self._scoped(owner, rid), self.clock()))
-                owned = False
-            elif opened.model:
-                info = await self.create_session(opened.model, opened.version, opened.session_id, owner)
-                owned = not opened.keep
-            else:
-                raise InvalidInputError("the first stream message must name a model to open, or a session id to resume")
-            sid = info.session_id
-            # NOTE: the stream knows its session's model and id: no lookup per message (each batch checks the session)
-            key = self.get_model(info.model, info.version).key
-            scoped = self._scoped(owner, sid)
-            try:
-                yield await self._stream_step(sid, first, info, owner, key, scoped)
-                while True:
-                    msg = await self._next_unless_draining(reader)
-                    if msg is None:
-                        return
-                    if msg.error is not None:
-                        yield StreamReply(sid, error=msg.error)
-                        continue
-                    if msg.open is not None:
-                        yield StreamReply(
-                            sid, error=InvalidInputError("only the first stream message may open a session")
-                        )
-                        continue
-                    yield await self._stream_step(sid, msg, None, owner, key, scoped)
-            finally:
-                if owned:  # NOTE: only the life of the id that this stream created, never a later one
-                    with contextlib.suppress(SessionNotFoundError):
-                        await self.delete_session(sid, info.incarnation, owner)
+            first = await asyncio.wait_for(self._next_unless_draining(messages), self.limits.stream_open_timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"no first message within {self.limits.stream_open_timeout:g} s; send it as soon as the stream opens"
+            ) from None
+        if first is None:
+            return
+        if first.error is not None:
+            raise first.error
+        opened = first.open
+        if opened is None:
+            raise InvalidInputError("the first stream message must open a session (model) or resume one (session id)")
+        if opened.resume_session_id and opened.model:
+            raise InvalidInputError(
+                "the first stream message must either open a session (model) or resume one, not both"
+            )
+        if opened.resume_session_id:
+            # NOTE: the resumed session changes hands: the stream that opened it no longer closes it
+            rid = opened.resume_session_id
+            with self._as_client(owner, rid):
+                info = self._unscoped(owner, await self.store.detach(self._scoped(owner, rid), self.clock()))
+            owned = False
+        elif opened.model:
+            info = await self.create_session(opened.model, opened.version, opened.session_id, owner)
+            owned = not opened.keep
+        else:
+            raise InvalidInputError("the first stream message must name a model to open, or a session id to resume")
+        sid = info.session_id
+        # NOTE: the stream knows its session's model and id: no lookup per message (each batch checks the session)
+        key = self.get_model(info.model, info.version).key
+        scoped = self._scoped(owner, sid)
+        try:
+            yield await self._stream_step(sid, first, info, owner, key, scoped)
+            while True:
+                msg = await self._next_unless_draining(messages)
+                if msg is None:
+                    return
+                if msg.error is not None:
+                    yield StreamReply(sid, error=msg.error)
+                    continue
+                if msg.open is not None:
+                    yield StreamReply(sid, error=InvalidInputError("only the first stream message may open a session"))
+                    continue
+                yield await self._stream_step(sid, msg, None, owner, key, scoped)
         finally:
-            reader.close()
+            if owned:  # NOTE: only the life of the id that this stream created, never a later one
+                with contextlib.suppress(SessionNotFoundError):
+                    await self.delete_session(sid, info.incarnation, owner)
 
-    async def _next_unless_draining(self, reader: _StreamReader) -> StreamMessage | None:
-        """The next message, None at the end of the stream; a drain ends the wait with 'unavailable'."""
+    async def _next_unless_draining(self, messages: AsyncIterator[StreamMessage]) -> StreamMessage | None:
+        """The next message, None at the end of the stream; a drain ends the wait with 'unavailable'.
+
+        The wait for the message runs in a task of its own: when grpc cancels the call (the client went away),
+        the cancel reaches this stream's task here, and the call ends as cancelled (grpc's request iterator
+        would turn a cancel inside it into a plain end of the requests)."""
         if self.draining:
             raise UnavailableError(DRAINING_STREAM)
-        waiting = reader.next()
-        if waiting.done():
-            got = waiting.result()
-        else:
-            self._stream_waits.add(waiting)
-            try:
-                got = await waiting
-            finally:
-                self._stream_waits.discard(waiting)
-        if got is _DRAINED:
+        nxt = asyncio.ensure_future(anext(messages, None))
+        # NOTE: the stream's task waits on a plain future that the message's arrival or a drain completes: no task
+        # and no asyncio.wait per message (about 15 us less per message than waiting on a drain task as well)
+        waiting: asyncio.Future[None] = nxt.get_loop().create_future()  # NOTE: get_running_loop() makes a syscall
+
+        def arrived(_: object) -> None:
+            if not waiting.done():
+                waiting.set_result(None)
+
+        nxt.add_done_callback(arrived)
+        self._stream_waits.add(waiting)
+        try:
+            await waiting
+        finally:
+            self._stream_waits.discard(waiting)
+            if not nxt.done():
+                # NOTE: a message still in transit when the drain starts is neither applied nor answered
+                nxt.cancel()
+        if not nxt.done():
             raise UnavailableError(DRAINING_STREAM)
-        if isinstance(got, BaseException):
-            raise got
-        return None if got is _END else cast(StreamMessage, got)
+        return nxt.result()
 
     async def _stream_step(
         self, sid: str, msg: StreamMessage, info: SessionInfo | None, owner: str, key: str, scoped: str

@@ -102,7 +102,8 @@ for i, key in ipairs(KEYS) do
     local r = redis.call('GET', rp .. id)
     local model = ARGV[4 + 2 * i]
     -- NOTE: a session of another version (not served here, or moved) is read, not touched or indexed here
-    local same = string.byte(v, 57) + 256 * string.byte(v, 58) == #model and string.sub(v, 59, 58 + #model) == model
+    local same = #v >= 58 + #model and string.byte(v, 57) + 256 * string.byte(v, 58) == #model
+      and string.sub(v, 59, 58 + #model) == model
     if ARGV[5 + 2 * i] == '1' and same then
       redis.call('PEXPIRE', key, ttl)
       if r then redis.call('PEXPIRE', rp .. id, ttl) end

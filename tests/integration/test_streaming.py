@@ -368,3 +368,34 @@ async def test_concurrent_steps_on_one_session_apply_one_at_a_time_in_some_order
     order = [k for _, k, _ in results]
     np.testing.assert_allclose(np.concatenate([o for _, _, o in results]), reference_run(x[order]), atol=ATOL)
     assert (await rest.get(f"/v1/sessions/{sid}")).json()["steps"] == 20
+
+
+async def test_a_message_that_breaks_the_stream_comes_after_the_answer_to_the_one_before(
+    make_server: ServerFactory,
+) -> None:
+    """A message over grpc's receive limit ends the call (RESOURCE_EXHAUSTED), but every step applied before it
+    has been answered: a client of a kept session then knows what was applied. (Read ahead, the next message's
+    read failed the call while the step before still ran: applied, never answered.)"""
+    srv = await make_server(grpc_max_message_bytes=64 * 1024, max_steps_per_call=64)
+
+    def rows(n: int) -> pb.Matrix:
+        return pb.Matrix(rows=n, cols=4, data=[0.1] * (4 * n))
+
+    async def requests() -> AsyncIterator[pb.StreamRequest]:
+        yield pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="kept-1"), keep=True)
+        yield pb.StreamRequest(inputs=rows(1))
+        yield pb.StreamRequest(inputs=rows(20_000))  # NOTE: 320 kB, over the 128 kB that grpc receives
+        await asyncio.Event().wait()
+
+    seen: list[str] = []
+
+    async def read_all(call: Any) -> None:
+        async for reply in call:
+            seen.append(reply.error.code or f"steps={reply.steps}")
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await read_all(pb_grpc.PredictorStub(channel).Stream(requests()))
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert seen == ["steps=0", "steps=1"]
+    assert (await srv.dataplane.get_session("kept-1")).steps == 1
