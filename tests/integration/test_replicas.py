@@ -9,6 +9,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -181,6 +182,23 @@ async def test_a_server_whose_redis_goes_away_answers_503_turns_unready_and_reco
         proc.wait()
 
 
+async def replicas(
+    make_server: ServerFactory,
+    prefix: str,
+    tmp: Path,
+    a_versions: tuple[str, ...],
+    b_versions: tuple[str, ...],
+    **extra: Any,
+) -> tuple[Server, Server]:
+    """Replicas A and B on one Redis, serving these versions of the daily model (copies of the shipped one)."""
+    made = []
+    for name, versions in (("a", a_versions), ("b", b_versions)):
+        for v in versions:
+            shutil.copytree(SHIPPED_MODEL, tmp / name / MODEL / v)
+        made.append(await make_server(models=tmp / name, state_store=REDIS_URL, redis_key_prefix=prefix, **extra))
+    return made[0], made[1]
+
+
 async def test_a_session_of_a_version_this_replica_has_not_loaded_is_retry_later_and_left_alone(
     make_server: ServerFactory, prefix: str, weather: np.ndarray, tmp_path: Path
 ) -> None:
@@ -190,13 +208,7 @@ async def test_a_session_of_a_version_this_replica_has_not_loaded_is_retry_later
     would have opened a new one); in a packed batch that row fails alone (the whole batch failed). The session is
     left alone: not counted among B's version's sessions (B's gather indexed it there, so that an unload of
     version 1 ended it), and A steps it."""
-    shared = {"state_store": REDIS_URL, "redis_key_prefix": prefix}
-    both, old = tmp_path / "both", tmp_path / "old"
-    for repo, versions in ((both, ("1", "2")), (old, ("1",))):
-        for v in versions:
-            shutil.copytree(SHIPPED_MODEL, repo / MODEL / v)
-    a: Server = await make_server(models=both, **shared)
-    b: Server = await make_server(models=old, **shared)
+    a, b = await replicas(make_server, prefix, tmp_path, ("1", "2"), ("1",))
     x = weather[:1].tolist()
     async with (
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{a.http_port}") as rest_a,
@@ -235,12 +247,7 @@ async def test_a_session_of_a_version_unloaded_here_but_served_elsewhere_is_retr
     """B unloads version 1 (forced) while A still serves it; a session A opens on version 1 afterwards lives. B
     answers its step as it answers a read: 503 "retry, or on the replica that loaded it" (the step said 404
     "ended: its model version was unloaded; create a new session")."""
-    shared = {"state_store": REDIS_URL, "redis_key_prefix": prefix, "model_poll_s": 0}
-    both = tmp_path / "both"
-    for v in ("1", "2"):
-        shutil.copytree(SHIPPED_MODEL, both / MODEL / v)
-    a: Server = await make_server(models=both, **shared)
-    b: Server = await make_server(models=both, **shared)
+    a, b = await replicas(make_server, prefix, tmp_path, ("1", "2"), ("1", "2"), model_poll_s=0)
     x = weather[:1].tolist()
     async with (
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{a.http_port}") as rest_a,
