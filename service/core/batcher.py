@@ -689,13 +689,12 @@ class Batcher:
                 h_new, c_new = (hn, cn) if every else (hn[:, idx, :], cn[:, idx, :])
                 outcome = await self.store.commit(self.model.key, commits, h_new, c_new, self.clock())
             except Exception as e:
-                self._saving = []
                 for i in idx:
                     run[i][0].resolve(self._store_failed(e))  # NOTE: answered here; GONE below does not overwrite
                 status = dict.fromkeys(idx, CommitStatus.GONE)
             else:
-                self._saving = []
                 status = dict(zip(idx, outcome, strict=True))
+            self._saving = []
             if scored is not None:
                 self._count_scored(scored, [status[i] is CommitStatus.COMMITTED for i in idx])
         steps = 0

@@ -596,7 +596,7 @@ class DataPlane:
         only = next(iter(self._batchers)) if len(self._batchers) == 1 else None
         keys: dict[int, str | ServeError] = {}
         if only is None:  # NOTE: one store call for all items (a round trip each on Redis made a big batch slow)
-            valid = [(i, f"{owner}.{sid}" if owner else sid) for i, (sid, _, _) in enumerate(items)
+            valid = [(i, self._scoped(owner, sid)) for i, (sid, _, _) in enumerate(items)
                      if SESSION_ID.fullmatch(sid) is not None]  # fmt: skip
             found = await self._models_of([scoped for _, scoped in valid])
             keys = {i: key for (i, _), key in zip(valid, found, strict=True)}
