@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import time
@@ -523,7 +522,7 @@ def create_app(
             owner = "" if auth is None else auth.owner(ws.headers.get("authorization"))
         except ServeError as denied:
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                await ws.send_text(json.dumps({"error": denied.message, "code": denied.code.value}))
+                await ws.send_text(_text({"error": denied.message, "code": denied.code.value}))
                 await ws.close(code=1008, reason=denied.code.value)
             metrics.requests.labels("websocket", "stream", denied.code.value).inc()
             return
@@ -547,7 +546,7 @@ def create_app(
             async with contextlib.aclosing(dp.stream(messages(), owner)) as replies:
                 async for reply in replies:
                     metrics.stream_messages.labels("websocket", reply.error.code.value if reply.error else "ok").inc()
-                    await ws.send_text(json.dumps(ws_reply(reply)))
+                    await ws.send_text(_text(ws_reply(reply)))
         except WebSocketDisconnect:
             pass
         except Exception as exc:
@@ -559,7 +558,7 @@ def create_app(
             spec = ERROR_TABLE[e.code]
             close = 1013 if spec.retry_after else 1011 if spec.http_status >= 500 else 1008
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # the peer may be gone already
-                await ws.send_text(json.dumps({"error": e.message, "code": e.code.value}))
+                await ws.send_text(_text({"error": e.message, "code": e.code.value}))
                 await ws.close(code=close, reason=e.code.value)
         else:
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):
@@ -642,9 +641,13 @@ def create_app(
 def ws_message(text: str, first: bool, limit: int) -> StreamMessage:
     """Decode one WebSocket JSON message; a bad one becomes an in-band error."""
     try:
-        if len(text) > limit or len(text.encode()) > limit:  # NOTE: the limit is in bytes, as on REST
+        if len(text) > limit or len(raw := text.encode()) > limit:  # NOTE: the limit is in bytes, as on REST
             raise PayloadTooLargeError.over(limit)
-        msg = s.StreamBody.model_validate_json(text)
+        # NOTE: a later message that is certainly a valid step skips pydantic, as the REST step lane does
+        step = None if first else s.certain_step(raw)
+        if step is not None:
+            return StreamMessage(inputs=s.matrix(step[0]), seq=step[1])
+        msg = s.StreamBody.model_validate_json(raw)
         opened = None
         if not first and (msg.model, msg.resume, msg.session_id, msg.version, msg.keep) != (
             None,
@@ -665,6 +668,11 @@ def ws_message(text: str, first: bool, limit: int) -> StreamMessage:
         return StreamMessage(inputs=None, error=e)
     except ValidationError as e:
         return StreamMessage(inputs=None, error=s.validation_error(e))
+
+
+def _text(message: dict[str, Any]) -> str:
+    """A WebSocket JSON text frame (orjson: a tenth of the stdlib's time per reply)."""
+    return orjson.dumps(message).decode()
 
 
 def ws_reply(r: StreamReply) -> dict[str, Any]:
