@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     MODEL_LOAD_FAILED = "model_load_failed"
     SESSION_NOT_FOUND = "session_not_found"
     SESSION_EXISTS = "session_exists"
+    SESSION_CORRUPT = "session_corrupt"
     SEQ_CONFLICT = "seq_conflict"
     SESSION_LIMIT = "session_limit"
     OVERLOADED = "overloaded"
@@ -51,6 +52,7 @@ ERROR_TABLE: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.MODEL_LOAD_FAILED: ErrorSpec(400, "FAILED_PRECONDITION"),
     ErrorCode.SESSION_NOT_FOUND: ErrorSpec(404, "NOT_FOUND"),
     ErrorCode.SESSION_EXISTS: ErrorSpec(409, "ALREADY_EXISTS"),
+    ErrorCode.SESSION_CORRUPT: ErrorSpec(500, "DATA_LOSS"),
     ErrorCode.SEQ_CONFLICT: ErrorSpec(409, "ABORTED"),
     ErrorCode.SESSION_LIMIT: ErrorSpec(429, "RESOURCE_EXHAUSTED", retry_after=1),
     ErrorCode.OVERLOADED: ErrorSpec(503, "UNAVAILABLE", retry_after=1),
@@ -116,6 +118,10 @@ class SessionNotFoundError(ServeError):
 
 class SessionExistsError(ServeError):
     code = ErrorCode.SESSION_EXISTS
+
+
+class SessionCorruptError(ServeError):
+    code = ErrorCode.SESSION_CORRUPT
 
 
 class SeqConflictError(ServeError):

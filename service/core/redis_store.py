@@ -67,6 +67,7 @@ from service.core.tasks import stop_task
 from service.errors import (
     InvalidInputError,
     ServeError,
+    SessionCorruptError,
     SessionExistsError,
     SessionLimitError,
     SessionNotFoundError,
@@ -80,10 +81,36 @@ T = TypeVar("T")
 HEADER = struct.Struct("<8s8s8sqqddH")  # version, born, owner, steps, seq, created, last_used, len(model key)
 
 
-def model_key_of(raw: bytes) -> str:
-    """The model version a session value is of, from its header (the rest is laid out by that version)."""
-    n = HEADER.unpack_from(raw)[-1]
-    return raw[HEADER.size : HEADER.size + n].decode()
+def damaged(sid: str, why: str) -> SessionCorruptError:
+    """A session value that cannot be what this store wrote (cut short, overwritten by hand, another program's key
+    under our prefix): that session alone fails, and only deleting it helps."""
+    return SessionCorruptError(
+        f"session {sid!r} cannot be read from the session store: its stored value is damaged ({why}), so its state "
+        "is lost; delete the session and open it again"
+    )
+
+
+def read_header(raw: bytes, sid: str = "") -> tuple[tuple[Any, ...], str]:
+    """The header fields of a session value and its model key; a value too short for them, or whose model key is
+    not text of the form name/version, raises SessionCorruptError (the rest is laid out by that version)."""
+    if len(raw) < HEADER.size:
+        raise damaged(sid, f"{len(raw)} bytes, shorter than the {HEADER.size}-byte header")
+    fields = HEADER.unpack_from(raw)
+    n = fields[-1]
+    if len(raw) < HEADER.size + n:
+        raise damaged(sid, f"{len(raw)} bytes, cut short inside its model name")
+    try:
+        model_key = raw[HEADER.size : HEADER.size + n].decode()
+    except UnicodeDecodeError:
+        raise damaged(sid, "its model name is not text") from None
+    if "/" not in model_key:
+        raise damaged(sid, "its model name has no version")
+    return fields, model_key
+
+
+def model_key_of(raw: bytes, sid: str = "") -> str:
+    """The model version a session value is of, from its header (see read_header)."""
+    return read_header(raw, sid)[1]
 
 
 GONE_TTL_S = 3600
@@ -226,6 +253,16 @@ return gone
 """
 
 
+# KEYS[1]: a session key, KEYS[2]: its record key; ARGV: the damaged value as read, the id, idx prefix, then every
+# model key. Deletes the session if its value is still that one (a writer that replaced it wins); returns 1 or 0.
+PURGE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+for i = 4, #ARGV do redis.call('ZREM', ARGV[3] .. ARGV[i], ARGV[2]) end
+return 1
+"""
+
+
 @dataclass
 class _State:
     """A decoded session value."""
@@ -278,8 +315,9 @@ class RedisSessionStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False, health_check_interval=0
         )
         self._scripts = {name: (src, "") for name, src in (("gather", GATHER), ("commit", COMMIT),
-                         ("create", CREATE), ("sweep", SWEEP))}  # fmt: skip
+                         ("create", CREATE), ("sweep", SWEEP), ("purge", PURGE))}  # fmt: skip
         self._healthy = False
+        self._checked = False
         self._health_task: asyncio.Task[None] | None = None
         self._closing = False
         self._on_removed: RemovalListener = lambda key, reason: None
@@ -317,8 +355,9 @@ class RedisSessionStore:
             self._healthy = True
         except (RedisError, OSError, TimeoutError):
             self._healthy = False
-        if was != self._healthy:
+        if was != self._healthy and self._checked:  # NOTE: the first check is start()'s to report
             log.warning("Redis at %s is %s", self._safe_url(), "back" if self._healthy else "unavailable")
+        self._checked = True
 
     async def _health_loop(self) -> None:
         while not self._closing:
@@ -364,14 +403,15 @@ class RedisSessionStore:
         return st.version + st.extra if st.extra else b""
 
     def _decode(self, raw: bytes, record: bytes = b"", sid: str = "") -> _State:
-        version, born, owner, steps, seq, created, last_used, n = HEADER.unpack_from(raw)
-        at = HEADER.size
-        model_key = raw[at : at + n].decode()
-        at += n
+        (version, born, owner, steps, seq, created, last_used, n), model_key = read_header(raw, sid)
+        at = HEADER.size + n
         sig = self.sigs.get(model_key)
         if sig is None:  # NOTE: not "no such session": it lives, on a version another replica loaded first
             raise not_served(sid, model_key)
         size = sig.layers * sig.hidden * 4
+        rest = len(raw) - at - size - sig.layers * sig.cell * 4 - DIGEST_BYTES
+        if rest < 0 or rest % (4 * sig.outputs) or steps < 0 or seq < 0:
+            raise damaged(sid, f"{len(raw)} bytes do not hold a state of {model_key}")
         h = np.frombuffer(raw, np.float32, sig.layers * sig.hidden, at).reshape(sig.layers, sig.hidden)
         c = np.frombuffer(raw, np.float32, sig.layers * sig.cell, at + size).reshape(sig.layers, sig.cell)
         at += size + sig.layers * sig.cell * 4
@@ -473,7 +513,7 @@ class RedisSessionStore:
         raw = await self._call(lambda: self.redis.get(self.kp + session_id))
         if raw is None:
             raise await self._not_found(session_id)
-        return model_key_of(cast(bytes, raw))
+        return model_key_of(cast(bytes, raw), session_id)
 
     async def models_of(self, session_ids: list[str], now: float) -> list[str | ServeError]:
         """One MGET for all (a round trip per session made a packed batch of 1,024 sessions take 0.3 s); of each
@@ -489,7 +529,10 @@ class RedisSessionStore:
                 missing.append(i)
                 out.append("")
             else:
-                out.append(model_key_of(cast(bytes, raw)))
+                try:
+                    out.append(model_key_of(cast(bytes, raw), session_ids[i]))
+                except SessionCorruptError as e:  # NOTE: this session alone fails
+                    out.append(e)
         if missing:
             reasons = await self._call(lambda: self.redis.mget([self.gp + session_ids[i] for i in missing]))
             for i, reason in zip(missing, reasons, strict=True):
@@ -501,8 +544,34 @@ class RedisSessionStore:
             if incarnation is not None and st.incarnation() != incarnation:
                 raise SessionNotFoundError(f"session {session_id!r} was replaced by a newer one of the same id")
 
-        st, _ = await self._update(session_id, drop)
+        try:
+            st, _ = await self._update(session_id, drop)
+        except SessionCorruptError:
+            await self._purge(session_id)
+            return
         self._on_removed(st.model_key, "deleted")
+
+    async def _purge(self, sid: str) -> None:
+        """Delete a session whose value is damaged (its incarnation cannot be read: any delete removes it)."""
+        for _ in range(20):
+            raw = cast("bytes | None", await self._call(lambda: self.redis.get(self.kp + sid)))
+            if raw is None:
+                raise await self._not_found(sid)
+            try:
+                self._decode(raw, b"", sid)
+            except SessionCorruptError:
+                pass
+            else:  # NOTE: written meanwhile, and readable again: an ordinary delete
+                await self.delete(sid)
+                return
+            try:
+                model_key = model_key_of(raw, sid)
+            except SessionCorruptError:
+                model_key = ""
+            if await self._script("purge", [self.kp + sid, self.rp + sid], [raw, sid, self.ip, *self.sigs]):
+                self._on_removed(model_key if model_key in self.sigs else "unknown", "deleted")
+                return
+        raise UnavailableError(f"session {sid!r} is changing too fast to delete; retry")
 
     async def fork(self, source_id: str, session_id: str, now: float, record: Record) -> SessionInfo:
         """A new session from the source's state as read now; the cap applies, and the fork is a use of the
@@ -581,11 +650,15 @@ class RedisSessionStore:
             if not raw:
                 leases.append(await self._not_found(sid))
                 continue
-            key = model_key_of(raw[0])
-            if key != model_key:  # NOTE: this row alone fails; a version not served here cannot be decoded here
-                leases.append(session_moved(sid, key) if key in self.sigs else not_served(sid, key))
+            try:
+                key = model_key_of(raw[0], sid)
+                if key != model_key:  # NOTE: this row alone fails; a version not served here cannot be decoded here
+                    leases.append(session_moved(sid, key) if key in self.sigs else not_served(sid, key))
+                    continue
+                st = self._decode(raw[0], raw[1], sid)
+            except SessionCorruptError as e:
+                leases.append(e)
                 continue
-            st = self._decode(raw[0], raw[1], sid)
             h[:, n, :], c[:, n, :] = st.h, st.c
             replay = Replay(st.seq, st.digest, st.outputs) if any(st.digest) else None
             leases.append(Lease(sid, st, st.steps, st.seq, replay, st.extra))

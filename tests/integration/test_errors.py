@@ -19,7 +19,7 @@ from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 from tests.conftest import SHIPPED_REPO
 from tests.fixtures import SHIPPED_CARD, FakeRuntime, NonFiniteRuntime, fake_repo
-from tests.integration.conftest import ServerFactory, sample, until
+from tests.integration.conftest import REDIS_URL, ServerFactory, sample, until
 
 MODEL = "seattle-weather"
 LIMITS = {"max_steps_per_call": 50, "max_sessions": 4, "max_body_bytes": 64 * 1024, "grpc_max_message_bytes": 64 * 1024}
@@ -50,6 +50,7 @@ EXPECTED: dict[ErrorCode, tuple[int, grpc.StatusCode]] = {
     ErrorCode.MODEL_LOAD_FAILED: (400, grpc.StatusCode.FAILED_PRECONDITION),
     ErrorCode.SESSION_NOT_FOUND: (404, grpc.StatusCode.NOT_FOUND),
     ErrorCode.SESSION_EXISTS: (409, grpc.StatusCode.ALREADY_EXISTS),
+    ErrorCode.SESSION_CORRUPT: (500, grpc.StatusCode.DATA_LOSS),
     ErrorCode.SEQ_CONFLICT: (409, grpc.StatusCode.ABORTED),
     ErrorCode.SESSION_LIMIT: (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ErrorCode.OVERLOADED: (503, grpc.StatusCode.UNAVAILABLE),
@@ -527,3 +528,48 @@ async def test_a_deleted_session_is_404_on_every_operation_until_an_import_creat
     again = await rest.post(f"/v1/sessions/{sid}/state", json=snap)
     assert again.status_code == 200
     assert (await rest.get(f"/v1/sessions/{sid}")).status_code == 200
+
+
+async def test_a_session_damaged_in_redis_is_500_data_loss_alone_and_can_be_deleted(
+    make_server: ServerFactory, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session value cut short in Redis (by hand, or a program sharing the prefix): every operation on that
+    session says it is damaged and to delete it, on both transports and for a stream that resumes it; in a batch
+    its item fails alone beside a healthy one; DELETE removes it. No 'internal' error, no traceback in the log
+    (a step on it answered 500 internal, and failed a whole batch with it)."""
+    srv: Server = await make_server(state_store=REDIS_URL, redis_key_prefix=prefix)
+    row = [0.0, 12.8, 5.0, 4.7]
+    async with (
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as rest,
+        grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel,
+    ):
+        stub = pb_grpc.PredictorStub(channel)
+        for sid in ("healthy", "damaged"):
+            assert (await rest.post("/v1/sessions", json={"model": MODEL, "session_id": sid})).status_code == 201
+        store = srv.store
+        raw = await store.redis.get(prefix + "s:damaged")  # type: ignore[attr-defined]
+        await store.redis.set(prefix + "s:damaged", raw[:-3], px=60_000)  # type: ignore[attr-defined]
+        caplog.clear()
+        r = await rest.post("/v1/sessions/damaged/steps", json={"inputs": [row]})
+        message = check(ErrorCode.SESSION_CORRUPT, r, await grpc_error(
+            stub.Step(pb.StepRequest(session_id="damaged", inputs=m([row])))))  # fmt: skip
+        assert "damaged" in message
+        assert "delete the session and open it again" in message
+        for method, tail in (("GET", ""), ("GET", "/state"), ("POST", "/reset")):
+            got = await rest.request(method, f"/v1/sessions/damaged{tail}")
+            assert (got.status_code, got.json()["code"]) == (500, "session_corrupt"), (method, tail, got.text)
+        items = [{"session_id": "healthy", "inputs": [row]}, {"session_id": "damaged", "inputs": [row]}]
+        batch = (await rest.post("/v1/steps", json={"steps": items})).json()
+        assert batch["results"][0]["result"]["steps"] == 1
+        assert batch["results"][1]["error"]["code"] == "session_corrupt"
+        stream = stub.Stream()
+        await stream.write(pb.StreamRequest(resume_session_id="damaged"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream.read()
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS
+        assert (await rest.delete("/v1/sessions/damaged")).status_code == 200
+        gone = await rest.get("/v1/sessions/damaged")
+        assert (gone.status_code, gone.json()["code"]) == (404, "session_not_found")
+        assert (await rest.post("/v1/sessions/healthy/steps", json={"inputs": [row]})).json()["steps"] == 2
+        assert await store.count() == 1
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]

@@ -36,6 +36,7 @@ from service.core.sessions import (
 )
 from service.errors import (
     InvalidInputError,
+    SessionCorruptError,
     SessionExistsError,
     SessionLimitError,
     SessionNotFoundError,
@@ -547,6 +548,50 @@ async def test_redis_values_written_before_the_record_existed_read_with_an_empty
         if keys:
             await r.delete(*keys)
         await r.aclose()
+
+
+async def test_a_damaged_redis_value_fails_its_session_alone_and_a_delete_removes_it(prefix: str) -> None:
+    """Values cut short (in the header, in the model name, in the state), emptied, or with a model name that is not
+    text: every read of such a session says it is damaged and what to do, a lookup or gather of many sessions fails
+    those rows alone (it failed the whole call with an internal error), and deleting it removes it with its record
+    and index entry (the delete read the value first, and failed the same way)."""
+    store = RedisSessionStore(REDIS_URL, {"m/1": replace(SIG, extra=4)}, ttl=30.0, max_sessions=100, prefix=prefix)
+    removed: list[tuple[str, str]] = []
+    store.set_removal_listener(lambda key, reason: removed.append((key, reason)))
+    await store.start()
+    try:
+        ids = ["ok", "short", "in-name", "in-state", "empty", "not-text"]
+        for sid in ids:
+            await store.create("m/1", sid, now())
+        raw = await store.redis.get(prefix + "s:ok")
+        damage = {"short": raw[:20], "in-name": raw[:60], "in-state": raw[:-5], "empty": b"",
+                  "not-text": raw[:58] + b"\xff" * (len(raw) - 58)}  # fmt: skip
+        for sid, value in damage.items():
+            await store.redis.set(prefix + "s:" + sid, value, px=30_000)
+        looked = await store.models_of(ids, now())
+        leases, _, _ = await store.gather("m/1", ids, now())
+        assert looked[0] == looked[3] == "m/1"  # NOTE: a lookup reads the header alone, which is whole there
+        assert isinstance(leases[0], Lease)
+        for sid, got, lease in zip(ids[1:], looked[1:], leases[1:], strict=True):
+            for e in (lease,) if sid == "in-state" else (got, lease):
+                assert isinstance(e, SessionCorruptError), (sid, e)
+                assert f"session {sid!r}" in e.message
+                assert "delete the session and open it again" in e.message
+            with pytest.raises(SessionCorruptError):
+                await store.info(sid, now())
+        with pytest.raises(SessionCorruptError):
+            await store.model_of("short", now())
+        for sid in damage:
+            await store.delete(sid)
+            with pytest.raises(SessionNotFoundError):
+                await store.info(sid, now())
+        assert await store.count() == 1
+        assert await store.redis.zrange(prefix + "idx:m/1", 0, -1) == [b"ok"]
+        assert [k async for k in store.redis.scan_iter(match=prefix + "r:*")] == [(prefix + "r:ok").encode()]
+        # NOTE: counted under its model where the header still names one
+        assert removed == [(key, "deleted") for key in ("unknown", "unknown", "m/1", "unknown", "unknown")]
+    finally:
+        await store.close()
 
 
 async def test_a_block_gathers_and_commits_what_single_leases_would(make_store: Factory) -> None:
