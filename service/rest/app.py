@@ -554,9 +554,11 @@ def create_app(
                 log.exception("unexpected error in WebSocket stream")
             e = as_serve_error(exc)
             code = e.code.value
-            # NOTE: 1013 "try again later" for retryable errors, 1008 for client errors, 1011 for ours
+            # NOTE: 1013 "try again later" for retryable errors, 1008 for client errors, 1011 for ours; a fatal
+            # deadline_exceeded is the client's (no first message in time), though a 504 on REST is the server's
             spec = ERROR_TABLE[e.code]
-            close = 1013 if spec.retry_after else 1011 if spec.http_status >= 500 else 1008
+            ours = spec.http_status >= 500 and e.code is not ErrorCode.DEADLINE_EXCEEDED
+            close = 1013 if spec.retry_after else 1011 if ours else 1008
             with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # the peer may be gone already
                 await ws.send_text(_text({"error": e.message, "code": e.code.value}))
                 await ws.close(code=close, reason=e.code.value)

@@ -290,6 +290,22 @@ async def test_a_grpc_stream_without_a_first_message_ends_with_deadline_exceeded
         assert "no first message within 0.3 s" in (e.value.details() or "")
 
 
+async def test_a_websocket_without_a_first_message_is_told_so_and_closed_as_a_client_error(
+    make_server: ServerFactory,
+) -> None:
+    """The in-band deadline_exceeded, then close code 1008 (policy: the client's doing), not 1011 (a server
+    error, which it was)."""
+    srv: Server = await make_server(stream_open_timeout_s=0.3)
+    async with websockets.connect(f"ws://127.0.0.1:{srv.http_port}/v1/sessions/stream") as ws:
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert reply["code"] == "deadline_exceeded"
+        assert "no first message within 0.3 s" in reply["error"]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "deadline_exceeded")
+
+
 async def test_websocket_first_message_with_model_and_resume_is_refused(server: Server) -> None:
     """{"model", "resume"} together is ambiguous: the stream ends with invalid_input, and nothing is opened."""
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}") as rest:
