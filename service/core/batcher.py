@@ -46,7 +46,9 @@ from service.core.sessions import (
     Lease,
     LeaseBlock,
     Replay,
+    SessionMovedError,
     SessionStore,
+    session_replaced,
 )
 from service.core.tasks import stop_task
 from service.errors import (
@@ -228,6 +230,7 @@ class _Work:
     deadline: float | None = None  # perf_counter time by which it must have started, or None
     enqueued: float = field(default_factory=time.perf_counter)
     peek: bool = False  # what-if: run on a copy of the session's state, commit nothing, touch nothing
+    life: int = 0  # the life of the session id this call is for (SessionInfo.life: a stream's); 0: whichever
 
     def resolve(self, outcome: StepOutcome | ServeError) -> None:
         """Answer the caller, unless it has gone (cancelled) or was answered already."""
@@ -248,6 +251,7 @@ class _Block:
     future: asyncio.Future[BlockOutcome]
     deadline: float | None = None
     enqueued: float = field(default_factory=time.perf_counter)
+    lives: NDArray[np.int64] | None = None  # [K]: the life of each row's session id (_Work.life); None: whichever
 
     def resolve(self, outcome: BlockOutcome | ServeError) -> None:
         _settle(self.future, outcome)
@@ -430,17 +434,25 @@ class Batcher:
         return await block.future
 
     async def submit(
-        self, session_id: str | None, x: F32, seq: int | None, deadline: float | None = None, peek: bool = False
+        self,
+        session_id: str | None,
+        x: F32,
+        seq: int | None,
+        deadline: float | None = None,
+        peek: bool = False,
+        life: int = 0,
     ) -> StepOutcome:
         """Queue a validated [T, F] call and wait for its outcome; past `deadline` (perf_counter) it is
         answered deadline_exceeded without running. A `peek` runs on a copy of the session's state: its
-        outcome has the session's steps and seq as they are, and the session is not changed in any way."""
+        outcome has the session's steps and seq as they are, and the session is not changed in any way.
+        With `life` (SessionInfo.life), the call is for that life of the id only: a session created again under
+        the id meanwhile refuses it (session_not_found), as a stream's steps must not reach another's session."""
         self._admit(1)
         assert self._loop_ref is not None, "start() the batcher first"
         fut: asyncio.Future[StepOutcome] = self._loop_ref.create_future()
         if session_id is not None:
             self._awaiting.pop(session_id, None)
-        self._pending.append(_Work(session_id, x, seq, fut, deadline, peek=peek))
+        self._pending.append(_Work(session_id, x, seq, fut, deadline, peek=peek, life=life))
         self._depth.set(self.queued)
         self._idle.clear()
         self._wake()
@@ -636,6 +648,8 @@ class Batcher:
         # decide, per call: run it, replay it, or refuse it
         run: list[tuple[_Work, Lease | None, int]] = []  # (work, lease, row of h_s; -1 for stateless)
         for r, (w, got) in enumerate(zip(sessions, leases, strict=True)):
+            if w.life and (isinstance(got, SessionMovedError) or (isinstance(got, Lease) and got.life != w.life)):
+                got = session_replaced(cast(str, w.session_id))
             if isinstance(got, ServeError):
                 w.resolve(got)
                 continue
@@ -734,7 +748,8 @@ class Batcher:
         seq = None
         if any(w.seq is not None for w in batch):
             seq = np.fromiter((w.seq or 0 for w in batch), np.uint64, len(batch))  # NOTE: 0: this row has no seq
-        block = _Block(ids, x, seq, self._loop_ref.create_future())
+        lives = np.fromiter((w.life for w in batch), np.int64, len(batch)) if any(w.life for w in batch) else None
+        block = _Block(ids, x, seq, self._loop_ref.create_future(), lives=lives)
         k, t = x.shape[0], x.shape[1]
         out = _BlockAnswer(k, t, self.model.signature.outputs)
         # NOTE: one chunk, so one ONNX call as for the item path (max_batch_size bounds it): a failed run fails the
@@ -834,8 +849,14 @@ class Batcher:
         seq = None if b.seq is None else b.seq[lo:hi]
         ok = np.ones(n, np.bool_)
         for j, failed in lb.failed.items():
-            out.errors[lo + j] = failed
+            moved = isinstance(failed, SessionMovedError) and b.lives is not None and b.lives[lo + j]
+            out.errors[lo + j] = session_replaced(ids[j]) if moved else failed
             ok[j] = False
+        if b.lives is not None and lb.life is not None:
+            want = b.lives[lo:hi]
+            for j in np.flatnonzero(ok & (want != 0) & (lb.life != want)).tolist():
+                out.errors[lo + j] = session_replaced(ids[j])  # NOTE: another life of the id (see submit)
+                ok[j] = False
         nxt = lb.seq + 1
         # NOTE: a row runs when it has no seq or the next one, and its counters stay below their maximum
         fresh = ok if seq is None else ok & ((seq == 0) | (seq == nxt.astype(np.uint64)))

@@ -505,13 +505,14 @@ class DataPlane:
         seq: int | None,
         queue_timeout: float | None,
         peek: bool = False,
+        life: int = 0,
     ) -> StepResult:
         """A step of a session known to run model `key` (the batch checks it again: it may have changed since);
-        with `peek`, on a copy of its state (see `peek`)."""
+        with `peek`, on a copy of its state (see `peek`); with `life`, of that life of the id only (a stream's)."""
         check_seq(seq)
         batcher = self._batcher(key, session_id)
         x = self.validate_inputs(batcher.model, inputs)
-        out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout), peek=peek)
+        out: StepOutcome = await batcher.submit(scoped, x, seq, self.deadline(queue_timeout), peek=peek, life=life)
         return StepResult(session_id, out.outputs, out.steps, out.seq, out.replayed)
 
     async def peek(
@@ -823,7 +824,9 @@ class DataPlane:
         key = self.get_model(info.model, info.version).key
         scoped = self._scoped(owner, sid)
         try:
-            yield await self._stream_step(sid, first, info, owner, key, scoped)
+            # NOTE: and its life: a session created again under the id (after a delete) is not this stream's
+            life = info.life
+            yield await self._stream_step(sid, first, info, owner, key, scoped, life)
             while True:
                 msg = await self._next_unless_draining(messages)
                 if msg is None:
@@ -834,7 +837,7 @@ class DataPlane:
                 if msg.open is not None:
                     yield StreamReply(sid, error=InvalidInputError("only the first stream message may open a session"))
                     continue
-                yield await self._stream_step(sid, msg, None, owner, key, scoped)
+                yield await self._stream_step(sid, msg, None, owner, key, scoped, life)
         finally:
             if owned:  # NOTE: only the life of the id that this stream created, never a later one
                 with contextlib.suppress(SessionNotFoundError):
@@ -871,7 +874,7 @@ class DataPlane:
         return nxt.result()
 
     async def _stream_step(
-        self, sid: str, msg: StreamMessage, info: SessionInfo | None, owner: str, key: str, scoped: str
+        self, sid: str, msg: StreamMessage, info: SessionInfo | None, owner: str, key: str, scoped: str, life: int
     ) -> StreamReply:
         if msg.open is not None and (msg.inputs is None or msg.inputs.size == 0):
             return StreamReply(sid, session=info)  # NOTE: an open without steps just reports the session
@@ -881,7 +884,7 @@ class DataPlane:
             with self._as_client(owner, sid):
                 if msg.peek and msg.seq is not None:
                     raise InvalidInputError("a peek changes nothing, so it carries no seq: leave seq out")
-                result = await self._step(key, scoped, sid, inputs, msg.seq, None, msg.peek)
+                result = await self._step(key, scoped, sid, inputs, msg.seq, None, msg.peek, life)
         except ServeError as e:
             return StreamReply(sid, error=e, session=info)
         return StreamReply(sid, result=result, session=info)

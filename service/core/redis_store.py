@@ -287,6 +287,10 @@ class _State:
     def incarnation(self) -> str:
         return f"{self.born.hex()}.{self.owner.hex()}"
 
+    def life(self) -> int:
+        """`born` as the number SessionInfo.life and Lease.life carry (never 0)."""
+        return int.from_bytes(self.born, "little", signed=True) or 1
+
 
 class RedisSessionStore:
     """The `SessionStore` protocol over Redis (see the module docstring for the layout and guarantees)."""
@@ -426,7 +430,7 @@ class RedisSessionStore:
     def _info(self, sid: str, st: _State) -> SessionInfo:
         name, version = st.model_key.split("/", 1)
         return SessionInfo(sid, name, version, st.steps, st.seq, st.created, st.last_used, st.last_used + self.ttl,
-                           st.incarnation(), st.extra)  # fmt: skip
+                           st.incarnation(), st.extra, st.life())  # fmt: skip
 
     @staticmethod
     def _new_version() -> bytes:
@@ -661,7 +665,7 @@ class RedisSessionStore:
                 continue
             h[:, n, :], c[:, n, :] = st.h, st.c
             replay = Replay(st.seq, st.digest, st.outputs) if any(st.digest) else None
-            leases.append(Lease(sid, st, st.steps, st.seq, replay, st.extra))
+            leases.append(Lease(sid, st, st.steps, st.seq, replay, st.extra, st.life()))
         return leases, h, c
 
     async def commit(self, model_key: str, commits: list[Commit], hn: F32, cn: F32, now: float) -> list[CommitStatus]:

@@ -76,9 +76,21 @@ def not_served(session_id: str, model_key: str) -> UnavailableError:
     )
 
 
-def session_moved(session_id: str, model_key: str) -> SessionNotFoundError:
+class SessionMovedError(SessionNotFoundError):
+    """A session id now names a session of another model version (see `session_moved`)."""
+
+
+def session_moved(session_id: str, model_key: str) -> SessionMovedError:
     """A queued step's session was deleted and created again on another model version meanwhile."""
-    return SessionNotFoundError(f"session {session_id!r} now runs {model_key}; resend the step")
+    return SessionMovedError(f"session {session_id!r} now runs {model_key}; resend the step")
+
+
+def session_replaced(session_id: str) -> SessionNotFoundError:
+    """A step meant for one life of a session id (a stream's session) found another life of the id."""
+    return SessionNotFoundError(
+        f"session {session_id!r} was deleted and a new session took its id; this stream's session is gone and the "
+        "step was not applied: open a new stream"
+    )
 
 
 def check_counters(snap: Snapshot) -> None:
@@ -120,6 +132,9 @@ class SessionInfo:
     # NOTE: opaque identity of this life of the id: a session re-created under the same id has another one
     incarnation: str = ""
     extra: bytes = b""  # the session's record beside its state (Signature.extra bytes; the core reads it)
+    # NOTE: which life of the id this is, as a number (never 0): a session re-created under the same id has another
+    # one, while the incarnation also changes when a stream resumes the session; leases carry it (Lease.life)
+    life: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,7 @@ class Lease:
     seq: int
     replay: Replay | None
     extra: bytes = b""  # the session's record beside its state (Signature.extra bytes)
+    life: int = 0  # which life of the id (SessionInfo.life)
 
 
 @dataclass(frozen=True)
@@ -195,6 +211,7 @@ class LeaseBlock:
     c: F32  # [L, K, C]
     token: object
     replay: Callable[[int], Replay | None]
+    life: NDArray[np.int64] | None = None  # [K]: which life of each id (SessionInfo.life); 0 in failed rows
 
 
 @dataclass(frozen=True)
@@ -278,6 +295,7 @@ async def gather_block_by_items(
         c,
         held,
         lambda i: None if held[i] is None else cast(Lease, held[i]).replay,
+        np.fromiter((lease.life if lease else 0 for lease in held), np.int64, k),
     )
 
 
@@ -559,6 +577,7 @@ class MemorySessionStore:
             expires=last + self.ttl,
             incarnation=_incarnation(p, i),
             extra=p.extra[i].tobytes(),
+            life=int(p.born[i]),
         )
 
     def _remove(self, session_id: str, reason: str) -> None:
@@ -766,7 +785,7 @@ class MemorySessionStore:
                 replay = Replay(int(p.seq[i]), p.digest[i].tobytes(), outputs)
             leases.append(
                 Lease(sid, _token(slot, int(p.version[i]), int(p.born[i])), int(p.steps[i]), int(p.seq[i]), replay,
-                      p.extra[i].tobytes())
+                      p.extra[i].tobytes(), int(p.born[i]))
             )  # fmt: skip
             slots[n] = slot
         h, c = slab.read(np.asarray(slots, np.int64))
@@ -847,7 +866,7 @@ class MemorySessionStore:
         h, c = rows.state("h"), rows.state("c")
         if failed:
             bad = ~ok
-            for a in (steps, seq, digest, extra, version):
+            for a in (steps, seq, digest, extra, version, born):
                 a[bad] = 0
             h[:, bad, :] = 0.0
             c[:, bad, :] = 0.0
@@ -860,7 +879,7 @@ class MemorySessionStore:
             kept = None if out is None else np.frombuffer(out, np.float32).reshape(-1, outputs)
             return Replay(int(seq[i]), digest[i].tobytes(), kept)
 
-        return LeaseBlock(session_ids, failed, steps, seq, extra, h, c, (slots, version, born, digest), replay)
+        return LeaseBlock(session_ids, failed, steps, seq, extra, h, c, (slots, version, born, digest), replay, born)
 
     async def commit_block(
         self, model_key: str, block: LeaseBlock, bc: BlockCommit, hn: F32, cn: F32, now: float

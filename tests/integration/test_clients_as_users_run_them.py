@@ -25,7 +25,7 @@ from service.grpc._generated.lstm.v1 import lstm_service_pb2_grpc as pb_grpc
 from service.settings import Settings
 from tests.conftest import SHIPPED_REPO
 from tests.fixtures import SHIPPED_CARD, FakeRuntime, fake_repo
-from tests.integration.conftest import ServerFactory, sample, until
+from tests.integration.conftest import REDIS_URL, ServerFactory, sample, until
 
 MODEL = "seattle-weather"
 
@@ -137,6 +137,42 @@ async def test_a_stream_never_deletes_a_later_session_that_took_its_expired_id(
         assert await call.read() is grpc.aio.EOF
         await until(lambda: sample(srv, "lstm_requests_total", protocol="grpc", method="Stream", code="OK") == 1)
         assert (await stub.GetSession(pb.SessionRef(session_id="sensor-1"))).steps == 1
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_streams_steps_never_reach_a_later_session_that_took_its_id(
+    make_server: ServerFactory, weather: np.ndarray, prefix: str, store: str
+) -> None:
+    """A stream's session is deleted by another client, who creates a new session under the same id (on the
+    same model, then on another one): the stream's next steps are refused in-band (session_not_found, open a
+    new stream), none of them reaches the new session, and the stream goes on answering."""
+    on_redis = {"state_store": REDIS_URL, "redis_key_prefix": prefix} if store == "redis" else {}
+    srv: Server = await make_server(**on_redis)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as channel:
+        stub = pb_grpc.PredictorStub(channel)
+        q: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
+
+        async def reqs() -> AsyncIterator[pb.StreamRequest]:
+            yield pb.StreamRequest(open=pb.CreateSessionRequest(model=MODEL, session_id="taken"), inputs=matrix(
+                weather[0]))  # fmt: skip
+            while (msg := await q.get()) is not None:
+                yield msg
+
+        call = stub.Stream(reqs())
+        assert (await call.read()).steps == 1
+        for model in (MODEL, "seattle-temps"):
+            await stub.DeleteSession(pb.SessionRef(session_id="taken"))
+            await stub.CreateSession(pb.CreateSessionRequest(model=model, session_id="taken"))
+            for row in weather[1:3]:
+                await q.put(pb.StreamRequest(inputs=matrix(row)))
+                reply = await call.read()
+                assert reply.error.code == "session_not_found", reply
+                assert "a new session took its id" in reply.error.message
+                assert "open a new stream" in reply.error.message
+            assert (await stub.GetSession(pb.SessionRef(session_id="taken"))).steps == 0
+        await q.put(None)
+        assert await call.read() is grpc.aio.EOF
+        assert (await stub.GetSession(pb.SessionRef(session_id="taken"))).model == "seattle-temps"
 
 
 class FreezingProxy:

@@ -293,6 +293,26 @@ async def test_detach_moves_ownership_without_failing_a_step_in_flight(make_stor
     assert await s.count() == 0
 
 
+async def test_a_session_keeps_its_life_until_the_id_is_created_again(make_store: Factory) -> None:
+    """SessionInfo.life stays through steps and a detach (a resume) and is what leases carry, one by one and
+    as a block; a session created again under the id has another life."""
+    s, _ = await make_store()
+    info = await s.create("m/1", "lived", now())
+    assert info.life
+    leases, _, _ = await s.gather("m/1", ["lived"], now())
+    one = np.ones((2, 1, 8), np.float32)
+    await s.commit("m/1", commits(leases, [1]), one, one, now())
+    detached = await s.detach("lived", now())
+    assert detached.incarnation != info.incarnation
+    assert detached.life == (await s.info("lived", now())).life == info.life == leases[0].life  # type: ignore[union-attr]
+    await s.delete("lived")
+    again = await s.create("m/1", "lived", now())
+    block = await s.gather_block("m/1", ["lived", "absent"], now())
+    assert again.life != info.life
+    assert block.life is not None
+    assert block.life.tolist() == [again.life, 0]
+
+
 async def test_two_redis_stores_share_sessions_state_and_the_cap() -> None:
     """Two stores on one Redis (two replicas): a session made on one is stepped on the other, their commits
     are compare-and-set against each other, and the cap counts both."""

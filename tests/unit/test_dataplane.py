@@ -492,6 +492,34 @@ async def test_resume_on_a_new_stream_survives_the_old_stream_closing_later() ->
     await dp.stop()
 
 
+@pytest.mark.parametrize("n", [3, 20])  # NOTE: 20 calls at once run as a block (BLOCK_ROUTE_ROWS), 3 one by one
+async def test_steps_for_one_life_of_an_id_are_refused_by_a_later_session_of_that_id(n: int) -> None:
+    """Calls queued for one life of each session id (as a stream's are) run on the sessions still in that life
+    and are refused (session_not_found) by sessions created again under the id, which they leave unchanged."""
+    dp, rt = await make_dp()
+    infos = [await dp.create_session("fake", None, f"life-{i}") for i in range(n)]
+    replaced = set(range(0, n, 2))
+    for i in replaced:
+        await dp.delete_session(f"life-{i}")
+        await dp.create_session("fake", None, f"life-{i}")
+    batcher = dp._batchers["fake/1"]
+    x = rows(3, n)
+    got = await asyncio.gather(
+        *(batcher.submit(f"life-{i}", x[i], None, life=info.life) for i, info in enumerate(infos)),
+        return_exceptions=True,
+    )
+    assert rt.calls == [n - len(replaced)]  # NOTE: one batch, as one block or item by item
+    for i, r in enumerate(got):
+        if i in replaced:
+            assert isinstance(r, SessionNotFoundError)
+            assert "a new session took its id" in r.message
+            assert (await dp.get_session(f"life-{i}")).steps == 0
+        else:
+            assert not isinstance(r, BaseException)
+            assert r.steps == 1
+    await dp.stop()
+
+
 async def test_a_first_stream_message_may_not_both_open_and_resume() -> None:
     """Naming a model and a session to resume in one first message is refused, not silently resolved."""
     dp, _ = await make_dp()
