@@ -662,7 +662,7 @@ class Batcher:
         if not run:
             return
         sig = self.model.signature
-        x = np.stack([w.x for w, _, _ in run])  # [B, T, F]
+        x = run[0][0].x[None] if len(run) == 1 else np.stack([w.x for w, _, _ in run])  # [B, T, F]
         stateful = [i for i, (_, held, _) in enumerate(run) if held is not None]
         rows = [r for _, _, r in run]
         if len(stateful) == len(run) and rows == list(range(h_s.shape[1])):
