@@ -1017,6 +1017,12 @@ class Batcher:
                     "steps, or keep retried calls small"
                 )
             return StepOutcome(lease.replay.outputs, lease.steps, lease.seq, replayed=True)
+        if w.seq == lease.seq:
+            return SeqConflictError(
+                f"seq {w.seq} is the last applied seq of session {lease.session_id!r}, but nothing of that call is "
+                "kept for a retry (it carried no seq, or the session was imported or restored with this seq); send "
+                f"seq {lease.seq + 1} for new steps"
+            )
         return SeqConflictError(
             f"seq {w.seq} does not follow the last applied seq {lease.seq} of session {lease.session_id!r}; "
             f"expected seq {lease.seq + 1}"

@@ -140,6 +140,25 @@ async def test_seq_retry_replays_without_moving_state_and_a_gap_is_a_conflict() 
     await dp.stop()
 
 
+async def test_a_retry_of_the_last_seq_with_nothing_kept_says_so() -> None:
+    """The last applied seq sent again when nothing of its call was kept (the call carried no seq; the session
+    was imported with that seq) is refused as a retry that cannot be answered, with the seq to send next; not as
+    a seq that 'does not follow' itself."""
+    dp, _ = await make_dp()
+    sid = (await dp.create_session("fake", None, None)).session_id
+    x1, x2 = rows(6, 2)
+    await dp.step(sid, x1)  # NOTE: no seq: the session's seq is 1, nothing kept for a retry
+    await dp.import_session("copy", await dp.export_session(sid))
+    for target in (sid, "copy"):
+        with pytest.raises(SeqConflictError) as refused:
+            await dp.step(target, x2, seq=1)
+        assert "seq 1 is the last applied seq" in refused.value.message
+        assert "nothing of that call is kept for a retry" in refused.value.message
+        assert refused.value.message.endswith("send seq 2 for new steps")
+        assert (await dp.get_session(target)).steps == 1
+    await dp.stop()
+
+
 async def test_invalid_inputs_are_refused_with_what_to_fix_and_state_untouched() -> None:
     """Wrong rank, wrong feature count, no steps, too many steps and NaN/Inf each get a clear error."""
     dp, _ = await make_dp(max_steps_per_call=10)
