@@ -98,6 +98,26 @@ class BodyLimit:
         await error_response(PayloadTooLargeError.over(self.limit))(scope, receive, send)
 
 
+class HeadAsGet:
+    """HEAD wherever GET is served (RFC 9110): the GET route answers, with its status and headers (Content-Length
+    included) and no body. Health checkers and load balancers probe with HEAD; FastAPI's routes answer it 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headless(message: Message) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headless)
+
+
 class RequestMetrics:
     """Count and time every HTTP request by route and status, and answer unexpected errors with the table's
     500 here (logged once), so that they are counted like any other answer. Pure ASGI: no task per request."""
@@ -578,6 +598,7 @@ def create_app(
     app.add_middleware(StepLane, dataplane=dataplane, auth=auth, route=step_route, batch_route=batch_route)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(HeadAsGet)  # NOTE: so HEAD requests are counted as the GET that answers them
 
     generate = app.openapi
 

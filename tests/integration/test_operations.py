@@ -244,3 +244,33 @@ async def test_serve_command_drains_on_sigterm_and_exits_zero(weather: np.ndarra
     assert "shutting down" in rest_log
     assert "stopped" in rest_log
     assert "Traceback" not in rest_log
+
+
+def head_then_get(port: int, paths: list[str]) -> list[tuple[int, bytes, str | None, int, bytes]]:
+    """Per path, on one keep-alive connection: HEAD (status, body, Content-Length) then GET (status, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    out = []
+    for path in paths:
+        conn.request("HEAD", path)
+        head = conn.getresponse()
+        head_body, length = head.read(), head.getheader("content-length")
+        conn.request("GET", path)
+        got = conn.getresponse()
+        out.append((head.status, head_body, length, got.status, got.read()))
+    conn.close()
+    return out
+
+
+async def test_head_answers_wherever_get_does_with_the_gets_headers_and_no_body(server: Server) -> None:
+    """Health checkers and load balancers probe with HEAD: every GET route answers it as GET would, without the
+    body (the keep-alive connection stays usable); a route without GET still says which methods it has."""
+    paths = ["/healthz", "/readyz", "/metrics", "/v1/models", "/v1/models/seattle-weather", "/v2/health/live"]
+    answers = await asyncio.to_thread(head_then_get, server.http_port, paths)
+    for path, (status, body, length, get_status, get_body) in zip(paths, answers, strict=True):
+        assert (status, body, get_status) == (200, b"", 200), path
+        if path != "/metrics":  # NOTE: the metrics text moves between the two requests
+            assert length == str(len(get_body)), path
+    ((status, body, _, _, _),) = await asyncio.to_thread(head_then_get, server.http_port, ["/v1/steps"])
+    assert (status, body) == (405, b"")
