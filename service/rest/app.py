@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 import time
@@ -329,11 +330,15 @@ def create_app(
     metrics_auth: bool = False,
 ) -> FastAPI:
     """Build the REST app over one DataPlane."""
+    # NOTE: a body without a Content-Type is read as JSON on every route, as the step lane reads it (FastAPI
+    # from 0.130 or so refuses it by default; older releases have no such switch and read it)
+    lenient = {"strict_content_type": False} if "strict_content_type" in inspect.signature(FastAPI).parameters else {}
     app = FastAPI(
         title="lstm-serve",
         version="1",
         description="Stateful LSTM forecasting sessions. Values are raw units; errors are "
         '`{"error": message, "code": machine_code}`.',
+        **lenient,  # type: ignore[arg-type]
     )
     app.state.dataplane = dataplane
     app.state.auth = auth
@@ -345,8 +350,8 @@ def create_app(
         return error_response(e)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(s.validation_error(e))
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(s.validation_error(e, request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -234,12 +234,26 @@ class ModelsReply(BaseModel):
     models: list[ModelReply]
 
 
-def validation_error(e: Any) -> ServeError:
-    """A pydantic/FastAPI validation error as our error: malformed JSON, or the first invalid field."""
+def is_json_type(content_type: str | None) -> bool:
+    """A Content-Type whose body FastAPI reads as JSON: none at all, application/json or application/*+json."""
+    if not content_type:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def validation_error(e: Any, content_type: str | None = None) -> ServeError:
+    """A pydantic/FastAPI validation error as our error: malformed JSON, a body not sent as JSON (FastAPI hands
+    the route the raw bytes of another Content-Type), or the first invalid field."""
     errs = e.errors()
     first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         return MalformedRequestError(NOT_JSON)
+    if tuple(first.get("loc", ())) == ("body",) and not is_json_type(content_type):
+        return MalformedRequestError(
+            f"the request body must be JSON, sent with Content-Type: application/json; got {content_type!r} "
+            "(curl -d sends application/x-www-form-urlencoded: add -H 'Content-Type: application/json')"
+        )
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return MalformedRequestError("request body is empty; send a JSON object")
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")

@@ -253,6 +253,26 @@ async def test_malformed_json_is_400_not_422(rest: httpx.AsyncClient) -> None:
     assert (r.status_code, r.json()["code"]) == (404, "session_not_found")
 
 
+async def test_a_body_sent_as_another_content_type_is_told_to_send_json(rest: httpx.AsyncClient) -> None:
+    """A JSON body sent as a form (curl -d's default) or as text is refused on every JSON route alike with what
+    to send (malformed_request, Content-Type: application/json), and nothing changes; without a Content-Type
+    the body is read as JSON on every route, as FastAPI reads it."""
+    sid = (await rest.post("/v1/sessions", content=b'{"model": "seattle-weather"}')).json()["session_id"]
+    step = b'{"inputs": [[0.0, 12.8, 5.0, 4.7]]}'
+    for kind in ("application/x-www-form-urlencoded", "text/plain"):
+        for path, body in (("/v1/sessions", b'{"model": "seattle-weather"}'), (f"/v1/sessions/{sid}/steps", step),
+                           (f"/v1/sessions/{sid}/peek", step)):  # fmt: skip
+            r = await rest.post(path, content=body, headers={"content-type": kind})
+            assert (r.status_code, r.json()["code"]) == (400, "malformed_request"), (path, kind)
+            assert "Content-Type: application/json" in r.json()["error"]
+            assert repr(kind) in r.json()["error"]
+    assert (await rest.get(f"/v1/sessions/{sid}")).json()["steps"] == 0
+    for path in (f"/v1/sessions/{sid}/steps", f"/v1/sessions/{sid}/peek"):
+        r = await rest.post(path, content=step)
+        assert r.status_code == 200, r.text
+    assert (await rest.get(f"/v1/sessions/{sid}")).json()["steps"] == 1
+
+
 async def test_routing_errors_come_from_the_table_and_method_labels_stay_bounded(
     server: Server, rest: httpx.AsyncClient
 ) -> None:
