@@ -572,7 +572,7 @@ class MemorySessionStore:
             version=version,
             steps=int(p.steps[i]),
             seq=int(p.seq[i]),
-            created=float(p.created[i]) + offset,
+            created=float(p.created[i]),
             last_used=last,
             expires=last + self.ttl,
             incarnation=_incarnation(p, i),
@@ -662,7 +662,13 @@ class MemorySessionStore:
         self._gone.pop(session_id, None)
         slot = slab.alloc(session_id, now, next(self._births))
         self._index[session_id] = (self._key_index[model_key] << 40) | slot
+        p, i = slab.at(slot)
+        p.created[i] = self._wall_now(now)  # NOTE: a fact of the wall clock: read as it is, kept by snapshots
         return self._info(session_id, model_key, slab, slot, now)
+
+    def _wall_now(self, now: float) -> float:
+        """The time SessionInfo shows for `now` (the store's clock): the wall clock's, when there is one."""
+        return now if self.wall is None else self.wall()
 
     async def info(self, session_id: str, now: float) -> SessionInfo:
         key, slab, slot = self._locate(session_id, now)
@@ -987,6 +993,7 @@ def write_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
     arrays: dict[str, np.ndarray] = {}
     models: dict[str, list[int]] = {}
     total = 0
+    wall_now = store._wall_now(now)
     for k, (key, slab) in enumerate(store._slabs.items()):
         sig = slab.sig
         models[key] = sig.dims
@@ -1002,7 +1009,10 @@ def write_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
             f"steps_{k}": np.asarray([p.steps[i] for p, i in pick], np.int64),
             f"seq_{k}": np.asarray([p.seq[i] for p, i in pick], np.int64),
             f"idle_{k}": np.asarray([now - p.last_used[i] for p, i in pick], np.float64),
-            f"created_{k}": np.asarray([p.created[i] - now for p, i in pick], np.float64),
+            # NOTE: created_at: when, on the wall clock; created: how long before the write (files of format 1
+            # before created_at, and the servers that wrote them, read only that)
+            f"created_at_{k}": np.asarray([p.created[i] for p, i in pick], np.float64),
+            f"created_{k}": np.asarray([p.created[i] - wall_now for p, i in pick], np.float64),
             f"digest_{k}": np.asarray([p.digest[i] for p, i in pick], np.uint8).reshape(-1, DIGEST_BYTES),
             f"extra_{k}": np.asarray([p.extra[i] for p, i in pick], np.uint8).reshape(len(pick), sig.extra),
             f"outlen_{k}": np.asarray([len(o) // 4 for o in outputs], np.int64),
@@ -1074,12 +1084,15 @@ def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
             extra = loaded.get(f"extra_{k}")
             if extra is None or extra.shape != (n, sig.extra):
                 extra = np.zeros((n, sig.extra), np.uint8)
+            created_at = loaded.get(f"created_at_{k}")
+            if created_at is None or created_at.shape != (n,):  # NOTE: a file from before created_at
+                created_at = store._wall_now(now) + loaded[f"created_{k}"].astype(np.float64)
             for i, sid in enumerate(ids):
                 check_store_id(sid)
                 out = outputs[int(ends[i] - outlen[i]) : int(ends[i])].tobytes()
                 rows.append((sid, key, h[:, i, :], c[:, i, :], int(loaded[f"steps_{k}"][i]),
                              int(loaded[f"seq_{k}"][i]), float(loaded[f"idle_{k}"][i]),
-                             float(loaded[f"created_{k}"][i]), loaded[f"digest_{k}"][i].tobytes(), out,
+                             float(created_at[i]), loaded[f"digest_{k}"][i].tobytes(), out,
                              extra[i].astype(np.uint8).tobytes()))  # fmt: skip
     except SnapshotFileError:
         raise
@@ -1095,7 +1108,7 @@ def read_snapshot(store: MemorySessionStore, path: Path, now: float) -> int:
         store._index[sid] = (store._key_index[key] << 40) | slot
         p, i = slab.at(slot)
         p.h[:, i, :], p.c[:, i, :] = h1, c1
-        p.steps[i], p.seq[i], p.created[i] = steps, seq, now + created
+        p.steps[i], p.seq[i], p.created[i] = steps, seq, created
         p.digest[i] = np.frombuffer(digest, np.uint8)
         p.extra[i] = np.frombuffer(extra_row, np.uint8)
         if out:

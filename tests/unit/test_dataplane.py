@@ -477,6 +477,7 @@ async def test_expiry_follows_the_monotonic_clock_and_sessions_show_wall_time() 
     assert (info.created, info.expires) == (wall[0], wall[0] + 60)
     wall[0] += 3600  # NOTE: the wall clock jumps an hour (NTP, a VM resumed); the session was idle 0 s
     assert (await dp.get_session("clocked")).last_used == 1_700_000_000.0 + 3600
+    assert (await dp.get_session("clocked")).created == 1_700_000_000.0  # NOTE: when it was made, as it was shown
     mono[0] += 61
     with pytest.raises(SessionNotFoundError, match="expired"):
         await dp.get_session("clocked")

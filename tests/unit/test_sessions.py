@@ -311,6 +311,29 @@ async def test_a_snapshot_restores_every_session_exactly_and_is_written_atomical
             np.testing.assert_array_equal(la.replay.outputs, lb.replay.outputs)  # type: ignore[arg-type]
 
 
+async def test_a_sessions_creation_time_is_a_wall_clock_fact_kept_across_a_snapshot(tmp_path: Path) -> None:
+    """`created` is when the session was made, on the wall clock: the same on every read, after a jump of the
+    wall clock, and after a snapshot restored an hour later; a file from before `created_at` gives its age."""
+    wall = [1_700_000_000.25]
+    s = MemorySessionStore({"m/1": SIG}, ttl=10_000, max_sessions=10, wall=lambda: wall[0])
+    made = (await s.create("m/1", "a", 5.0)).created
+    assert made == wall[0]
+    wall[0] += 100.0  # NOTE: NTP, or a VM resumed: the monotonic clock says no time passed
+    assert {(await s.info("a", 5.0)).created for _ in range(3)} == {made}
+    path = tmp_path / "sessions.snapshot"
+    write_snapshot(s, path, 7.0)
+    wall[0] += 3600.0  # NOTE: the server was down an hour
+    t = MemorySessionStore({"m/1": SIG}, ttl=10_000, max_sessions=10, wall=lambda: wall[0])
+    read_snapshot(t, path, 1.0)
+    assert (await t.info("a", 1.0)).created == made
+    with np.load(path) as z:  # NOTE: the same file as one written before created_at: the age it gives
+        old = {k: z[k] for k in z.files if not k.startswith("created_at_")}
+    np.savez(path.with_suffix(".old.npz"), **old)  # type: ignore[arg-type]
+    u = MemorySessionStore({"m/1": SIG}, ttl=10_000, max_sessions=10, wall=lambda: wall[0])
+    read_snapshot(u, path.with_suffix(".old.npz"), 1.0)
+    assert (await u.info("a", 1.0)).created == pytest.approx(wall[0] - 100.0)  # NOTE: 100 s old at the write
+
+
 @pytest.mark.parametrize("damage", ["random bytes", "truncated", "foreign model", "other dimensions", "not npz"])
 async def test_a_corrupt_or_foreign_snapshot_is_refused_and_nothing_is_loaded(tmp_path: Path, damage: str) -> None:
     """A damaged file, or one of models this server does not serve as they are, is refused with what to do."""
