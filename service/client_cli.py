@@ -14,6 +14,17 @@ import numpy as np
 from service.client import Client, ClientError
 
 
+def positive(raw: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of rows >= 1, got {raw!r}")
+    return n
+
+
 def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--csv", required=True, help="CSV with a header row holding the model's feature columns (or vega:NAME.csv)"
@@ -25,7 +36,7 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--version", default=None, help="model version (default: the newest)")
     p.add_argument("--time-col", default=None, help="column printed as the first output column (e.g. date)")
-    p.add_argument("--limit", type=int, default=None, help="stream only the first N rows")
+    p.add_argument("--limit", type=positive, default=None, help="stream only the first N rows (N >= 1)")
     p.add_argument(
         "--plot", type=Path, default=None,
         help="also draw forecasts against the actual target, and the live error the server scored, to this PNG",
@@ -83,7 +94,7 @@ def run_stream(a: argparse.Namespace) -> int:
             except DataError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
-            rows = series.values[: a.limit] if a.limit else series.values
+            rows = series.values if a.limit is None else series.values[: a.limit]
             out = csv.writer(sys.stdout)
             out.writerow([a.time_col or "row", *info.outputs])
             forecasts = []

@@ -86,13 +86,13 @@ class GRPCServer:
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {self.host}:{self.requested_port} (in use?); pick another --grpc-port")
         await self.server.start()
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, KSERVE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, KSERVE_NAME):
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:

@@ -289,7 +289,10 @@ def queue_timeout(raw: str | None) -> float | None:
     except ValueError:
         value = -1.0
     if not 0 < value < 86_400:  # NOTE: also refuses nan and inf
-        raise InvalidInputError(f"{TIMEOUT_HEADER} must be a number of seconds above 0 (such as 0.5); got {raw[:40]!r}")
+        raise InvalidInputError(
+            f"{TIMEOUT_HEADER} must be a number of seconds above 0 and below a day, 86400 (such as 0.5); "
+            f"got {raw[:40]!r}"
+        )
     return value
 
 

@@ -399,3 +399,7 @@ async def test_deadlines_from_grpc_and_the_rest_header_keep_late_steps_from_runn
                               headers={"Request-Timeout": "soon"})  # fmt: skip
         assert (bad.status_code, bad.json()["code"]) == (400, "invalid_input")
         assert "Request-Timeout" in bad.json()["error"]
+        long = await rest.post(f"/v1/sessions/{sids[1]}/steps", json={"inputs": [[0.1, 0.2, 0.3]]},
+                               headers={"Request-Timeout": "99999999999"})  # fmt: skip
+        assert (long.status_code, long.json()["code"]) == (400, "invalid_input")
+        assert "above 0 and below a day, 86400" in long.json()["error"]  # NOTE: not only "above 0"

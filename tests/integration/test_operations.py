@@ -95,9 +95,9 @@ async def test_grpc_health_and_reflection_describe_the_server(server: Server) ->
     """grpc.health.v1 reports SERVING for '' and lstm.v1.Predictor; reflection lists the services (grpcurl works)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
         health = health_pb2_grpc.HealthStub(ch)
-        for name in ("", "lstm.v1.Predictor"):
+        for name in ("", "lstm.v1.Predictor", "inference.GRPCInferenceService"):  # NOTE: each service it serves
             r = await health.Check(health_pb2.HealthCheckRequest(service=name))
-            assert r.status == health_pb2.HealthCheckResponse.SERVING
+            assert r.status == health_pb2.HealthCheckResponse.SERVING, name
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await health.Check(health_pb2.HealthCheckRequest(service="nope"))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -112,8 +112,9 @@ async def test_grpc_health_and_reflection_describe_the_server(server: Server) ->
         assert {"lstm.v1.Predictor", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
         assert replies[1].file_descriptor_response.file_descriptor_proto
         await server.grpc.set_serving(False)
-        r = await health.Check(health_pb2.HealthCheckRequest(service="lstm.v1.Predictor"))
-        assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("lstm.v1.Predictor", "inference.GRPCInferenceService"):
+            r = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING, name
 
 
 async def test_openapi_lists_every_operation_with_its_errors(rest: httpx.AsyncClient) -> None:
@@ -189,6 +190,19 @@ async def test_stream_command_picks_the_model_whose_features_the_csv_holds(serve
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert (proc.returncode, err.decode().strip()) == (1, f"error: CSV file not found: {tmp_path / 'missing.csv'}")
     assert await server.store.count() == 0
+
+
+async def test_stream_command_refuses_a_limit_below_one_row(tmp_path: Path) -> None:
+    """--limit 0 streamed the whole file and a negative limit dropped rows from its end; both are refused."""
+    (tmp_path / "a.csv").write_text("precipitation,temp_max,temp_min,wind\n0,1,2,3\n")
+    for limit in ("0", "-2", "two"):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.cli", "stream", "--csv", str(tmp_path / "a.csv"), "--limit", limit,
+            "--server", "127.0.0.1:1", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 2, limit
+        assert f"must be a whole number of rows >= 1, got {limit!r}" in err.decode()
 
 
 async def test_stream_command_explains_a_missing_server(tmp_path: Path) -> None:
