@@ -322,6 +322,7 @@ class Batcher:
         self._per_call = 0.0  # moving average of batch time / calls in the batch (seconds), 0 until measured
         self._run_cost = RunCost()  # what an ONNX Runtime call costs by its rows and steps, learned from the runs
         self._loop_wait = 0.0  # what runs on the loop waited without computing (seconds), fading: see _ran
+        self._loop_waits: deque[float] = deque(maxlen=3)  # the last runs' waits on the loop (see _ran)
         self.clock = clock
         self._pending: deque[_Work | _Block] = deque()
         self._block_rows = 0  # NOTE: queued blocks count a call per row: their rows beyond the first, in all
@@ -596,11 +597,18 @@ class Batcher:
         thread to pay the wait again, and under a flood of requests the batcher then ran one step per loop turn
         and refused nearly every other one. So it teaches its CPU time, plus what it waited beyond what the GIL
         explains, at most EXECUTOR_WAIT_CAP_SECONDS (a model that waits for long stays in the executor; one
-        long preemption fades as any run does)."""
+        long preemption fades as any run does).
+
+        A run on the loop teaches the median wait of the last three there: a model that waits in every run, or in
+        every other one, is caught within a few runs, while one preemption of the loop's thread (another process
+        on a shared machine) is not taken for a waiting model (it sent some 18 cheap runs to the thread)."""
         self._inference.observe(took)
         waited = max(took - cpu, 0.0)
         if on_loop:
-            self._loop_wait = 0.8 * self._loop_wait + 0.2 * waited
+            waits = self._loop_waits
+            waits.append(waited)
+            typical = sorted(waits)[len(waits) // 2]  # NOTE: of two, the larger: the first waits are not doubted
+            self._loop_wait = 0.8 * self._loop_wait + 0.2 * typical
             cost = cpu
         else:
             self._loop_wait *= RunCost.DECAY

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.core.batcher import REPLAY_MAX_BYTES, BlockOutcome, RunCost
+from service.core.batcher import INLINE_RUN_SECONDS, REPLAY_MAX_BYTES, BlockOutcome, RunCost
 from service.core.dataplane import DataPlane, Limits, StepResult, StreamMessage, StreamOpen
 from service.core.sessions import MemorySessionStore
 from service.errors import (
@@ -1244,6 +1244,30 @@ async def test_a_model_that_waits_in_every_other_run_is_kept_off_the_event_loop(
         await dp.step(sid, x)
     blocked = [t == threading.get_ident() and w for t, w in zip(rt.threads, rt.waited, strict=True)]
     assert sum(blocked) <= 3, blocked
+    await dp.stop()
+
+
+async def test_one_preempted_run_on_the_loop_does_not_send_cheap_runs_to_the_thread() -> None:
+    """A single run on the loop that took 5 ms more than its CPU time (the loop's thread preempted by another
+    process, as on a shared machine) leaves later one-step runs on the loop (it sent some 18 to the thread);
+    a model that waits shows it again, and is kept off the loop within two more runs. Run times as measured."""
+    dp, _ = await make_dp()
+    batcher = dp._batchers["fake/1"]
+    x = np.zeros((1, 1, 3), np.float32)
+
+    def on_loop() -> bool:
+        expected = batcher._run_cost.predict(1, 1)
+        return expected is not None and expected + batcher._loop_wait < INLINE_RUN_SECONDS
+
+    for _ in range(8):
+        batcher._ran(30e-6, 30e-6, True, x, 1)  # NOTE: took, CPU time, on the loop
+    assert on_loop()
+    batcher._ran(5.03e-3, 30e-6, True, x, 1)  # NOTE: preempted once
+    assert on_loop()
+    batcher._ran(30e-6, 30e-6, True, x, 1)
+    batcher._ran(8.03e-3, 30e-6, True, x, 1)  # NOTE: and now waits in every run
+    batcher._ran(8.03e-3, 30e-6, True, x, 1)
+    assert not on_loop()
     await dp.stop()
 
 
