@@ -30,7 +30,8 @@ F64 = NDArray[np.float64]
 
 
 def sigmoid(v: F64) -> F64:
-    return 1.0 / (1.0 + np.exp(-v))
+    # NOTE: the same function as 1 / (1 + exp(-v)), without exp overflowing (and warning) for v below -709
+    return 0.5 * (1.0 + np.tanh(0.5 * v))
 
 
 @dataclass

@@ -112,6 +112,7 @@ def test_batch_rows_are_independent(tiny_ckpt: dict[str, Any], tmp_path: Path) -
         np.testing.assert_allclose(cb[:, 0], cn[:, b], atol=1e-6)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # NOTE: and no overflow on the way, in the reference too
 @pytest.mark.parametrize("variant", ["tiny_highway_ckpt", "tiny_ar_highway_ckpt"])
 def test_extreme_finite_inputs_give_finite_forecasts_in_all_three(
     variant: str, request: pytest.FixtureRequest, tmp_path: Path
