@@ -564,8 +564,7 @@ class MemorySessionStore:
     def _info(self, session_id: str, key: str, slab: _Slab, slot: int, now: float) -> SessionInfo:
         name, version = key.split("/", 1)
         p, i = slab.at(slot)
-        offset = 0.0 if self.wall is None else self.wall() - now
-        last = float(p.last_used[i]) + offset
+        last = float(p.last_used[i]) + (self._wall_now(now) - now)  # NOTE: on the clock SessionInfo shows
         return SessionInfo(
             session_id=session_id,
             model=name,
